@@ -1,0 +1,43 @@
+# One entry point for everything: the virtual environment is created on first use.
+# Secrets (PROVISION_SECRET, TOKEN, WIFI_PASSWORD, ...) are read by the tools from the environment, never passed
+# as arguments: make exports its variables to the commands it runs.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+BOARD ?= unix
+export BOARD PORT TB_HOST TB_PORT TRANSPORT PROVISION_KEY PROVISION_SECRET PROVISION_SECRET_FILE DEVICE_NAME \
+       CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME PASSWORD CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD \
+       FIRMWARE FLASH ERASE ESPTOOL_ARGS MONITOR COUNT INTERVAL PORTS INVENTORY
+
+.PHONY: venv test bench deploy flash emulator fleet clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m host_tools bench
+
+deploy: $(STAMP)
+	$(PY) -m host_tools deploy
+
+flash: $(STAMP)
+	$(PY) -m host_tools flash
+
+fleet: $(STAMP)
+	$(PY) -m host_tools fleet
+
+emulator: $(STAMP)
+	$(PY) -m host_tools emulator --config $(or $(EMULATOR_CONFIG),host_tools/emulator/demo.json)
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench-results.json build

@@ -1,0 +1,88 @@
+# TCP (optionally TLS) connections whose every wait has a deadline: select.poll, never an unbounded read.
+# Deadlines are time.ticks_ms() values made with deadline(ms).
+import select
+import socket
+import time
+
+from tbfleet.errors import NoAnswer
+
+
+def deadline(ms):
+    return time.ticks_add(time.ticks_ms(), int(ms))
+
+
+def remaining(at):
+    return max(0, time.ticks_diff(at, time.ticks_ms()))
+
+
+def connect(host, port, timeout_ms, ssl_ctx=None):
+    # Returns a connected (and, with ssl_ctx, handshaken) socket; NoAnswer when the server is not there.
+    try:
+        addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    except OSError as e:
+        raise NoAnswer("cannot resolve %s: %s" % (host, e))
+    sock = socket.socket(addr[0], socket.SOCK_STREAM, addr[2])
+    try:
+        sock.settimeout(timeout_ms / 1000)
+        sock.connect(addr[-1])
+        if ssl_ctx is not None:
+            sock = ssl_ctx.wrap_socket(sock, server_hostname=host)
+    except OSError as e:
+        sock.close()
+        raise NoAnswer("cannot connect to %s:%d: %s" % (host, port, e))
+    return sock
+
+
+def wait(sock, event, at):
+    # Block until sock is ready for event (select.POLLIN/POLLOUT) or the deadline passes (NoAnswer).
+    p = select.poll()
+    p.register(sock, event)
+    while True:
+        left = remaining(at)
+        for _, ev in p.poll(left):
+            if ev & (select.POLLERR | select.POLLHUP) and not ev & event:
+                raise NoAnswer("connection closed")
+            return
+        if left == 0:
+            raise NoAnswer("no answer in time")
+
+
+def read_some(sock, buf, at):
+    # Read at least one byte into the memoryview buf; returns the count. NoAnswer on EOF or deadline.
+    while True:
+        wait(sock, select.POLLIN, at)
+        try:
+            n = sock.readinto(buf)
+        except OSError as e:
+            if e.errno == 11:  # EAGAIN: TLS record not complete yet
+                continue
+            raise NoAnswer("read failed: %s" % e)
+        if n is None:
+            continue
+        if n == 0:
+            raise NoAnswer("connection closed")
+        return n
+
+
+def read_exact(sock, buf, at):
+    # Fill the whole memoryview buf before the deadline.
+    got = 0
+    size = len(buf)
+    while got < size:
+        got += read_some(sock, buf[got:], at)
+
+
+def write_all(sock, data, at):
+    # Write all of data (one write call when the stack takes it whole, which keeps packets off Nagle's path).
+    mv = memoryview(data)
+    sent = 0
+    while sent < len(mv):
+        wait(sock, select.POLLOUT, at)
+        try:
+            n = sock.write(mv[sent:])
+        except OSError as e:
+            if e.errno == 11:
+                continue
+            raise NoAnswer("write failed: %s" % e)
+        if n:
+            sent += n

@@ -1,0 +1,78 @@
+# A scripted, pollable stream that stands in for a TCP socket in firmware unit tests.
+# It works with select.poll (MicroPython calls ioctl on stream objects derived from io.IOBase).
+import io
+import select
+
+_POLL = const(3)
+
+
+class FakeSocket(io.IOBase):
+    def __init__(self, on_write=None):
+        self.inbox = bytearray()
+        self.writes = []  # each write() call, as bytes: one entry per call proves "one packet, one write"
+        self.on_write = on_write  # called as on_write(self, data) after each write, to script replies
+        self.closed = False
+        self.peer_closed = False
+
+    def feed(self, data):
+        self.inbox += data
+
+    def hang_up(self):
+        self.peer_closed = True
+
+    @property
+    def written(self):
+        return b"".join(self.writes)
+
+    def readinto(self, buf):
+        if not self.inbox:
+            if self.peer_closed:
+                return 0
+            return None
+        n = min(len(buf), len(self.inbox))
+        buf[:n] = self.inbox[:n]
+        self.inbox = self.inbox[n:]
+        return n
+
+    def read(self, n=-1):
+        buf = bytearray(len(self.inbox) if n < 0 else n)
+        got = self.readinto(buf)
+        return None if got is None else bytes(buf[:got])
+
+    def recv(self, n):
+        return self.read(n) or b""
+
+    def write(self, data):
+        if self.closed:
+            raise OSError(9)
+        data = bytes(data)
+        self.writes.append(data)
+        if self.on_write:
+            self.on_write(self, data)
+        return len(data)
+
+    send = write
+
+    def sendall(self, data):
+        self.write(data)
+
+    def ioctl(self, req, arg):
+        if req != _POLL:
+            return -1
+        ready = 0
+        if arg & select.POLLIN and (self.inbox or self.peer_closed):
+            ready |= select.POLLIN
+        if arg & select.POLLOUT and not self.closed:
+            ready |= select.POLLOUT
+        if self.peer_closed:
+            ready |= select.POLLHUP
+        return ready
+
+    def close(self):
+        self.closed = True
+
+    def setblocking(self, flag):
+        pass
+
+    def settimeout(self, t):
+        pass

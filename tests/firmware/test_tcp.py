@@ -1,0 +1,44 @@
+# The deadline helpers in tbfleet.tcp, over a scripted socket.
+import time
+
+from fakesock import FakeSocket
+from mptest import raises
+from tbfleet import tcp
+from tbfleet.errors import NoAnswer
+
+
+def test_read_exact_gathers_pieces():
+    s = FakeSocket()
+    s.feed(b"hel")
+    s.feed(b"lo")
+    buf = bytearray(5)
+    tcp.read_exact(s, memoryview(buf), tcp.deadline(100))
+    assert buf == b"hello"
+
+
+def test_read_times_out_at_deadline():
+    s = FakeSocket()
+    t0 = time.ticks_ms()
+    raises(NoAnswer, tcp.read_exact, s, memoryview(bytearray(1)), tcp.deadline(50))
+    took = time.ticks_diff(time.ticks_ms(), t0)
+    assert 40 <= took < 1000, took
+
+
+def test_peer_close_is_no_answer():
+    s = FakeSocket()
+    s.feed(b"ab")
+    s.hang_up()
+    e = raises(NoAnswer, tcp.read_exact, s, memoryview(bytearray(3)), tcp.deadline(1000))
+    assert "closed" in str(e)
+
+
+def test_write_all_is_one_write():
+    s = FakeSocket()
+    tcp.write_all(s, b"\x10\x0c" + b"x" * 12, tcp.deadline(100))
+    assert s.writes == [b"\x10\x0c" + b"x" * 12]
+
+
+def test_connect_refused_is_no_answer():
+    # Port 1 on loopback: nothing listens there, so the kernel refuses at once.
+    e = raises(NoAnswer, tcp.connect, "127.0.0.1", 1, 500)
+    assert "cannot connect" in str(e)
