@@ -1,0 +1,716 @@
+"""The emulator's state and ThingsBoard's server-side logic, shared by the MQTT, HTTP and CoAP transports.
+
+Everything here is synchronous (sqlite3) and is called from the one asyncio event loop. Behaviour follows
+docs/thingsboard-device-api.md (the "reference"): provisioning §1, §2 and §7; MQTT credentials §3.4-3.5;
+payloads §6. Secrets (provision secrets, tokens, passwords) never appear in event lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import math
+import secrets
+import sqlite3
+import string
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+ACCESS_TOKEN = "ACCESS_TOKEN"
+MQTT_BASIC = "MQTT_BASIC"
+X509_CERTIFICATE = "X509_CERTIFICATE"
+LWM2M_CREDENTIALS = "LWM2M_CREDENTIALS"
+CREDENTIALS_TYPES = (ACCESS_TOKEN, MQTT_BASIC, X509_CERTIFICATE)
+
+ALLOW_CREATE = "ALLOW_CREATE_NEW_DEVICES"
+CHECK_PRE_PROVISIONED = "CHECK_PRE_PROVISIONED_DEVICES"
+DISABLED = "DISABLED"
+PROVISION_TYPES = (ALLOW_CREATE, CHECK_PRE_PROVISIONED, DISABLED)
+
+PROVISIONED = "provisioned"
+NOT_FOUND_MSG = "Provision data was not found!"
+FAILURE_MSG = "Failed to provision device!"
+
+# MQTT 3.1.1 CONNACK return codes the server uses (§3.5).
+CONNACK_ACCEPTED = 0
+CONNACK_IDENTIFIER_REJECTED = 2
+CONNACK_NOT_AUTHORIZED = 5
+
+_ALPHANUMERIC = string.ascii_letters + string.digits
+_LONG_MIN, _LONG_MAX = -(2 ** 63), 2 ** 63 - 1
+# ThingsBoard's DeviceCredentialsType enum, named in the exception Java's valueOf() throws.
+_ENUM_CLASS = "org.thingsboard.server.common.data.security.DeviceCredentialsType"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS profiles (
+    name TEXT PRIMARY KEY, provision_key TEXT UNIQUE, provision_secret TEXT, provision_type TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    name TEXT PRIMARY KEY, profile TEXT NOT NULL, created_time INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (
+    device TEXT PRIMARY KEY REFERENCES devices(name) ON DELETE CASCADE,
+    type TEXT NOT NULL, id TEXT NOT NULL UNIQUE, value TEXT);
+CREATE TABLE IF NOT EXISTS attributes (
+    device TEXT NOT NULL REFERENCES devices(name) ON DELETE CASCADE,
+    scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (device, scope, key));
+CREATE TABLE IF NOT EXISTS telemetry (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL REFERENCES devices(name) ON DELETE CASCADE,
+    ts INTEGER NOT NULL, kv TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rpc (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL REFERENCES devices(name) ON DELETE CASCADE,
+    method TEXT NOT NULL, params TEXT NOT NULL, reply TEXT);
+"""
+
+
+class ConfigError(ValueError):
+    """The emulator's config file is invalid; the message names the field."""
+
+
+class RequestError(Exception):
+    """A provisioning body the server cannot parse; str() is the server's exception message."""
+
+
+class PayloadError(Exception):
+    """A telemetry, attributes or RPC body the server refuses; str() is a parser-like message."""
+
+
+@dataclass
+class Device:
+    """A device and its credentials, as stored.
+
+    `credentials_value` is the token for ACCESS_TOKEN, the JSON text of {"clientId","userName","password"} for
+    MQTT_BASIC, and the one-line base64 certificate for X509_CERTIFICATE.
+    """
+
+    name: str
+    profile: str
+    credentials_type: str
+    credentials_id: str
+    credentials_value: str
+    created_time: int
+
+
+def cert_trim_newlines(text: str) -> str:
+    """ThingsBoard's certTrimNewLines: drop the PEM markers and every CR/LF, keep other whitespace."""
+    for cut in ("-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----", "\n", "\r"):
+        text = text.replace(cut, "")
+    return text
+
+
+def sha3_hex(text: str) -> str:
+    """ThingsBoard's EncryptionUtil.getSha3Hash: SHA3-256 (FIPS 202) hex of the trimmed text."""
+    return hashlib.sha3_256(cert_trim_newlines(text).encode()).hexdigest()
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'4.2.1.1' -> (4, 2, 1, 1); raises ValueError unless it is X.Y[.Z[.W]]."""
+    parts = text.split(".")
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"server version must look like X.Y[.Z[.W]], got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def load_config(path: str) -> dict:
+    """Read and validate the emulator config file; ConfigError names the offending field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Any) -> None:
+    """Check the config's shape and consistency; raise ConfigError naming the field that is wrong."""
+    if not isinstance(config, dict):
+        raise ConfigError("config: must be a JSON object with 'profiles' and 'devices'")
+    unknown = set(config) - {"profiles", "devices"}
+    if unknown:
+        raise ConfigError(f"config: unknown field {sorted(unknown)[0]!r}")
+    profiles = config.get("profiles", [])
+    devices = config.get("devices", [])
+    if not isinstance(profiles, list):
+        raise ConfigError("profiles: must be a list")
+    if not isinstance(devices, list):
+        raise ConfigError("devices: must be a list")
+    names: set[str] = set()
+    keys: set[str] = set()
+    for i, p in enumerate(profiles):
+        where = f"profiles[{i}]"
+        if not isinstance(p, dict):
+            raise ConfigError(f"{where}: must be an object")
+        for field in ("name", "provisionDeviceKey", "provisionDeviceSecret"):
+            if not isinstance(p.get(field), str) or (field == "name" and not p[field].strip()):
+                raise ConfigError(f"{where}.{field}: must be a non-empty string" if field == "name"
+                                  else f"{where}.{field}: must be a string")
+        if p.get("provisionType") not in PROVISION_TYPES:
+            raise ConfigError(f"{where}.provisionType: must be one of {', '.join(PROVISION_TYPES)}")
+        if p["name"] in names:
+            raise ConfigError(f"{where}.name: duplicate profile name {p['name']!r}")
+        if p["provisionDeviceKey"] and p["provisionDeviceKey"] in keys:
+            raise ConfigError(f"{where}.provisionDeviceKey: the same key is used by another profile")
+        names.add(p["name"])
+        keys.add(p["provisionDeviceKey"])
+    device_names: set[str] = set()
+    ids: set[str] = set()
+    for i, d in enumerate(devices):
+        where = f"devices[{i}]"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: must be an object")
+        if not isinstance(d.get("name"), str) or not d["name"].strip() or d["name"] != d["name"].strip():
+            raise ConfigError(f"{where}.name: must be a non-empty string without surrounding spaces")
+        if d["name"] in device_names:
+            raise ConfigError(f"{where}.name: duplicate device name {d['name']!r}")
+        if d.get("profile") not in names:
+            raise ConfigError(f"{where}.profile: no profile named {d.get('profile')!r}")
+        if d.get("credentialsType") not in CREDENTIALS_TYPES:
+            raise ConfigError(f"{where}.credentialsType: must be one of {', '.join(CREDENTIALS_TYPES)}")
+        cid = _config_credentials(d, where)[1]
+        if cid in ids:
+            raise ConfigError(f"{where}.credentialsValue: the same credentials are used by another device")
+        device_names.add(d["name"])
+        ids.add(cid)
+
+
+def _config_credentials(d: dict, where: str) -> tuple[str, str, str]:
+    """(type, credentialsId, stored value) of a pre-provisioned device from the config file."""
+    ctype, value = d["credentialsType"], d.get("credentialsValue")
+    field = f"{where}.credentialsValue"
+    if ctype == ACCESS_TOKEN:
+        if not isinstance(value, str) or not value or _has_control(value):
+            raise ConfigError(f"{field}: an ACCESS_TOKEN needs a non-empty token string")
+        return ctype, value, value
+    if ctype == MQTT_BASIC:
+        if not isinstance(value, dict) or set(value) - {"clientId", "userName", "password"}:
+            raise ConfigError(f"{field}: MQTT_BASIC needs an object with clientId, userName, password")
+        parts = {k: value.get(k) for k in ("clientId", "userName", "password")}
+        for k, v in parts.items():
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"{field}.{k}: must be a string or null")
+        problem = _basic_problem(parts["clientId"] or "", parts["userName"] or "", parts["password"] or "")
+        if problem:
+            raise ConfigError(f"{field}: {problem}")
+        return ctype, _basic_id(parts["clientId"] or "", parts["userName"] or ""), json.dumps(parts)
+    if not isinstance(value, str) or not cert_trim_newlines(value).strip():
+        raise ConfigError(f"{field}: X509_CERTIFICATE needs the certificate as PEM or base64 text")
+    trimmed = cert_trim_newlines(value)
+    return ctype, sha3_hex(trimmed), trimmed
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def _basic_problem(client_id: str, user_name: str, password: str) -> str | None:
+    """ThingsBoard's MQTT_BASIC validation (§1); None when the combination is allowed."""
+    if not client_id and not user_name:
+        return "Both mqtt client id and user name are empty!"
+    if client_id and password and not user_name:
+        return "Password cannot be specified along with client id"
+    if any(_has_control(s) for s in (client_id, user_name, password)):
+        return "MQTT credentials must not contain control characters"
+    return None
+
+
+def _basic_id(client_id: str, user_name: str) -> str:
+    """DCS.formatSimpleMqttCredentials: the credentialsId of MQTT_BASIC credentials."""
+    if not client_id:
+        return user_name
+    if not user_name:
+        return sha3_hex(client_id)
+    return sha3_hex(client_id + "|" + user_name)
+
+
+def _random_alphanumeric() -> str:
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(20))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _parse_json(body: bytes) -> Any:
+    """Parse like Gson would be asked to: PayloadError with the parser's message when it is not JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PayloadError(f"Malformed UTF-8 at byte {e.start}") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise PayloadError(f"com.google.gson.stream.MalformedJsonException: {e.msg} at line {e.lineno} "
+                           f"column {e.colno}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"Use JsonReader.setLenient(true) to accept {name}", name, 0)
+
+
+def _cast(value: Any) -> Any:
+    """A telemetry/attribute value as ThingsBoard stores it (§6.1, type casting on); None means skipped."""
+    if isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            return number if math.isfinite(number) else value
+        return number if _LONG_MIN <= number <= _LONG_MAX else value
+    if isinstance(value, bool) or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return value if _LONG_MIN <= value <= _LONG_MAX else str(value)
+    return value
+
+
+def _kv(obj: dict) -> dict:
+    return {k: _cast(v) for k, v in obj.items() if v is not None}
+
+
+class EmulatorState:
+    """Profiles, devices, credentials, telemetry and attributes in SQLite, with ThingsBoard's server logic."""
+
+    def __init__(self, config: dict, db_path: str = ":memory:", server_version: tuple[int, ...] = (4, 3),
+                 events: Callable[[str], None] | None = None) -> None:
+        """Open (or create) the database at `db_path` and (re)load the config's profiles and devices.
+
+        `events` receives one readable line per event; by default they go to stderr.
+        Raises ConfigError if `config` is invalid.
+        """
+        validate_config(config)
+        self.server_version = tuple(server_version)
+        self._events = events
+        self._db = sqlite3.connect(db_path, isolation_level=None)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.executescript(_SCHEMA)
+        self._listeners: dict[str, dict[int, Callable[[str, object], None]]] = {}
+        self._handles = itertools.count(1)
+        self._load(config)
+
+    # ------------------------------------------------------------------ setup and helpers
+
+    def _load(self, config: dict) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            for p in config.get("profiles", []):
+                self._db.execute(
+                    "INSERT INTO profiles VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "provision_key = excluded.provision_key, provision_secret = excluded.provision_secret, "
+                    "provision_type = excluded.provision_type",
+                    (p["name"], p["provisionDeviceKey"], p["provisionDeviceSecret"], p["provisionType"]))
+            for i, d in enumerate(config.get("devices", [])):
+                ctype, cid, value = _config_credentials(d, f"devices[{i}]")
+                self._db.execute("INSERT INTO devices VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                                 "profile = excluded.profile", (d["name"], d["profile"], _now_ms()))
+                clash = self._db.execute("SELECT device FROM credentials WHERE id = ? AND device != ?",
+                                         (cid, d["name"])).fetchone()
+                if clash:
+                    raise ConfigError(f"devices[{i}].credentialsValue: already used by device {clash[0]!r} "
+                                      "in the database")
+                self._db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?) ON CONFLICT(device) DO UPDATE "
+                                 "SET type = excluded.type, id = excluded.id, value = excluded.value",
+                                 (d["name"], ctype, cid, value))
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def at_least(self, *version: int) -> bool:
+        """True when the emulated server version is `version` or later (3, 9) < (3, 9, 0, 1)."""
+        return self.server_version >= tuple(version)
+
+    def event(self, text: str) -> None:
+        """Report one readable event line (stderr unless an `events` callback was given)."""
+        if self._events is not None:
+            self._events(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def _device_row(self, where: str, arg: str) -> Device | None:
+        row = self._db.execute(
+            "SELECT d.name, d.profile, c.type, c.id, c.value, d.created_time FROM devices d "
+            f"JOIN credentials c ON c.device = d.name WHERE {where} = ?", (arg,)).fetchone()
+        return Device(*row) if row else None
+
+    def device(self, name: str) -> Device | None:
+        """The device called `name`, or None."""
+        return self._device_row("d.name", name)
+
+    def _by_credentials_id(self, cid: str) -> Device | None:
+        return self._device_row("c.id", cid)
+
+    def _attribute(self, name: str, scope: str, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM attributes WHERE device = ? AND scope = ? AND key = ?",
+                               (name, scope, key)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def _set_attributes(self, name: str, scope: str, values: dict) -> None:
+        self._db.executemany(
+            "INSERT INTO attributes VALUES (?, ?, ?, ?) ON CONFLICT(device, scope, key) DO UPDATE "
+            "SET value = excluded.value", [(name, scope, k, _json_text(v)) for k, v in values.items()])
+
+    def _scope(self, name: str, scope: str, keys: list[str] | None = None) -> dict:
+        rows = self._db.execute("SELECT key, value FROM attributes WHERE device = ? AND scope = ? ORDER BY key",
+                                (name, scope)).fetchall()
+        return {k: json.loads(v) for k, v in rows if keys is None or k in keys}
+
+    # ------------------------------------------------------------------ provisioning (§1, §2, §7)
+
+    def provision(self, body: bytes, transport: str) -> dict:
+        """Handle one provisioning request; return the response object in the server's key order.
+
+        Raises RequestError for a body the server cannot parse (not a JSON object, missing key or secret,
+        unknown credentialsType); every other outcome is a SUCCESS, NOT_FOUND or FAILURE response.
+        """
+        req = self._parse_provision_request(body)
+        raw_name = req["deviceName"]
+        name = raw_name.strip()
+        if raw_name and not name:
+            return self._refuse("FAILURE", transport, "the device name is blank")
+        key, secret = req["provisionDeviceKey"], req["provisionDeviceSecret"]
+        if not key or not secret:
+            return self._refuse("NOT_FOUND", transport, "empty provision key or secret")
+        profile = self._db.execute("SELECT name, provision_secret, provision_type FROM profiles "
+                                   "WHERE provision_key = ?", (key,)).fetchone()
+        if profile is None:
+            return self._refuse("NOT_FOUND", transport, "no profile has that provision key")
+        profile_name, profile_secret, ptype = profile
+        existing = self.device(name)
+        if ptype == ALLOW_CREATE and secret == profile_secret:
+            if existing is not None:
+                return self._refuse("FAILURE", transport, f"device {name!r} already exists", profile_name)
+            return self._create(req, name, profile_name, transport)
+        if ptype == CHECK_PRE_PROVISIONED and secret == profile_secret:
+            if existing is None or existing.profile != profile_name:
+                return self._refuse("FAILURE", transport, f"no pre-provisioned device {name!r} in profile "
+                                    f"{profile_name!r}", profile_name)
+            state = self._attribute(name, "server", "provisionState")
+            if state is None:
+                with self._db:
+                    self._set_attributes(name, "server", {"provisionState": PROVISIONED})
+            elif state != PROVISIONED or self.at_least(4, 2, 1, 1):
+                return self._refuse("FAILURE", transport, f"device {name!r} is already provisioned "
+                                    f"(provisionState {state!r})", profile_name)
+            self.event(f"provisioned device {name!r} over {transport} (profile {profile_name!r}, "
+                       f"pre-provisioned, {existing.credentials_type})")
+            return self._success(existing)
+        why = "provisioning is disabled for the profile" if ptype == DISABLED else "wrong provision secret"
+        return self._refuse("NOT_FOUND", transport, why, profile_name)
+
+    @staticmethod
+    def _parse_provision_request(body: bytes) -> dict:
+        """JC.convertToProvisionRequestMsg: the request fields, absent optional strings as ""."""
+        try:
+            obj = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None
+        if not isinstance(obj, dict):
+            raise RequestError("Can't parse value: " + body.decode("utf-8", "replace"))
+        for field in ("provisionDeviceKey", "provisionDeviceSecret"):
+            if field not in obj:
+                raise RequestError(f"Failed to find the field {field} in JSON body {_json_text(obj)}!")
+        req: dict[str, Any] = {}
+        for field in ("deviceName", "provisionDeviceKey", "provisionDeviceSecret", "credentialsType", "token",
+                      "clientId", "username", "password", "hash"):
+            value = obj.get(field, "")
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, (int, float)):
+                value = _json_text(value)
+            elif not isinstance(value, str):
+                raise RequestError(f"Can't parse the field {field} in JSON body {_json_text(obj)}: "
+                                   "not a primitive value")
+            req[field] = value
+        ctype = req["credentialsType"] or ACCESS_TOKEN
+        if ctype not in CREDENTIALS_TYPES + (LWM2M_CREDENTIALS,):
+            raise RequestError(f"No enum constant {_ENUM_CLASS}.{ctype}")
+        req["credentialsType"] = ctype
+        return req
+
+    def _create(self, req: dict, name: str, profile: str, transport: str) -> dict:
+        """DPS.processCreateDevice: create the device with supplied or generated credentials."""
+        supplied = any(req[f] for f in ("token", "hash", "username", "password", "clientId"))
+        ctype = req["credentialsType"] if supplied else ACCESS_TOKEN
+        if not supplied:
+            cid = value = _random_alphanumeric()
+        elif ctype == ACCESS_TOKEN:
+            cid = value = req["token"]
+            if not cid:
+                return self._refuse("FAILURE", transport, "Device credentials id should be specified!", profile)
+        elif ctype == MQTT_BASIC:
+            client_id, user_name, password = req["clientId"], req["username"], req["password"]
+            problem = _basic_problem(client_id, user_name, password)
+            if problem:
+                return self._refuse("FAILURE", transport, problem, profile)
+            cid = _basic_id(client_id, user_name)
+            value = json.dumps({"clientId": client_id, "userName": user_name, "password": password})
+        elif ctype == X509_CERTIFICATE:
+            value = cert_trim_newlines(req["hash"])
+            if not value:
+                return self._refuse("FAILURE", transport, "Device credentials value should be specified!",
+                                    profile)
+            cid = sha3_hex(value)
+        else:
+            return self._refuse("FAILURE", transport, f"{ctype} credentials are not emulated", profile)
+        if self._by_credentials_id(cid) is not None:
+            return self._refuse("FAILURE", transport,
+                                "Device credentials are already assigned to another device!", profile)
+        name = name or _random_alphanumeric()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO devices VALUES (?, ?, ?)", (name, profile, _now_ms()))
+            self._db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?)", (name, ctype, cid, value))
+            self._set_attributes(name, "server", {"provisionState": PROVISIONED})
+        device = self.device(name)
+        assert device is not None
+        self.event(f"provisioned device {name!r} over {transport} (profile {profile!r}, new device, {ctype})")
+        return self._success(device)
+
+    @staticmethod
+    def _success(device: Device) -> dict:
+        """§2.2 SUCCESS in Gson's key order; MQTT_BASIC as a nested object."""
+        if device.credentials_type == MQTT_BASIC:
+            value: Any = json.loads(device.credentials_value)
+        else:
+            value = device.credentials_value
+        return {"credentialsValue": value, "credentialsType": device.credentials_type, "status": "SUCCESS"}
+
+    def _refuse(self, status: str, transport: str, why: str, profile: str | None = None) -> dict:
+        where = f" (profile {profile!r})" if profile else ""
+        self.event(f"provisioning refused over {transport}: {status}, {why}{where}")
+        message = NOT_FOUND_MSG if status == "NOT_FOUND" else FAILURE_MSG
+        return {"errorMsg": message, "status": status}
+
+    # ------------------------------------------------------------------ authentication (§3.4, §3.5)
+
+    def device_by_token(self, token: str) -> Device | None:
+        """The device whose ACCESS_TOKEN is `token` (HTTP and CoAP paths, MQTT username)."""
+        device = self._by_credentials_id(token)
+        return device if device is not None and device.credentials_type == ACCESS_TOKEN else None
+
+    def device_by_x509(self, cert_der: bytes) -> Device | None:
+        """The device whose X.509 credentials id is sha3_256_hex(base64(DER)) of the client certificate."""
+        device = self._by_credentials_id(sha3_hex(base64.b64encode(cert_der).decode("ascii")))
+        return device if device is not None and device.credentials_type == X509_CERTIFICATE else None
+
+    def authenticate_mqtt(self, client_id: str, username: str | None, password: str | None
+                          ) -> tuple[Device | None, int]:
+        """Check MQTT CONNECT credentials (no certificate); (device, 0) or (None, 3.1.1 CONNACK code)."""
+        device = self._basic_or_token(client_id, username, password)
+        if device is not None:
+            return device, CONNACK_ACCEPTED
+        if not self.at_least(3, 5):
+            return None, CONNACK_NOT_AUTHORIZED
+        # ReturnCodeResolver: 0x86/0x87 -> 5, 0x85 (client id not valid) -> 2.
+        if (username is not None and password is not None and client_id) or \
+                ((username is None) != (password is None)):
+            return None, CONNACK_NOT_AUTHORIZED
+        if client_id.strip():
+            return None, CONNACK_IDENTIFIER_REJECTED
+        return None, CONNACK_NOT_AUTHORIZED
+
+    def _basic_or_token(self, client_id: str, username: str | None, password: str | None) -> Device | None:
+        if not username:
+            device = self._by_credentials_id(sha3_hex(client_id)) if client_id else None
+            if device is not None and device.credentials_type == MQTT_BASIC and \
+                    self._basic_check(device, client_id, username, password) == "valid":
+                return device
+            return None
+        if client_id:
+            device = self._by_credentials_id(sha3_hex(client_id + "|" + username))
+            if device is not None and device.credentials_type == MQTT_BASIC:
+                verdict = self._basic_check(device, client_id, username, password)
+                if verdict == "valid":
+                    return device
+                if verdict == "password":
+                    return None
+        device = self._by_credentials_id(username)
+        if device is None:
+            return None
+        if device.credentials_type == ACCESS_TOKEN:
+            return device
+        if device.credentials_type == MQTT_BASIC and \
+                self._basic_check(device, client_id, username, password) == "valid":
+            return device
+        return None
+
+    @staticmethod
+    def _basic_check(device: Device, client_id: str, username: str | None, password: str | None) -> str:
+        """TAS.validateMqttCredentials: 'valid', 'password' (mismatch) or 'mismatch' (client id / user name)."""
+        stored = json.loads(device.credentials_value)
+        if stored.get("clientId") and stored["clientId"] != client_id:
+            return "mismatch"
+        if stored.get("userName") and stored["userName"] != (username or ""):
+            return "mismatch"
+        if stored.get("password") and stored["password"] != (password or ""):
+            return "password"
+        return "valid"
+
+    # ------------------------------------------------------------------ device data (§6)
+
+    def post_telemetry(self, device: Device, body: bytes) -> int:
+        """Store a telemetry body (object, {"ts","values"} or an array of those); return the records stored."""
+        data = _parse_json(body)
+        items = data if isinstance(data, list) else [data]
+        now = _now_ms()
+        records: list[tuple[int, dict]] = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise PayloadError(f"Expected JSON object or array of objects, got {_json_text(item)[:80]}")
+            if "ts" in item and "values" in item:
+                ts, values = item["ts"], item["values"]
+                if isinstance(ts, bool) or not isinstance(ts, (int, float, str)):
+                    raise PayloadError(f"Can't parse ts value: {_json_text(ts)[:80]}")
+                try:
+                    ts = int(ts)
+                except ValueError:
+                    raise PayloadError(f"Can't parse ts value: {_json_text(ts)[:80]}") from None
+                if not isinstance(values, dict):
+                    raise PayloadError(f"Can't parse values: {_json_text(values)[:80]}")
+                records.append((ts, _kv(values)))
+            else:
+                records.append((now, _kv(item)))
+        with self._db:
+            self._db.executemany("INSERT INTO telemetry (device, ts, kv) VALUES (?, ?, ?)",
+                                 [(device.name, ts, _json_text(kv)) for ts, kv in records])
+        points = sum(len(kv) for _, kv in records)
+        self.event(f"telemetry from {device.name!r}: {len(records)} record(s), {points} value(s)")
+        return len(records)
+
+    def post_attributes(self, device: Device, body: bytes) -> None:
+        """Store client-scope attributes from a JSON object body."""
+        data = _parse_json(body)
+        if not isinstance(data, dict):
+            raise PayloadError(f"Expected JSON object, got {_json_text(data)[:80]}")
+        with self._db:
+            self._set_attributes(device.name, "client", _kv(data))
+        self.event(f"attributes from {device.name!r}: {', '.join(sorted(data)) or 'none'}")
+
+    def get_attributes(self, device: Device, client_keys: list[str] | None, shared_keys: list[str] | None
+                       ) -> dict:
+        """{"client": {...}, "shared": {...}} for the requested keys (all when neither list is given).
+
+        Empty sections are omitted. A section whose key list is None is not asked for, unless both are None.
+        """
+        result = {}
+        everything = client_keys is None and shared_keys is None
+        for section, keys in (("client", client_keys), ("shared", shared_keys)):
+            if everything or keys is not None:
+                values = self._scope(device.name, section, None if everything else keys)
+                if values:
+                    result[section] = values
+        return result
+
+    def record_rpc_reply(self, device: Device, request_id: int, body: bytes) -> None:
+        """Store a device's reply to server-side RPC `request_id` (any JSON)."""
+        reply = _parse_json(body)
+        with self._db:
+            self._db.execute("UPDATE rpc SET reply = ? WHERE id = ? AND device = ?",
+                             (_json_text(reply), request_id, device.name))
+        self.event(f"rpc reply from {device.name!r} to request {request_id}")
+
+    # ------------------------------------------------------------------ inspection and server-side actions
+
+    def devices(self) -> list[dict]:
+        """Every device as the inspection API shows it."""
+        out = []
+        for (name,) in self._db.execute("SELECT name FROM devices ORDER BY created_time, name").fetchall():
+            d = self.device(name)
+            if d is None:
+                continue
+            value: Any = json.loads(d.credentials_value) if d.credentials_type == MQTT_BASIC \
+                else d.credentials_value
+            out.append({"name": d.name, "profile": d.profile, "credentialsType": d.credentials_type,
+                        "credentialsValue": value,
+                        "provisionState": self._attribute(d.name, "server", "provisionState"),
+                        "createdTime": d.created_time})
+        return out
+
+    def telemetry(self, name: str) -> list[dict]:
+        """[{"ts", "values"}] of a device in arrival order."""
+        rows = self._db.execute("SELECT ts, kv FROM telemetry WHERE device = ? ORDER BY seq", (name,))
+        return [{"ts": ts, "values": json.loads(kv)} for ts, kv in rows.fetchall()]
+
+    def attributes(self, name: str) -> dict:
+        """{"client", "shared", "server"} attributes of a device."""
+        return {scope: self._scope(name, scope) for scope in ("client", "shared", "server")}
+
+    def set_shared_attributes(self, name: str, values: dict) -> None:
+        """Set shared attributes (as a user would in the UI) and push them to subscribed sessions."""
+        self._require(name)
+        values = _kv(values)
+        with self._db:
+            self._set_attributes(name, "shared", values)
+        self.event(f"shared attributes set on {name!r}: {', '.join(sorted(values))}")
+        self._notify(name, "attributes", values)
+
+    def delete_shared_attributes(self, name: str, keys: list[str]) -> None:
+        """Delete shared attributes and push {"deleted": [...]} to subscribed sessions."""
+        self._require(name)
+        with self._db:
+            self._db.executemany("DELETE FROM attributes WHERE device = ? AND scope = 'shared' AND key = ?",
+                                 [(name, k) for k in keys])
+        self._notify(name, "attributes", {"deleted": list(keys)})
+
+    def send_rpc(self, name: str, method: str, params: Any) -> int:
+        """Queue a server-side RPC for device `name`, deliver it to its listeners and return its id."""
+        self._require(name)
+        with self._db:
+            cur = self._db.execute("INSERT INTO rpc (device, method, params) VALUES (?, ?, ?)",
+                                   (name, method, _json_text(params)))
+        rpc_id = int(cur.lastrowid)
+        self.event(f"rpc {rpc_id} {method!r} sent to {name!r}")
+        self._notify(name, "rpc", (rpc_id, method, params))
+        return rpc_id
+
+    def rpc_replies(self, name: str) -> dict[int, object]:
+        """{request id: reply} of the RPC replies device `name` sent."""
+        rows = self._db.execute("SELECT id, reply FROM rpc WHERE device = ? AND reply IS NOT NULL ORDER BY id",
+                                (name,)).fetchall()
+        return {i: json.loads(r) for i, r in rows}
+
+    def delete_device(self, name: str) -> bool:
+        """Delete a device and its data; its sessions are told ("deleted") so they close. False if unknown."""
+        with self._db:
+            cur = self._db.execute("DELETE FROM devices WHERE name = ?", (name,))
+        if not cur.rowcount:
+            return False
+        self.event(f"device {name!r} deleted")
+        self._notify(name, "deleted", None)
+        return True
+
+    def _require(self, name: str) -> None:
+        if self.device(name) is None:
+            raise KeyError(f"no device named {name!r}")
+
+    # ------------------------------------------------------------------ listeners (sessions)
+
+    def listen(self, device_name: str, callback: Callable[[str, object], None]) -> object:
+        """Call `callback(kind, data)` for pushes to the device: "attributes", "rpc", "deleted"."""
+        handle = next(self._handles)
+        self._listeners.setdefault(device_name, {})[handle] = callback
+        return (device_name, handle)
+
+    def unlisten(self, handle: object) -> None:
+        """Stop a listener registered with `listen`; unknown handles are ignored."""
+        device_name, number = handle  # type: ignore[misc]
+        callbacks = self._listeners.get(device_name, {})
+        callbacks.pop(number, None)
+        if not callbacks:
+            self._listeners.pop(device_name, None)
+
+    def _notify(self, name: str, kind: str, data: object) -> None:
+        for callback in list(self._listeners.get(name, {}).values()):
+            callback(kind, data)
