@@ -1,0 +1,520 @@
+"""HTTP side of the emulator: ThingsBoard's device API (`/api/v1/...`) and the inspection API (`/emulator/...`).
+
+A small asyncio HTTP/1.1 server of its own (stdlib only, no framework): keep-alive, Content-Length and chunked
+request bodies, pipelined requests answered in order. It answers as ThingsBoard's `DeviceApiController` behind
+Spring/Tomcat does (reference section 4): 200 for every provisioning outcome, 401 with an empty body for an unknown
+token, 500 with the parser message for bad JSON, 413 from the header alone over the payload limits, 408 when a long
+poll times out. Every wait has a deadline so that garbage, slow or stuck clients cost one connection, never the
+server: the request head must arrive within `header_timeout` (slowloris, half-open and idle keep-alive connections
+are closed then), the body within `body_timeout`, and a client that stops reading is dropped after `write_timeout`.
+
+Tokens travel in the URL path, so request paths are redacted before they are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 8192
+"""Request line plus headers; Tomcat's default `max-http-request-header-size`, which answers 400 beyond it."""
+
+API_PAYLOAD_LIMIT = 52428800
+"""`transport.http.max_payload_size` for `/api/v1/**`."""
+
+RPC_PAYLOAD_LIMIT = 65536
+"""`transport.http.max_payload_size` for `/api/v1/*/rpc/**` (checked first, so it wins for RPC paths)."""
+
+DEFAULT_POLL_TIMEOUT_MS = 60000
+"""`transport.http.request_timeout`: how long a long poll waits when the client gives no `timeout`."""
+
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 2 * 1024 * 1024
+_JSON = "application/json"
+_TEXT = "text/plain;charset=UTF-8"
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Serialise as Gson does: compact separators, non-ASCII kept as UTF-8."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass
+class Request:
+    """One parsed HTTP request."""
+
+    method: str
+    path: str
+    segments: list[str]
+    query: dict[str, list[str]]
+    version: str
+    headers: dict[str, str]
+    body: bytes = b""
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection stays open after the answer (HTTP/1.1 default, HTTP/1.0 only on request)."""
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return conn == "keep-alive"
+        return conn != "close"
+
+    def param(self, name: str) -> str | None:
+        """The first value of query parameter `name`, or None."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+@dataclass
+class Response:
+    """An answer: status, body, content type; `close` ends the connection after it is written."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    close: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def encode(self, keep_alive: bool) -> bytes:
+        """The bytes on the wire."""
+        lines = [f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}"]
+        if self.content_type and self.body:
+            lines.append(f"Content-Type: {self.content_type}")
+        lines.append(f"Content-Length: {len(self.body)}")
+        lines.extend(f"{k}: {v}" for k, v in self.headers.items())
+        if not keep_alive:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+
+
+class BadRequest(Exception):
+    """The request cannot be parsed; answered with `status` and the connection is closed."""
+
+    def __init__(self, status: int, reason: str, body: bytes = b""):
+        super().__init__(reason)
+        self.status = status
+        self.body = body
+
+
+def redact(path: str) -> str:
+    """`path` with the access token of a device API path replaced, safe to log."""
+    parts = path.split("?", 1)[0].split("/")
+    if len(parts) > 4 and parts[1:3] == ["api", "v1"] and parts[3] != "provision":
+        parts[3] = "<token>"
+    return "/".join(parts)
+
+
+def payload_limit(path: str) -> int | None:
+    """The byte limit ThingsBoard's PayloadSizeFilter applies to `path`, or None when it applies none."""
+    parts = path.split("/")
+    if parts[1:3] != ["api", "v1"]:
+        return None
+    if len(parts) >= 5 and parts[4] == "rpc":
+        return RPC_PAYLOAD_LIMIT
+    return API_PAYLOAD_LIMIT
+
+
+def _error_json(status: int, message: str, error_code: int) -> Response:
+    """ThingsBoard's ThingsboardErrorResponse, in its field order."""
+    body = {"status": status, "message": message, "errorCode": error_code, "timestamp": int(time.time() * 1000)}
+    return Response(status, _json_bytes(body), _JSON)
+
+
+def _inspection_error(status: int, message: str) -> Response:
+    return Response(status, _json_bytes({"error": message}), _JSON)
+
+
+class HttpApi:
+    """The HTTP listener of one emulator: device API and inspection API over one `EmulatorState`."""
+
+    def __init__(self, state: EmulatorState, *, header_timeout: float = 20.0, body_timeout: float = 20.0,
+                 write_timeout: float = 20.0):
+        self.state = state
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.write_timeout = write_timeout
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on `host`:`port` (0 picks a free port) and return the bound port."""
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD_BYTES)
+        bound = self._server.sockets[0].getsockname()[1]
+        log.info("HTTP device API listening on %s:%d", host, bound)
+        return bound
+
+    async def stop(self) -> None:
+        """Stop listening and close every open connection (long polls included)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # --- connection handling -------------------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        try:
+            await self._serve_requests(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.debug("HTTP client %s went away", peer)
+        except TimeoutError:
+            log.info("HTTP client %s timed out; connection closed", peer)
+        finally:
+            self._connections.discard(task)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that stopped reading: drop what it never took
+            else:
+                writer.close()
+
+    async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await asyncio.wait_for(self._read_head(reader), self.header_timeout)
+                if head is None:
+                    return
+                request = _parse_head(head)
+                limit = payload_limit(request.path)
+                length = _content_length(request.headers)
+                if limit is not None and length is not None and length > limit:
+                    raise _too_large(limit)  # PayloadSizeFilter looks at the header only, never at the body
+                if request.headers.get("expect", "").lower() == "100-continue":
+                    await self._write(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.body = await asyncio.wait_for(
+                    _read_body(reader, request.headers, length, limit or API_PAYLOAD_LIMIT), self.body_timeout)
+            except BadRequest as e:
+                log.info("HTTP bad request from %s: %s", writer.get_extra_info("peername"), e)
+                await self._write(writer, Response(e.status, e.body, _JSON).encode(False))
+                await self._linger(reader, writer)
+                return
+            response = await self._dispatch(request)
+            keep = request.keep_alive and not response.close
+            log.debug("HTTP %s %s -> %d", request.method, redact(request.path), response.status)
+            await self._write(writer, response.encode(keep))
+            if not keep:
+                return
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The request head up to the blank line; None on a clean close between requests."""
+        try:
+            return await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError as e:
+            raise BadRequest(400, "request head too large") from e
+        except asyncio.IncompleteReadError as e:
+            if not e.partial.strip():
+                return None
+            raise BadRequest(400, "connection closed inside the request head") from e
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), self.write_timeout)
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then swallow what the client still sends for a moment so it can read our answer."""
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
+        deadline = asyncio.get_running_loop().time() + _LINGER_SECONDS
+        swallowed = 0
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while swallowed < _LINGER_BYTES:
+                left = deadline - asyncio.get_running_loop().time()
+                chunk = await asyncio.wait_for(reader.read(65536), max(left, 0))
+                if not chunk:
+                    return
+                swallowed += len(chunk)
+
+    # --- routing -------------------------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: Request) -> Response:
+        try:
+            seg = request.segments
+            if seg[:2] == ["api", "v1"] and len(seg) > 2:
+                return await self._device_api(request, seg[2:])
+            if seg[:2] == ["emulator", "devices"]:
+                return self._inspection(request, seg[2:])
+            return _error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, redact(request.path))
+            return Response(500)
+
+    async def _device_api(self, request: Request, seg: list[str]) -> Response:
+        method = request.method
+        if seg == ["provision"]:
+            if method != "POST":
+                return _method_not_allowed(method)
+            if not request.body:
+                return _error_json(400, "Required request body is missing", 31)
+            try:
+                answer = self.state.provision(request.body, "http")
+            except RequestError as e:
+                return _error_json(500, str(e), 2)
+            return Response(200, _json_bytes(answer), _negotiate(request))
+        routes: dict[tuple[str, ...], dict[str, Callable[[Request, Device, list[str]], Any]]] = {
+            ("telemetry",): {"POST": self._post_telemetry},
+            ("attributes",): {"POST": self._post_attributes, "GET": self._get_attributes},
+            ("attributes", "updates"): {"GET": self._poll_attributes},
+            ("rpc",): {"GET": self._poll_rpc},
+            ("rpc", "*"): {"POST": self._rpc_reply},
+        }
+        token, feature = seg[0], seg[1:]
+        shape = tuple(feature[:1]) + (("*",) if feature[:1] == ["rpc"] and len(feature) == 2 else tuple(feature[1:]))
+        handlers = routes.get(shape)
+        if handlers is None:
+            return _error_json(404, "No static resource " + redact(request.path).lstrip("/") + ".", 32)
+        handler = handlers.get(method)
+        if handler is None:
+            return _method_not_allowed(method)
+        if method == "POST" and not request.body:
+            return _error_json(400, "Required request body is missing", 31)
+        device = self.state.device_by_token(token)
+        if device is None:
+            return Response(401)
+        result = handler(request, device, feature)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    def _post_telemetry(self, request: Request, device: Device, _feature: list[str]) -> Response:
+        try:
+            self.state.post_telemetry(device, request.body)
+        except PayloadError as e:
+            return Response(500, str(e).encode(), _TEXT)
+        return Response(200)
+
+    def _post_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
+        try:
+            self.state.post_attributes(device, request.body)
+        except PayloadError as e:
+            return Response(500, str(e).encode(), _TEXT)
+        return Response(200)
+
+    def _get_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
+        client = _key_list(request.param("clientKeys"))
+        shared = _key_list(request.param("sharedKeys"))
+        return Response(200, _json_bytes(self.state.get_attributes(device, client, shared)), _JSON)
+
+    def _rpc_reply(self, request: Request, device: Device, feature: list[str]) -> Response:
+        try:
+            request_id = int(feature[1])
+        except ValueError:
+            return _error_json(400, f"Failed to convert value of type 'java.lang.String' to required type "
+                                    f"'java.lang.Integer'; For input string: \"{feature[1]}\"", 31)
+        try:
+            self.state.record_rpc_reply(device, request_id, request.body)
+        except PayloadError as e:
+            return Response(500, str(e).encode(), _TEXT)
+        return Response(200)
+
+    async def _poll_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
+        return await self._long_poll(request, device, "attributes")
+
+    async def _poll_rpc(self, request: Request, device: Device, _feature: list[str]) -> Response:
+        return await self._long_poll(request, device, "rpc")
+
+    async def _long_poll(self, request: Request, device: Device, kind: str) -> Response:
+        """Wait for one `kind` event of `device`: 200 with it, 408 on timeout, 403 if the device is deleted."""
+        try:
+            timeout_ms = int(request.param("timeout") or DEFAULT_POLL_TIMEOUT_MS)
+        except ValueError:
+            return _error_json(400, "Failed to convert value of type 'java.lang.String' to required type 'long'",
+                               31)
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Future = loop.create_future()
+
+        def on_event(event_kind: str, data: Any) -> None:
+            if event_kind in (kind, "deleted") and not arrived.done():
+                arrived.set_result((event_kind, data))
+
+        handle = self.state.listen(device.name, on_event)
+        try:
+            event_kind, data = await asyncio.wait_for(arrived, max(timeout_ms, 0) / 1000)
+        except TimeoutError:
+            return Response(408)
+        finally:
+            self.state.unlisten(handle)
+        if event_kind == "deleted":
+            return Response(403, b"Device was deleted!", _TEXT)
+        if event_kind == "rpc":
+            rpc_id, rpc_method, params = data
+            data = {"id": rpc_id, "method": rpc_method, "params": params}
+        return Response(200, _json_bytes(data), _JSON)
+
+    def _inspection(self, request: Request, seg: list[str]) -> Response:
+        state, method = self.state, request.method
+        if not seg:
+            return Response(200, _json_bytes(state.devices()), _JSON) if method == "GET" \
+                else _method_not_allowed(method)
+        name, rest = seg[0], seg[1:]
+        if state.device(name) is None:
+            return _inspection_error(404, f"no device named {name!r}")
+        if not rest and method == "GET":
+            entry = next(d for d in state.devices() if d["name"] == name)
+            return Response(200, _json_bytes(entry), _JSON)
+        if not rest and method == "DELETE":
+            state.delete_device(name)
+            return Response(200)
+        if rest == ["telemetry"] and method == "GET":
+            return Response(200, _json_bytes(state.telemetry(name)), _JSON)
+        if rest == ["attributes"] and method == "GET":
+            return Response(200, _json_bytes(state.attributes(name)), _JSON)
+        if rest == ["attributes", "shared"] and method == "POST":
+            values = _json_body(request)
+            if not isinstance(values, dict) or not values:
+                return _inspection_error(400, "body must be a non-empty JSON object of shared attributes")
+            state.set_shared_attributes(name, values)
+            return Response(200)
+        if rest == ["attributes", "shared"] and method == "DELETE":
+            keys = _key_list(request.param("keys"))
+            if not keys:
+                return _inspection_error(400, "query parameter 'keys' (comma-separated) is required")
+            state.delete_shared_attributes(name, keys)
+            return Response(200)
+        if rest == ["rpc"] and method == "POST":
+            call = _json_body(request)
+            if not isinstance(call, dict) or not isinstance(call.get("method"), str) or not call["method"]:
+                return _inspection_error(400, 'body must be a JSON object {"method": "<name>", "params": ...}')
+            rpc_id = state.send_rpc(name, call["method"], call.get("params", {}))
+            return Response(200, _json_bytes({"id": rpc_id}), _JSON)
+        if rest == ["rpc"] and method == "GET":
+            return Response(200, _json_bytes(state.rpc_replies(name)), _JSON)
+        return _inspection_error(404, f"no inspection resource {method} {request.path}")
+
+
+def _negotiate(request: Request) -> str:
+    """Spring's choice for a String body: JSON only when the client asks for it, else text/plain."""
+    return _JSON if _JSON in request.headers.get("accept", "") else _TEXT
+
+
+def _method_not_allowed(method: str) -> Response:
+    return _error_json(405, f"Request method '{method}' is not supported", 2)
+
+
+def _key_list(value: str | None) -> list[str] | None:
+    """A comma-separated key list; None when absent or empty (ThingsBoard: all keys)."""
+    if not value:
+        return None
+    return [k for k in value.split(",") if k]
+
+
+def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(request.body)
+    except ValueError:
+        return None
+
+
+def _parse_head(head: bytes) -> Request:
+    """Parse the request line and headers; BadRequest (400) on anything malformed."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError as e:
+        raise BadRequest(400, "undecodable request head") from e
+    lines = text[:-4].split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[0].isupper() or not parts[1].startswith("/"):
+        raise BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise BadRequest(505 if version.startswith("HTTP/") else 400, "unsupported protocol version")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or any(c in name for c in " \t"):
+            raise BadRequest(400, "malformed header line")
+        key = name.lower()
+        value = value.strip()
+        if key in headers and key in ("content-length", "transfer-encoding", "host"):
+            raise BadRequest(400, f"repeated {name} header")
+        headers[key] = value
+    split = urlsplit(target)
+    segments = [unquote(s) for s in split.path.split("/")[1:]]
+    if segments and segments[-1] == "":
+        segments.pop()
+    return Request(method, split.path, segments, parse_qs(split.query, keep_blank_values=True), version, headers)
+
+
+def _too_large(limit: int) -> BadRequest:
+    message = f"Payload size exceeds the limit of {limit} bytes"
+    return BadRequest(413, message, _json_bytes(message))
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    if "transfer-encoding" in headers:
+        if "content-length" in headers:
+            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        if headers["transfer-encoding"].lower() != "chunked":
+            raise BadRequest(501, "unsupported Transfer-Encoding")
+        return None
+    value = headers.get("content-length")
+    if value is None:
+        return 0
+    if not value.isdigit():
+        raise BadRequest(400, "invalid Content-Length")
+    return int(value)
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], length: int | None,
+                     limit: int) -> bytes:
+    """The body by Content-Length, or de-chunked; a chunked body over `limit` is refused with 413."""
+    if length is not None:
+        return await reader.readexactly(length) if length else b""
+    chunks = []
+    total = 0
+    while True:
+        try:
+            size_line = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError as e:
+            raise BadRequest(400, "chunk size line too long") from e
+        size_text = size_line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError as e:
+            raise BadRequest(400, "invalid chunk size") from e
+        if size < 0:
+            raise BadRequest(400, "invalid chunk size")
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise _too_large(limit)
+        chunks.append(await reader.readexactly(size))
+        if await reader.readexactly(2) != b"\r\n":
+            raise BadRequest(400, "chunk not followed by CRLF")
+    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+        pass  # trailer fields carry nothing the device API uses
+    return b"".join(chunks)
+
+
+_servers: dict[asyncio.AbstractEventLoop, list[HttpApi]] = {}
+
+
+async def start(state: EmulatorState, host: str, port: int, **options: float) -> int:
+    """Start the HTTP API on the running loop and return the bound port; `options` are HttpApi's timeouts."""
+    api = HttpApi(state, **options)
+    bound = await api.start(host, port)
+    _servers.setdefault(asyncio.get_running_loop(), []).append(api)
+    return bound
+
+
+async def stop() -> None:
+    """Stop every HTTP API started on the running loop."""
+    for api in _servers.pop(asyncio.get_running_loop(), []):
+        await api.stop()
