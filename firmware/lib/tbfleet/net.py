@@ -1,0 +1,57 @@
+# Network bring-up: Wi-Fi and the clock on boards that have them; nothing to do on the Unix port.
+import time
+
+from tbfleet import log
+from tbfleet.errors import NoAnswer
+
+try:
+    import network
+except ImportError:
+    network = None
+
+_wlan = None
+
+
+def has_wifi():
+    return network is not None
+
+
+def up(cfg):
+    # Join the configured Wi-Fi (within cfg.timeout) and set the clock; NoAnswer when the network is not there.
+    global _wlan
+    if network is None:
+        return
+    if not cfg.wifi_ssid:
+        from tbfleet.config import ConfigError
+
+        raise ConfigError("wifi_ssid", "required on a board with Wi-Fi")
+    if _wlan is None:
+        _wlan = network.WLAN(network.STA_IF)
+    _wlan.active(True)
+    if not _wlan.isconnected():
+        log.info("joining Wi-Fi %s", cfg.wifi_ssid)
+        _wlan.connect(cfg.wifi_ssid, cfg.wifi_password or "")
+        start = time.ticks_ms()
+        while not _wlan.isconnected():
+            if time.ticks_diff(time.ticks_ms(), start) > cfg.timeout * 3000:
+                _wlan.disconnect()
+                raise NoAnswer("Wi-Fi %s not joined" % cfg.wifi_ssid)
+            time.sleep_ms(100)
+        log.info("Wi-Fi up, address %s", _wlan.ifconfig()[0])
+        _sync_clock()
+
+
+def _sync_clock():
+    try:
+        import ntptime
+
+        ntptime.settime()
+        log.info("clock set from NTP")
+    except Exception as e:  # noqa: BLE001 - no clock only means the server stamps the telemetry
+        log.warn("clock not set (%s); the server will stamp telemetry", e)
+
+
+def rssi():
+    if _wlan is None or not _wlan.isconnected():
+        return None
+    return _wlan.status("rssi")

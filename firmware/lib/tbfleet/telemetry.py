@@ -1,0 +1,84 @@
+# Sensor readings turned into ThingsBoard telemetry: {"ts": <ms since 1970>, "values": {...}}.
+import gc
+import time
+
+from micropython import const
+
+# ESP32 counts time from 2000, ThingsBoard from 1970.
+_EPOCH_OFFSET_S = const(946684800)
+# Before this (2024-01-01) the clock has not been set: let the server stamp the data instead of sending 2000-01-01.
+_CLOCK_SET_AFTER_S = const(1704067200)
+
+
+def epoch_offset_s(first_year):
+    # Seconds to add to this port's time.time() for Unix time, given the year its epoch starts in.
+    return _EPOCH_OFFSET_S if first_year == 2000 else 0
+
+
+def now_ms():
+    # Milliseconds since 1970, or None while the board's clock is unset.
+    ms = time.time_ns() // 1000000 + epoch_offset_s(time.gmtime(0)[0]) * 1000
+    if ms < _CLOCK_SET_AFTER_S * 1000:
+        return None
+    return ms
+
+
+class Uptime:
+    # ticks_ms wraps (about 12.4 days on ESP32): accumulate differences instead of trusting one reading.
+    def __init__(self):
+        self._last = time.ticks_ms()
+        self._total_ms = 0
+
+    def seconds(self):
+        now = time.ticks_ms()
+        self._total_ms += time.ticks_diff(now, self._last)
+        self._last = now
+        return self._total_ms // 1000
+
+
+def _mcu_temp():
+    try:
+        import esp32
+    except ImportError:
+        return None
+    fn = getattr(esp32, "mcu_temperature", None)
+    if fn:
+        return fn()
+    raw = getattr(esp32, "raw_temperature", None)
+    if raw:
+        return round((raw() - 32) / 1.8, 1)  # the original ESP32 reports degrees Fahrenheit
+    return None
+
+
+class Sensors:
+    def __init__(self, names, rssi=None):
+        self.names = names
+        self.uptime = Uptime()
+        self._rssi = rssi  # a function giving the Wi-Fi RSSI, or None where there is no Wi-Fi
+
+    def read(self):
+        # The values of every configured sensor that this board has.
+        values = {}
+        for name in self.names:
+            if name == "uptime":
+                value = self.uptime.seconds()
+            elif name == "free_heap":
+                value = gc.mem_free()
+            elif name == "heap_used":
+                value = gc.mem_alloc()
+            elif name == "rssi":
+                value = self._rssi() if self._rssi else None
+            else:
+                value = _mcu_temp()
+            if value is not None:
+                values[name] = value
+        return values
+
+
+def payload(values, ts=None):
+    # JSON bytes of one telemetry message; without ts the server stamps it on arrival.
+    import json
+
+    if ts is None:
+        return json.dumps(values).encode()
+    return json.dumps({"ts": ts, "values": values}).encode()

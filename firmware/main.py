@@ -1,0 +1,5 @@
+import sys
+
+from tbfleet import app
+
+sys.exit(app.main())

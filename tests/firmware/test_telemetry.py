@@ -1,0 +1,45 @@
+# Telemetry payloads, timestamps since 1970 whatever the port's epoch, and the sensors.
+import json
+import time
+
+from mptest import eq
+from tbfleet import telemetry
+
+
+def test_now_ms_is_milliseconds_since_1970():
+    ms = telemetry.now_ms()
+    # The Unix port's epoch is 1970: now_ms must agree with time.time() there, and be after 2024.
+    assert abs(ms - time.time() * 1000) < 2000, ms
+    assert ms > 1704067200000
+
+
+def test_esp32_epoch_offset():
+    eq(time.gmtime(0)[0], 1970)
+    eq(telemetry.epoch_offset_s(1970), 0)
+    # 2000-01-01 on an ESP32 clock is 946684800 s after 1970-01-01.
+    eq(telemetry.epoch_offset_s(2000), 946684800)
+
+
+def test_payload_shapes():
+    eq(json.loads(telemetry.payload({"uptime": 5}, 1767225600000)), {"ts": 1767225600000, "values": {"uptime": 5}})
+    eq(json.loads(telemetry.payload({"uptime": 5})), {"uptime": 5})
+
+
+def test_sensors_on_the_unix_port():
+    s = telemetry.Sensors(["uptime", "free_heap", "heap_used", "rssi", "mcu_temp"])
+    values = s.read()
+    eq(sorted(values), ["free_heap", "heap_used", "uptime"])  # no Wi-Fi and no temperature sensor here
+    assert values["free_heap"] > 0 and values["heap_used"] > 0
+
+
+def test_rssi_when_there_is_wifi():
+    s = telemetry.Sensors(["rssi"], rssi=lambda: -61)
+    eq(s.read(), {"rssi": -61})
+
+
+def test_uptime_survives_tick_wraparound():
+    u = telemetry.Uptime()
+    u._last = time.ticks_add(time.ticks_ms(), -5500)
+    eq(u.seconds(), 5)
+    u._last = time.ticks_add(time.ticks_ms(), -3000)
+    eq(u.seconds(), 8)
