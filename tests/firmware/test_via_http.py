@@ -1,0 +1,118 @@
+# The HTTP adapter's mapping of ThingsBoard answers, over a scripted TCP stream in place of tcp.connect.
+from fakesock import FakeSocket
+from mptest import eq, raises
+from tbfleet import tcp, via_http
+from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+
+
+class Cfg:
+    host = "tb.local"
+    port = 8080
+    tls = False
+    ca_file = None
+    timeout = 0.2
+
+
+def link_answering(*answers):
+    # A Link whose connections answer in turn with answers; returns (link, list of request bytes).
+    sent = []
+    todo = list(answers)
+
+    def connect(host, port, timeout_ms, ssl_ctx=None):
+        eq((host, port, timeout_ms, ssl_ctx), ("tb.local", 8080, 200, None))
+        reply = todo.pop(0)
+
+        def on_write(sock, data):
+            sent.append(data)
+            sock.feed(reply)
+            sock.hang_up()
+        return FakeSocket(on_write)
+    tcp.connect = connect
+    return via_http.Link(Cfg()), sent
+
+
+def test_provision_posts_and_returns_body_for_any_status():
+    for body in (b'{"credentialsValue":"T","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}',
+                 b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}',
+                 b'{"errorMsg":"Failed to provision device!","status":"FAILURE"}'):
+        link, sent = link_answering(b"HTTP/1.1 200 \r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        eq(link.provision(b'{"deviceName":"d"}'), body)
+        assert sent[0].startswith(b"POST /api/v1/provision HTTP/1.1\r\nHost: tb.local:8080\r\n"), sent
+        assert sent[0].endswith(b'\r\n\r\n{"deviceName":"d"}'), sent
+
+
+def test_provision_non_200_is_bad_answer():
+    link, _ = link_answering(b'HTTP/1.1 500 \r\nContent-Length: 24\r\n\r\n{"status":500,"message"}')
+    e = raises(BadAnswer, link.provision, b"{}")
+    assert "HTTP 500" in str(e) and "status" in str(e), e
+
+
+def test_telemetry_path_and_ok():
+    link, sent = link_answering(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n")
+    link.open({"type": "ACCESS_TOKEN", "token": "A1b2_C3"})
+    link.send_telemetry(b'{"t":21}')
+    assert sent[0].startswith(b"POST /api/v1/A1b2_C3/telemetry HTTP/1.1\r\n"), sent
+
+
+def test_token_is_one_escaped_path_segment():
+    link, sent = link_answering(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n")
+    link.open({"type": "ACCESS_TOKEN", "token": "a/b c%\xe9"})
+    link.send_telemetry(b"{}")
+    assert sent[0].startswith(b"POST /api/v1/a%2Fb%20c%25%C3%A9/telemetry HTTP/1.1"), sent
+
+
+def test_telemetry_status_mapping():
+    cases = ((b"HTTP/1.1 401 \r\nContent-Length: 0\r\n\r\n", Refused, (401, "unauthorized")),
+             (b'HTTP/1.1 413 \r\nContent-Length: 41\r\n\r\n"Payload size exceeds the limit of 9 bytes"',
+              Rejected, (413, "payload too large")),
+             (b"HTTP/1.1 500 \r\nContent-Length: 21\r\n\r\nExpected BEGIN_OBJECT", Rejected,
+              (500, "Expected BEGIN_OBJECT")),
+             (b"HTTP/1.1 500 \r\nContent-Length: 0\r\n\r\n", Rejected, (500, "server error")),
+             (b"HTTP/1.1 403 \r\nContent-Length: 0\r\n\r\n", Rejected, (403, "HTTP 403")),
+             (b"HTTP/1.1 500 \r\nContent-Length: 2\r\n\r\n\xff\xfe", Rejected, (500, "2 bytes")))
+    for reply, kind, args in cases:
+        link, _ = link_answering(reply)
+        link.open({"type": "ACCESS_TOKEN", "token": "T"})
+        eq(raises(kind, link.send_telemetry, b"{}").args, args)
+
+
+def test_no_answer_passes_through():
+    link, _ = link_answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    link.open({"type": "ACCESS_TOKEN", "token": "T"})
+    raises(NoAnswer, link.send_telemetry, b"{}")
+
+
+def test_open_refuses_other_credentials():
+    link = via_http.Link(Cfg())
+    e = raises(ValueError, link.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"})
+    assert "ACCESS_TOKEN" in str(e) and "MQTT_BASIC" in str(e)
+    raises(ValueError, link.open, {"type": "X509_CERTIFICATE"})
+    raises(ValueError, link.open, {"type": "ACCESS_TOKEN", "token": ""})
+    raises(ValueError, link.send_telemetry, b"{}")
+
+
+def test_close_forgets_token_and_is_idempotent():
+    link = via_http.Link(Cfg())
+    link.open({"type": "ACCESS_TOKEN", "token": "T"})
+    link.close()
+    link.close()
+    raises(ValueError, link.send_telemetry, b"{}")
+
+
+def test_tls_context_is_made_once_and_passed():
+    import ssl
+    cfg = Cfg()
+    cfg.tls = True
+    seen = []
+
+    def connect(host, port, timeout_ms, ssl_ctx=None):
+        seen.append(ssl_ctx)
+        s = FakeSocket(lambda sock, d: (sock.feed(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n"), sock.hang_up()))
+        return s
+    tcp.connect = connect
+    link = via_http.Link(cfg)
+    link.open({"type": "ACCESS_TOKEN", "token": "T"})
+    link.send_telemetry(b"{}")
+    link.send_telemetry(b"{}")
+    assert isinstance(seen[0], ssl.SSLContext), seen
+    assert seen[0] is seen[1]
