@@ -169,10 +169,19 @@ def test_puback_found_among_interleaved_packets():
 
 
 def test_puback_never_comes_is_no_answer():
-    c, s = connected(None, timeout_ms=60)
+    # Nothing of a packet was read, so the session stays usable: the late PUBACK is dropped as stale.
+    c, s = connected(None, b"\x40\x02\x00\x01\x40\x02\x00\x02", timeout_ms=60)
     e, took = elapsed_ms(c.publish, b"t", b"x", 1)
     assert not isinstance(e, mqtt.Closed)
     assert 50 <= took < 1000, took
+    assert c.connected
+    c.publish(b"t", b"y", 1)
+    eq(s.inbox, b"")
+
+
+def test_deadline_inside_a_packet_closes_the_connection():
+    c, s = connected(b"\x40\x02\x00", timeout_ms=60)
+    raises(NoAnswer, c.publish, b"t", b"x", 1)
     assert s.closed and not c.connected
 
 

@@ -297,6 +297,12 @@ class MQTTClient:
         self._need_sock()
         buf = self._rbuf
         try:
+            tcp.wait(self.sock, select.POLLIN, at)
+        except NoAnswer:
+            if tcp.remaining(at):
+                self._fail(at)
+            raise  # nothing of a packet read yet: the session is still in step and usable
+        try:
             tcp.read_exact(self.sock, memoryview(buf)[:2], at)  # every packet has at least two bytes
             h = buf[0]
             t = h >> 4

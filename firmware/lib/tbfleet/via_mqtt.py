@@ -1,0 +1,107 @@
+# ThingsBoard over MQTT: the provisioning session and the authenticated telemetry session.
+from micropython import const
+
+from tbfleet import log, mqtt, tcp, tls
+from tbfleet.errors import NoAnswer, Refused, Rejected
+
+_PROVISION = "provision"
+_REQUEST_TOPIC = b"/provision/request"
+_RESPONSE_TOPIC = b"/provision/response"
+_TELEMETRY_TOPIC = b"v1/devices/me/telemetry"
+_SERVER_UNAVAILABLE = const(3)
+
+
+class Link:
+    def __init__(self, cfg):
+        self._cfg = cfg
+        self._client = None
+        self._answer = None
+
+    def _new_client(self, client_id, username, password, ssl_ctx, on_message):
+        cfg = self._cfg
+        return mqtt.MQTTClient(cfg.host, cfg.port, client_id, username, password, cfg.keepalive,
+                               int(cfg.timeout * 1000), ssl_ctx, on_message)
+
+    def provision(self, request):
+        # Pre-3.9 servers never answer a SUBSCRIBE in a provisioning session, and every version publishes
+        # the answer unasked, so we only publish and then read whatever comes until the answer is there.
+        cfg = self._cfg
+        self._answer = None
+        c = self._new_client(cfg.device_name, _PROVISION, None, tls.context(cfg), self._on_provision)
+        try:
+            try:
+                c.connect()
+            except Refused as e:
+                # ThingsBoard accepts every provisioning session; a refusal means it cannot serve us now.
+                raise NoAnswer("provisioning session refused: %s" % e.args[1])
+            at = tcp.deadline(cfg.timeout * 1000)
+            c.publish(_REQUEST_TOPIC, request, 1)
+            while self._answer is None:
+                c.wait_msg(at)
+            return self._answer
+        finally:
+            c.disconnect()
+
+    def _on_provision(self, topic, payload):
+        if topic == _RESPONSE_TOPIC:
+            self._answer = payload
+
+    def open(self, creds):
+        # Connects with saved credentials; Refused when the server refuses them.
+        cfg = self._cfg
+        self.close()
+        kind = creds.get("type")
+        if kind == "MQTT_BASIC":
+            # Empty means absent: ThingsBoard picks its lookup by which fields are present (reference 3.4).
+            c = self._new_client(creds.get("client_id") or "", creds.get("username") or None,
+                                 creds.get("password") or None, tls.context(cfg), self._on_message)
+        elif kind in ("ACCESS_TOKEN", "X509_CERTIFICATE"):
+            if cfg.device_name == _PROVISION:
+                raise ValueError("device_name 'provision' would open a provisioning session")
+            if kind == "ACCESS_TOKEN":
+                c = self._new_client(cfg.device_name, creds["token"], None, tls.context(cfg), self._on_message)
+            else:
+                ctx = tls.context(cfg, client_cert=True)
+                if ctx is None:
+                    raise ValueError("X509_CERTIFICATE credentials need tls")
+                c = self._new_client(cfg.device_name, None, None, ctx, self._on_message)
+        else:
+            raise ValueError("unknown credentials type %r" % (kind,))
+        c.connect()
+        self._client = c
+
+    def send_telemetry(self, payload):
+        # ThingsBoard answers a rejected publish (unparsable payload, rate limit, size limit) by closing
+        # the connection instead of sending a PUBACK: a close while we wait for the PUBACK is Rejected, so
+        # the caller can drop this message; a missing answer is NoAnswer. Either way the link is closed
+        # and the caller opens it again.
+        c = self._client
+        if c is None or not c.connected:
+            raise NoAnswer("not connected")
+        try:
+            c.poll()  # a connection the server already closed is NoAnswer here, before we blame this message
+            try:
+                c.publish(_TELEMETRY_TOPIC, payload, self._cfg.qos)
+            except mqtt.Closed:
+                if self._cfg.qos:
+                    raise Rejected(None, "server closed the connection instead of PUBACK")
+                raise
+        except Exception:
+            self.close()
+            raise
+
+    def poll(self):
+        # Handles incoming packets and keep-alive between sends.
+        if self._client is None or not self._client.connected:
+            raise NoAnswer("not connected")
+        self._client.poll()
+
+    def _on_message(self, topic, payload):
+        # Shared attribute pushes and RPC are not acted on yet; the client acknowledges them. Payloads may
+        # carry secrets, so only their size is logged.
+        log.debug("mqtt: %d bytes on %s ignored", len(payload), topic)
+
+    def close(self):
+        if self._client is not None:
+            self._client.disconnect()
+            self._client = None

@@ -1,0 +1,261 @@
+# ThingsBoard over MQTT: the provisioning session and the telemetry session, against a scripted socket.
+import time
+
+from fakesock import FakeSocket
+from mptest import eq, raises
+from tbfleet import mqtt, tcp, tls, via_mqtt
+from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+
+CONNACK_OK = b"\x20\x02\x00\x00"
+ANSWER = b'{"credentialsValue":"Xq3kT9vLm2RcW8pZa1Yb","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'
+TELEMETRY = b'{"ts":1732300000000,"values":{"uptime":42,"free_heap":81234}}'
+
+
+class Cfg:
+    # The attributes of tbfleet.config that the adapter reads.
+    def __init__(self, **kw):
+        self.host = "tb.local"
+        self.port = 1883
+        self.transport = "mqtt"
+        self.tls = False
+        self.ca_file = None
+        self.cert_file = None
+        self.key_file = None
+        self.device_name = "esp32-a1b2c3"
+        self.qos = 1
+        self.timeout = 0.2
+        self.keepalive = 60
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def publish(topic, payload, pid=None):
+    body = bytes([len(topic) >> 8, len(topic) & 0xFF]) + topic
+    if pid is not None:
+        body += bytes([pid >> 8, pid & 0xFF])
+    body += payload
+    head = 0x32 if pid is not None else 0x30
+    return bytes([head, len(body)]) + body
+
+
+def scripted(*replies):
+    def on_write(sock, data):
+        k = len(sock.writes) - 1
+        if k < len(replies) and replies[k] is not None:
+            sock.feed(replies[k])
+
+    return FakeSocket(on_write)
+
+
+def link(sock, **kw):
+    seen = []
+
+    def fake_connect(host, port, timeout_ms, ssl_ctx=None):
+        seen.append((host, port, timeout_ms, ssl_ctx))
+        return sock
+
+    tcp.connect = fake_connect
+    lk = via_mqtt.Link(Cfg(**kw))
+    lk.seen = seen
+    return lk
+
+
+def no_subscribe(sock):
+    assert not [w for w in sock.writes if w[0] == 0x82], sock.writes
+
+
+def test_provision_reads_the_answer_after_other_packets():
+    stray = publish(b"v1/devices/me/attributes", b'{"x":1}', 0x0101) + b"\xd0\x00"
+    s = scripted(CONNACK_OK, b"\x40\x02\x00\x01" + stray + publish(b"/provision/response", ANSWER, 0x0102))
+    lk = link(s)
+    eq(lk.provision(b'{"provisionDeviceKey":"k"}'), ANSWER)
+    eq(s.writes, [
+        b"\x10\x23\x00\x04MQTT\x04\x82\x00\x3c\x00\x0cesp32-a1b2c3\x00\x09provision",
+        b"\x32\x30\x00\x12/provision/request\x00\x01{\"provisionDeviceKey\":\"k\"}",
+        b"\x40\x02\x01\x01",
+        b"\x40\x02\x01\x02",
+        b"\xe0\x00",
+    ])
+    assert s.closed
+    eq(lk.seen, [("tb.local", 1883, 200, None)])
+
+
+def test_provision_answer_before_puback_and_at_qos0():
+    # A QoS 0 answer needs no PUBACK; it may even come before the PUBACK of the request.
+    s = scripted(CONNACK_OK, publish(b"/provision/response", ANSWER) + b"\x40\x02\x00\x01")
+    lk = link(s)
+    eq(lk.provision(b"{}"), ANSWER)
+    eq([w[0] for w in s.writes], [0x10, 0x32, 0xE0])
+
+
+def test_provision_never_subscribes_and_gives_up_at_the_deadline():
+    # A pre-3.9 server that acknowledges the request but never publishes an answer.
+    s = scripted(CONNACK_OK, b"\x40\x02\x00\x01")
+    lk = link(s, timeout=0.1)
+    t0 = time.ticks_ms()
+    e = raises(NoAnswer, lk.provision, b"{}")
+    took = time.ticks_diff(time.ticks_ms(), t0)
+    assert 90 <= took < 1000, took
+    assert not isinstance(e, mqtt.Closed)
+    no_subscribe(s)
+    eq(s.writes[-1], b"\xe0\x00")
+    assert s.closed
+
+
+def test_provision_connection_closed_by_server_is_no_answer():
+    def close_after_request(sock, data):
+        if data[0] == 0x10:
+            sock.feed(CONNACK_OK)
+        elif data[0] == 0x32:
+            sock.feed(b"\x40\x02\x00\x01")
+            sock.hang_up()
+
+    s = FakeSocket(close_after_request)
+    lk = link(s, timeout=5)
+    t0 = time.ticks_ms()
+    raises(NoAnswer, lk.provision, b"{}")
+    assert time.ticks_diff(time.ticks_ms(), t0) < 1000
+
+
+def test_provision_refused_session_is_no_answer():
+    s = scripted(b"\x20\x02\x00\x03")
+    e = raises(NoAnswer, link(s).provision, b"{}")
+    assert "server unavailable" in str(e)
+
+
+def test_provision_garbage_is_bad_answer():
+    s = scripted(CONNACK_OK, b"\x40\x02\x00\x01\xf0\x00")
+    raises(BadAnswer, link(s).provision, b"{}")
+    assert s.closed
+
+
+def test_open_access_token_uses_device_name_and_no_password():
+    s = scripted(CONNACK_OK)
+    lk = link(s, keepalive=30)
+    lk.open({"type": "ACCESS_TOKEN", "token": "Xq3kT9vLm2RcW8pZa1Yb"})
+    eq(s.writes, [b"\x10\x2e\x00\x04MQTT\x04\x82\x00\x1e\x00\x0cesp32-a1b2c3\x00\x14Xq3kT9vLm2RcW8pZa1Yb"])
+
+
+def test_open_mqtt_basic_sends_the_three_fields():
+    s = scripted(CONNACK_OK)
+    link(s).open({"type": "MQTT_BASIC", "client_id": "c1", "username": "u1", "password": "p1"})
+    eq(s.writes, [b"\x10\x16\x00\x04MQTT\x04\xc2\x00\x3c\x00\x02c1\x00\x02u1\x00\x02p1"])
+
+
+def test_open_mqtt_basic_empty_fields_are_absent():
+    s = scripted(CONNACK_OK)
+    link(s).open({"type": "MQTT_BASIC", "client_id": "c1", "username": "", "password": ""})
+    eq(s.writes, [b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02c1"])
+    s = scripted(CONNACK_OK)
+    link(s).open({"type": "MQTT_BASIC", "client_id": "", "username": "u1", "password": "p1"})
+    eq(s.writes, [b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x02u1\x00\x02p1"])
+    s = scripted(CONNACK_OK)
+    link(s).open({"type": "MQTT_BASIC", "client_id": "c1", "username": "u1", "password": ""})
+    eq(s.writes, [b"\x10\x12\x00\x04MQTT\x04\x82\x00\x3c\x00\x02c1\x00\x02u1"])
+
+
+def test_open_x509_uses_a_client_certificate_and_no_user_name():
+    made = []
+
+    def fake_context(cfg, client_cert=False):
+        made.append(client_cert)
+        return "client-cert-ctx" if client_cert else "server-only-ctx"
+
+    tls.context = fake_context
+    s = scripted(CONNACK_OK)
+    lk = link(s, tls=True, port=8883)
+    lk.open({"type": "X509_CERTIFICATE"})
+    eq(made, [True])
+    eq(lk.seen, [("tb.local", 8883, 200, "client-cert-ctx")])
+    eq(s.writes, [b"\x10\x18\x00\x04MQTT\x04\x02\x00\x3c\x00\x0cesp32-a1b2c3"])
+
+
+def test_open_x509_without_tls_is_value_error():
+    e = raises(ValueError, link(scripted()).open, {"type": "X509_CERTIFICATE"})
+    assert "tls" in str(e)
+
+
+def test_open_refuses_provision_as_client_id_and_unknown_types():
+    raises(ValueError, link(scripted(), device_name="provision").open, {"type": "ACCESS_TOKEN", "token": "t"})
+    raises(ValueError, link(scripted()).open, {"type": "LWM2M_CREDENTIALS"})
+
+
+def test_open_refused_credentials():
+    s = scripted(b"\x20\x02\x00\x05")
+    lk = link(s)
+    e = raises(Refused, lk.open, {"type": "ACCESS_TOKEN", "token": "REVOKED_TOKEN_000000"})
+    eq(e.args, (5, "not authorized"))
+    raises(NoAnswer, lk.send_telemetry, TELEMETRY)
+
+
+def test_send_telemetry_qos1_and_qos0():
+    s = scripted(CONNACK_OK, b"\x40\x02\x00\x01")
+    lk = link(s)
+    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    lk.send_telemetry(TELEMETRY)
+    eq(s.writes[1], b"\x32\x58\x00\x17v1/devices/me/telemetry\x00\x01" + TELEMETRY)
+    lk._cfg.qos = 0
+    lk.send_telemetry(TELEMETRY)
+    eq(s.writes[2], b"\x30\x56\x00\x17v1/devices/me/telemetry" + TELEMETRY)
+    eq(len(s.writes), 3)
+
+
+def test_close_instead_of_puback_is_rejected():
+    s = scripted(CONNACK_OK)
+
+    def reject(sock, data):
+        if data[0] == 0x32:
+            sock.hang_up()
+
+    lk = link(s, timeout=5)
+    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    s.on_write = reject
+    e = raises(Rejected, lk.send_telemetry, b'{"ts":1732300000000,"values":')
+    assert "instead of PUBACK" in e.args[1]
+    assert s.closed
+    raises(NoAnswer, lk.send_telemetry, TELEMETRY)
+
+
+def test_connection_closed_before_sending_is_no_answer():
+    s = scripted(CONNACK_OK)
+    lk = link(s, timeout=5)
+    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    s.hang_up()
+    e = raises(NoAnswer, lk.send_telemetry, TELEMETRY)
+    eq(len(s.writes), 1)
+    assert not isinstance(e, Rejected)
+
+
+def test_missing_puback_is_no_answer():
+    s = scripted(CONNACK_OK)
+    lk = link(s, timeout=0.05)
+    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    raises(NoAnswer, lk.send_telemetry, TELEMETRY)
+
+
+def test_poll_acknowledges_pushes_and_keeps_alive():
+    s = scripted(CONNACK_OK, b"\xd0\x00")
+    lk = link(s, keepalive=1)
+    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    s.feed(publish(b"v1/devices/me/attributes", b'{"interval":5}', 7))
+    lk.poll()
+    eq(s.writes[1:], [b"\x40\x02\x00\x07"])
+    time.sleep_ms(520)
+    lk.poll()
+    eq(s.writes[2:], [b"\xc0\x00"])
+
+
+def test_close_disconnects_once_and_never_raises():
+    s = scripted(CONNACK_OK)
+    lk = link(s)
+    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    lk.close()
+    lk.close()
+    eq(s.writes[1:], [b"\xe0\x00"])
+    assert s.closed
+    s2 = scripted(CONNACK_OK)
+    lk = link(s2)
+    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    s2.closed = True  # the socket is already dead: writing raises OSError
+    lk.close()
+    raises(NoAnswer, lk.poll)
