@@ -1,0 +1,515 @@
+"""MQTT side of the emulator: ThingsBoard's MQTT transport (reference §3 and §6) on asyncio.
+
+Speaks MQTT 3.1.1 and 3.1. An MQTT 5 CONNECT is refused with an MQTT 5 CONNACK, reason 0x84 (unsupported
+protocol version), and closed: the firmware and the test clients speak 3.1.1, and emulating ThingsBoard's MQTT 5
+reason codes half-way would be less faithful than refusing.
+
+Robustness: a packet whose remaining length is over 65536 bytes or malformed closes that connection only; every
+read waits at most `inactivity_timeout` (ThingsBoard's 600 s session inactivity timeout); a client that stops
+reading is dropped once its write buffer passes `max_write_buffer` or a drain takes longer than `write_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import struct
+from typing import Any
+
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError
+
+log = logging.getLogger(__name__)
+
+MAX_PACKET = 65536
+"""`transport.mqtt.netty.max_payload_size`: a longer packet is a decode failure and closes the connection."""
+
+PROVISION = "provision"
+PROVISION_REQUEST = "/provision/request"
+PROVISION_RESPONSE = "/provision/response"
+
+TELEMETRY_TOPICS = ("v1/devices/me/telemetry", "v2/t")
+ATTRIBUTES_TOPICS = ("v1/devices/me/attributes", "v2/a")
+ATTRIBUTE_REQUEST_PREFIXES = ("v1/devices/me/attributes/request/", "v2/a/req/")
+RPC_RESPONSE_PREFIXES = ("v1/devices/me/rpc/response/", "v2/r/res/")
+CLAIM_TOPICS = ("v1/devices/me/claim",)
+
+# SUBSCRIBE filters ThingsBoard grants, matched literally (§3.6); the value names what the subscription is for.
+SUBSCRIPTIONS = {
+    "v1/devices/me/attributes": "attributes", "v2/a": "attributes",
+    "v1/devices/me/attributes/response/+": "attributes-response", "v2/a/res/+": "attributes-response",
+    "v1/devices/me/rpc/request/+": "rpc", "v2/r/req/+": "rpc",
+    "v1/devices/me/rpc/response/+": "rpc-response", "v2/r/res/+": "rpc-response",
+    "v2/fw/response/+/chunk/+": "fw", "v2/fw/error": "fw",
+    "v2/sw/response/+/chunk/+": "sw", "v2/sw/error": "sw",
+}
+_PUSH_TOPICS = {"attributes": "v1/devices/me/attributes", "rpc": "v1/devices/me/rpc/request/{}",
+                "attributes-response": "v1/devices/me/attributes/response/{}"}
+
+_CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
+_PUBREC, _PUBREL, _PUBCOMP, _SUBSCRIBE = 5, 6, 7, 8
+_SUBACK, _UNSUBSCRIBE, _UNSUBACK, _PINGREQ = 9, 10, 11, 12
+_PINGRESP, _DISCONNECT = 13, 14
+_SUBSCRIBE_FAILURE = 0x80
+
+
+class Malformed(Exception):
+    """A packet the server cannot decode: the connection is closed."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def packet(first: int, body: bytes = b"") -> bytes:
+    """One MQTT packet: fixed header byte, remaining length, body."""
+    return bytes([first]) + _varint(len(body)) + body
+
+
+def _mqtt_str(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return struct.pack("!H", len(data)) + data
+
+
+def publish_packet(topic: str, payload: bytes, qos: int, packet_id: int = 0) -> bytes:
+    """A PUBLISH packet (no DUP, no RETAIN)."""
+    body = _mqtt_str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return packet((_PUBLISH << 4) | (qos << 1), body)
+
+
+class _Reader:
+    """Sequential decoding of one packet body; running past its end is Malformed."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise Malformed("packet shorter than its fields")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack("!H", self.take(2))[0]
+
+    def binary(self) -> bytes:
+        return self.take(self.u16())
+
+    def text(self) -> str:
+        try:
+            return self.binary().decode("utf-8")
+        except UnicodeDecodeError:
+            raise Malformed("string is not UTF-8") from None
+
+    def rest(self) -> bytes:
+        chunk = self.data[self.pos:]
+        self.pos = len(self.data)
+        return chunk
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _topic_id(topic: str, prefixes: tuple[str, ...]) -> int | None:
+    """The integer id ending `topic` when it starts with one of `prefixes`; None if it does not start so."""
+    for prefix in prefixes:
+        if topic.startswith(prefix):
+            try:
+                return int(topic[len(prefix):])
+            except ValueError:
+                raise PayloadError(f"request id is not an integer in {topic!r}") from None
+    return None
+
+
+class _Closed(Exception):
+    """The session decided to end the connection."""
+
+
+class Session:
+    """One MQTT connection: CONNECT, then a provisioning session or an authenticated device session."""
+
+    def __init__(self, server: "MqttServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server, self.state = server, server.state
+        self.reader, self.writer = reader, writer
+        self.peer = "%s:%s" % (writer.get_extra_info("peername") or ("?", "?"))[:2]
+        self.device: Device | None = None
+        self.provisioning = False
+        self.granted: dict[str, int] = {}
+        self._listen_handle: object | None = None
+        self._next_id = 0
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ I/O
+
+    async def _read_packet(self) -> tuple[int, bytes]:
+        timeout = self.server.inactivity_timeout
+        first = (await asyncio.wait_for(self.reader.readexactly(1), timeout))[0]
+        length, shift = 0, 0
+        for _ in range(4):
+            byte = (await asyncio.wait_for(self.reader.readexactly(1), timeout))[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        else:
+            raise Malformed("remaining length longer than 4 bytes")
+        if length > MAX_PACKET:
+            raise Malformed(f"packet of {length} bytes is over the {MAX_PACKET}-byte limit")
+        body = await asyncio.wait_for(self.reader.readexactly(length), timeout) if length else b""
+        return first, body
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes; a client whose unread backlog passes the limit is dropped (it stopped reading)."""
+        if self._closing:
+            return
+        transport = self.writer.transport
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.server.max_write_buffer:
+            log.info("mqtt %s: client is not reading, dropping it", self.peer)
+            self.abort()
+
+    async def flush(self) -> None:
+        """Wait until the client has taken what was written, at most `write_timeout`."""
+        if self._closing:
+            raise _Closed()
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.server.write_timeout)
+        except asyncio.TimeoutError:
+            log.info("mqtt %s: client is not reading, dropping it", self.peer)
+            self.abort()
+            raise _Closed() from None
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent data."""
+        self._closing = True
+        self.writer.transport.abort()
+
+    def close(self) -> None:
+        """Close the connection after sending what is queued."""
+        self._closing = True
+        self.writer.close()
+
+    def _packet_id(self) -> int:
+        self._next_id = self._next_id % 0xFFFF + 1
+        return self._next_id
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """Send a PUBLISH to the client at `qos` (0 or 1)."""
+        self.send(publish_packet(topic, payload, qos, self._packet_id() if qos else 0))
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; never raises."""
+        try:
+            first, body = await self._read_packet()
+            if first >> 4 != _CONNECT or first & 0x0F:
+                raise Malformed("the first packet is not CONNECT")
+            if not await self._connect(body):
+                return
+            while not self._closing:
+                first, body = await self._read_packet()
+                await self._dispatch(first >> 4, first & 0x0F, _Reader(body))
+        except Malformed as e:
+            log.info("mqtt %s: malformed packet (%s), closing", self.peer, e)
+        except asyncio.TimeoutError:
+            log.info("mqtt %s: inactive for %.0f s, closing", self.peer, self.server.inactivity_timeout)
+        except (asyncio.IncompleteReadError, ConnectionError, _Closed, ssl.SSLError):
+            pass
+        except Exception:  # keep serving everybody else whatever one session hits
+            log.exception("mqtt %s: session failed", self.peer)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if self._listen_handle is not None:
+            self.state.unlisten(self._listen_handle)
+            self._listen_handle = None
+        if self.device is not None:
+            self.state.event(f"mqtt: device {self.device.name!r} disconnected")
+        if not self._closing:
+            self.close()
+
+    async def _connect(self, body: bytes) -> bool:
+        r = _Reader(body)
+        protocol, level = r.text(), r.u8()
+        if (protocol, level) == ("MQTT", 5):
+            self.send(packet(_CONNACK << 4, b"\x00\x84\x00"))
+            self.state.event(f"mqtt: refused an MQTT 5 connection from {self.peer} (only 3.1.1 and 3.1)")
+            await self._end()
+            return False
+        if (protocol, level) not in (("MQTT", 4), ("MQIsdp", 3)):
+            self.send(packet(_CONNACK << 4, b"\x00\x01"))
+            await self._end()
+            return False
+        flags = r.u8()
+        if flags & 0x01:
+            raise Malformed("reserved CONNECT flag set")
+        r.u16()  # keep-alive: ThingsBoard has no keep-alive handler, sessions expire on inactivity
+        client_id = r.text()
+        if flags & 0x04:
+            r.text()
+            r.binary()
+        username = r.text() if flags & 0x80 else None
+        password = r.binary().decode("utf-8", "replace") if flags & 0x40 else None
+        present = b"\x00" if flags & 0x02 else b"\x01"  # sessionPresent = !cleanSession
+        if username == PROVISION or client_id == PROVISION:
+            self.provisioning = True
+            self.send(packet(_CONNACK << 4, present + b"\x00"))
+            self.state.event(f"mqtt: provisioning session opened from {self.peer}")
+            return True
+        device, code, how = self._authenticate(client_id, username, password)
+        if device is None:
+            self.send(packet(_CONNACK << 4, b"\x00" + bytes([code])))
+            self.state.event(f"mqtt: connection from {self.peer} refused with CONNACK {code} ({how})")
+            await self._end()
+            return False
+        self.device = device
+        self._listen_handle = self.state.listen(device.name, self._on_push)
+        self.send(packet(_CONNACK << 4, present + b"\x00"))
+        self.state.event(f"mqtt: device {device.name!r} connected from {self.peer} ({how})")
+        return True
+
+    def _authenticate(self, client_id: str, username: str | None, password: str | None
+                      ) -> tuple[Device | None, int, str]:
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if cert:
+            device = self.state.device_by_x509(cert)
+            return device, 0 if device else 5, "X.509 certificate" if device else "unknown X.509 certificate"
+        device, code = self.state.authenticate_mqtt(client_id, username, password)
+        if device is not None:
+            return device, code, device.credentials_type
+        return None, code, "unknown credentials"
+
+    async def _end(self) -> None:
+        with contextlib.suppress(_Closed):
+            await self.flush()
+        self.close()
+
+    # ------------------------------------------------------------------ packets after CONNECT
+
+    async def _dispatch(self, kind: int, flags: int, r: _Reader) -> None:
+        if kind == _PUBLISH:
+            await self._publish(flags, r)
+        elif kind == _SUBSCRIBE and flags == 0x02:
+            await self._subscribe(r)
+        elif kind == _UNSUBSCRIBE and flags == 0x02:
+            packet_id = r.u16()
+            while r.pos < len(r.data):
+                self.granted.pop(r.text(), None)
+            if not self.provisioning or self.state.at_least(3, 9):
+                self.send(packet(_UNSUBACK << 4, struct.pack("!H", packet_id)))
+        elif kind == _PINGREQ and not r.data:
+            self.send(packet(_PINGRESP << 4))
+        elif kind == _DISCONNECT:
+            self.close()
+            return
+        elif kind in (_PUBACK, _PUBREC, _PUBCOMP) and len(r.data) == 2:
+            pass  # the client acknowledging our QoS 1 publishes: nothing to redeliver
+        elif kind == _PUBREL and flags == 0x02 and len(r.data) == 2:
+            self.send(packet(_PUBCOMP << 4, r.data))
+        else:
+            raise Malformed(f"unexpected packet type {kind} with flags {flags:#x}")
+        await self.flush()
+
+    async def _subscribe(self, r: _Reader) -> None:
+        packet_id = r.u16()
+        filters = []
+        while r.pos < len(r.data):
+            filters.append((r.text(), r.u8()))
+        if not filters:
+            raise Malformed("SUBSCRIBE without a topic filter")
+        if self.provisioning and not self.state.at_least(3, 9):
+            return  # before 3.9 a provisioning session ignores SUBSCRIBE: no SUBACK at all
+        codes = bytearray()
+        for topic, requested in filters:
+            if requested & 0xFC:
+                raise Malformed("reserved bits set in a requested QoS")
+            known = topic == PROVISION_RESPONSE if self.provisioning else topic in SUBSCRIPTIONS
+            if known:
+                qos = min(requested, 1)
+                self.granted[topic] = qos
+                codes.append(qos)
+            else:
+                codes.append(_SUBSCRIBE_FAILURE)
+        self.send(packet(_SUBACK << 4, struct.pack("!H", packet_id) + bytes(codes)))
+
+    def _qos_for(self, purpose: str, default: int = 1) -> int:
+        """Granted QoS of the subscription serving `purpose`, `default` if there is none."""
+        for topic, qos in self.granted.items():
+            if SUBSCRIPTIONS.get(topic) == purpose:
+                return qos
+        return default
+
+    def _subscribed(self, purpose: str) -> bool:
+        return any(SUBSCRIPTIONS.get(topic) == purpose for topic in self.granted)
+
+    async def _publish(self, flags: int, r: _Reader) -> None:
+        qos = (flags >> 1) & 0x03
+        if qos == 3:
+            raise Malformed("PUBLISH with QoS 3")
+        topic = r.text()
+        packet_id = r.u16() if qos else 0
+        if qos and not packet_id:
+            raise Malformed("PUBLISH with packet id 0")
+        payload = r.rest()
+        puback = packet(_PUBACK << 4, struct.pack("!H", packet_id)) if qos else b""
+        if self.provisioning:
+            await self._provision_publish(topic, payload, puback)
+        else:
+            await self._device_publish(topic, payload, puback)
+
+    async def _provision_publish(self, topic: str, payload: bytes, puback: bytes) -> None:
+        if topic != PROVISION_REQUEST:
+            # v3.7+: PUBACK (0x90 on MQTT 5) then close; before: close at once.
+            if self.state.at_least(3, 7):
+                self.send(puback)
+            self.state.event(f"mqtt: provisioning session {self.peer} published to another topic, closing")
+            await self._end()
+            raise _Closed()
+        try:
+            response = self.state.provision(payload, "mqtt")
+        except RequestError:
+            if self._is_json_object(payload):
+                self.send(puback)  # parse error after JSON: PUBACK (error reason on MQTT 5), then disconnect
+            self.state.event(f"mqtt: unparsable provisioning request from {self.peer}, closing")
+            await self._end()
+            raise _Closed() from None
+        self.send(puback)
+        self.publish(PROVISION_RESPONSE, _json_bytes(response), self.granted.get(PROVISION_RESPONSE, 1))
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(self.server.provision_close_after,
+                                                                      self.close)
+
+    @staticmethod
+    def _is_json_object(payload: bytes) -> bool:
+        try:
+            return isinstance(json.loads(payload), dict)
+        except ValueError:
+            return False
+
+    async def _device_publish(self, topic: str, payload: bytes, puback: bytes) -> None:
+        device = self.device
+        assert device is not None
+        try:
+            if topic in TELEMETRY_TOPICS:
+                self.state.post_telemetry(device, payload)
+                self.send(puback)
+            elif topic in ATTRIBUTES_TOPICS:
+                self.state.post_attributes(device, payload)
+                self.send(puback)
+            elif (request_id := _topic_id(topic, ATTRIBUTE_REQUEST_PREFIXES)) is not None:
+                answer = self._attribute_request(device, payload)
+                self.send(puback)
+                response_topic = _PUSH_TOPICS["attributes-response"].format(request_id)
+                self.publish(response_topic, _json_bytes(answer), self._qos_for("attributes-response"))
+            elif (request_id := _topic_id(topic, RPC_RESPONSE_PREFIXES)) is not None:
+                self.state.record_rpc_reply(device, request_id, payload)
+                self.send(puback)
+            else:
+                # Unknown topics (and ones the emulator does not process, e.g. claim or client-side RPC):
+                # PUBACK, not processed, session kept.
+                self.send(puback)
+        except PayloadError as e:
+            self.state.event(f"mqtt: invalid payload from {device.name!r} on {topic!r} ({e}), closing")
+            await self._end()
+            raise _Closed() from None
+
+    def _attribute_request(self, device: Device, payload: bytes) -> dict:
+        if not payload:
+            raise PayloadError("empty attribute request")
+        try:
+            request = json.loads(payload)
+        except ValueError:
+            raise PayloadError("attribute request is not JSON") from None
+        if not isinstance(request, dict):
+            raise PayloadError("attribute request is not a JSON object")
+        keys: dict[str, list[str] | None] = {}
+        for field in ("clientKeys", "sharedKeys"):
+            value = request.get(field)
+            if value is None:
+                keys[field] = None
+            elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                keys[field] = [k for k in str(value).split(",")]
+            else:
+                raise PayloadError(f"{field} must be a comma-separated string")
+        return self.state.get_attributes(device, keys["clientKeys"], keys["sharedKeys"])
+
+    # ------------------------------------------------------------------ pushes from the state
+
+    def _on_push(self, kind: str, data: object) -> None:
+        if kind == "deleted":
+            self.state.event(f"mqtt: closing the session of deleted device {self.device.name!r}"
+                             if self.device else "mqtt: closing a deleted device's session")
+            self.close()
+        elif kind == "attributes" and self._subscribed("attributes"):
+            self.publish(_PUSH_TOPICS["attributes"], _json_bytes(data), self._qos_for("attributes"))
+        elif kind == "rpc" and self._subscribed("rpc"):
+            rpc_id, method, params = data  # type: ignore[misc]
+            self.publish(_PUSH_TOPICS["rpc"].format(rpc_id), _json_bytes({"method": method, "params": params}),
+                         self._qos_for("rpc"))
+
+
+class MqttServer:
+    """The emulator's MQTT listeners (plain and TLS) over one EmulatorState."""
+
+    def __init__(self, state: EmulatorState, provision_close_after: float = 60.0,
+                 inactivity_timeout: float = 600.0, write_timeout: float = 10.0,
+                 max_write_buffer: int = 1 << 20) -> None:
+        """`provision_close_after`: seconds from the provisioning answer to closing the session (ThingsBoard: 60)."""
+        self.state = state
+        self.provision_close_after = provision_close_after
+        self.inactivity_timeout = inactivity_timeout
+        self.write_timeout = write_timeout
+        self.max_write_buffer = max_write_buffer
+        self._servers: list[asyncio.base_events.Server] = []
+        self._sessions: set[Session] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Start a listener (TLS when `ssl_context` is given) and return its bound port."""
+        server = await asyncio.start_server(self._accept, host, port, ssl=ssl_context,
+                                            ssl_handshake_timeout=10.0 if ssl_context else None)
+        self._servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self, reader, writer)
+        self._sessions.add(session)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def stop(self) -> None:
+        """Stop listening and close every session."""
+        for server in self._servers:
+            server.close()
+        for session in list(self._sessions):
+            session.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)

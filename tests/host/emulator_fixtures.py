@@ -1,0 +1,303 @@
+"""Ways for tests to run the ThingsBoard emulator.
+
+- `emulator_process(config, *extra_args)`: a context manager that starts the real CLI,
+  `python -m host_tools emulator --config F --mqtt-port 0 --http-port 0 --coap-port 0 --db :memory: ...`,
+  waits for its ready line and yields an `EmulatorProcess` (ports, the stderr event lines so far); it stops the
+  process by PID (SIGTERM, then SIGKILL) on exit. Use it for end-to-end tests of anything that talks to the
+  emulator:
+
+      with emulator_process(DEMO_CONFIG, "--server-version", "3.8") as emu:
+          client.connect("127.0.0.1", emu.ports["mqtt"])
+
+- `mqtt_emulator(config, ...)`: a context manager that runs only the state and the MQTT server in this process,
+  on a background event loop thread (fast; used by the MQTT tests). Yields an `InProcessMqtt` whose `call(fn)`
+  runs `fn(state)` on the loop thread (SQLite objects belong to that thread).
+- `RawMqtt`: a byte-level MQTT client with deadlines on every read, for exact-bytes and garbage tests.
+- `CONFIG`: a config with one profile per provisioning strategy and a pre-provisioned device per credentials type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from support import ROOT
+
+ALLOW_KEY, ALLOW_SECRET = "allow-key", "allow-secret"
+CHECK_KEY, CHECK_SECRET = "check-key", "check-secret"
+DISABLED_KEY, DISABLED_SECRET = "disabled-key", "disabled-secret"
+
+CONFIG: dict = {
+    "profiles": [
+        {"name": "allow", "provisionDeviceKey": ALLOW_KEY, "provisionDeviceSecret": ALLOW_SECRET,
+         "provisionType": "ALLOW_CREATE_NEW_DEVICES"},
+        {"name": "check", "provisionDeviceKey": CHECK_KEY, "provisionDeviceSecret": CHECK_SECRET,
+         "provisionType": "CHECK_PRE_PROVISIONED_DEVICES"},
+        {"name": "off", "provisionDeviceKey": DISABLED_KEY, "provisionDeviceSecret": DISABLED_SECRET,
+         "provisionType": "DISABLED"},
+    ],
+    "devices": [
+        {"name": "pre-token", "profile": "check", "credentialsType": "ACCESS_TOKEN",
+         "credentialsValue": "preTokenValue0000001"},
+        {"name": "pre-basic", "profile": "check", "credentialsType": "MQTT_BASIC",
+         "credentialsValue": {"clientId": "pre-client", "userName": "pre-user", "password": "pre-pass"}},
+        {"name": "pre-userpass", "profile": "check", "credentialsType": "MQTT_BASIC",
+         "credentialsValue": {"clientId": "", "userName": "up-user", "password": "up-pass"}},
+        {"name": "pre-clientonly", "profile": "check", "credentialsType": "MQTT_BASIC",
+         "credentialsValue": {"clientId": "only-client", "userName": "", "password": ""}},
+        {"name": "other-profile", "profile": "allow", "credentialsType": "ACCESS_TOKEN",
+         "credentialsValue": "otherProfileToken001"},
+    ],
+}
+
+READY_TIMEOUT = 15.0
+
+
+@dataclass
+class EmulatorProcess:
+    """A running emulator subprocess."""
+
+    proc: subprocess.Popen
+    ports: dict[str, int]
+    events: list[str] = field(default_factory=list)
+
+    def wait_event(self, text: str, timeout: float = 5.0) -> str:
+        """The first stderr line containing `text`, waiting up to `timeout` seconds for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.events):
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no event line containing {text!r}; got {self.events!r}")
+
+
+@contextlib.contextmanager
+def emulator_process(config: dict | Path, *extra_args: str, timeout: float = READY_TIMEOUT
+                     ) -> Iterator[EmulatorProcess]:
+    """Start `python -m host_tools emulator` on free ports; yield it once ready; stop it by PID."""
+    with tempfile.TemporaryDirectory(prefix="emulator-") as tmp:
+        if isinstance(config, dict):
+            path = Path(tmp) / "config.json"
+            path.write_text(json.dumps(config))
+        else:
+            path = Path(config)
+        cmd = [sys.executable, "-m", "host_tools", "emulator", "--config", str(path), "--mqtt-port", "0",
+               "--http-port", "0", "--coap-port", "0", *extra_args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        emu = EmulatorProcess(proc, {})
+        readers = [threading.Thread(target=_collect, args=(proc.stderr, emu.events), daemon=True)]
+        readers[0].start()
+        try:
+            line = _read_line(proc, timeout)
+            ready = json.loads(line)
+            if ready.get("event") != "ready":
+                raise AssertionError(f"first stdout line is not the ready event: {line!r}")
+            emu.ports = {k: v for k, v in ready.items() if k != "event"}
+            readers.append(threading.Thread(target=_collect, args=(proc.stdout, []), daemon=True))
+            readers[1].start()
+            yield emu
+        finally:
+            _stop(proc)
+            for reader in readers:
+                reader.join(timeout=5)
+
+
+def _collect(stream: Any, into: list[str]) -> None:
+    for line in stream:
+        into.append(line.rstrip("\n"))
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result or not result[0]:
+        raise AssertionError(f"emulator not ready within {timeout} s (exit code {proc.poll()})")
+    return result[0]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+class InProcessMqtt:
+    """The state and MQTT server on a background event loop (see `mqtt_emulator`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: Any, server: Any, port: int,
+                 events: list[str]) -> None:
+        self.loop, self.state, self.server, self.port, self.events = loop, state, server, port, events
+        self.tls_port: int | None = None
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run `fn(state)` on the loop thread and return its result."""
+        async def job() -> Any:
+            return fn(self.state)
+        return asyncio.run_coroutine_threadsafe(job(), self.loop).result(10)
+
+
+@contextlib.contextmanager
+def mqtt_emulator(config: dict = CONFIG, server_version: tuple[int, ...] = (4, 3), tls: Any = None,
+                  **server_options: Any) -> Iterator[InProcessMqtt]:
+    """Run an EmulatorState and an MqttServer on a loop thread; `tls`: a certs.ServerFiles to add a TLS port."""
+    from host_tools.emulator import certs
+    from host_tools.emulator.mqtt import MqttServer
+    from host_tools.emulator.state import EmulatorState
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    events: list[str] = []
+
+    async def setup() -> InProcessMqtt:
+        state = EmulatorState(config, server_version=server_version, events=events.append)
+        server = MqttServer(state, **server_options)
+        emu = InProcessMqtt(loop, state, server, await server.listen("127.0.0.1", 0), events)
+        if tls is not None:
+            emu.tls_port = await server.listen("127.0.0.1", 0, certs.server_context(tls, state.x509_certificates))
+        return emu
+
+    emu = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
+    try:
+        yield emu
+    finally:
+        asyncio.run_coroutine_threadsafe(emu.server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(emu.state.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def mqtt_string(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return struct.pack("!H", len(data)) + data
+
+
+def mqtt_packet(first: int, body: bytes = b"") -> bytes:
+    """An MQTT packet with the remaining length encoded."""
+    n, length = len(body), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return bytes([first]) + bytes(length) + body
+
+
+def connect_packet(client_id: str = "raw", username: str | None = None, password: str | None = None,
+                   clean: bool = True, level: int = 4, protocol: str = "MQTT") -> bytes:
+    """A CONNECT packet (keep-alive 60)."""
+    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = mqtt_string(protocol) + bytes([level, flags]) + struct.pack("!H", 60) + mqtt_string(client_id)
+    if username is not None:
+        body += mqtt_string(username)
+    if password is not None:
+        body += mqtt_string(password)
+    return mqtt_packet(0x10, body)
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 1, packet_id: int = 1) -> bytes:
+    """A PUBLISH packet."""
+    body = mqtt_string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return mqtt_packet(0x30 | (qos << 1), body)
+
+
+def subscribe_packet(packet_id: int, *filters: tuple[str, int]) -> bytes:
+    """A SUBSCRIBE packet."""
+    return mqtt_packet(0x82, struct.pack("!H", packet_id) + b"".join(mqtt_string(t) + bytes([q])
+                                                                     for t, q in filters))
+
+
+class RawMqtt:
+    """A byte-level MQTT connection with a deadline on every read."""
+
+    def __init__(self, port: int, timeout: float = 3.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.timeout = timeout
+
+    def __enter__(self) -> "RawMqtt":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            data += chunk
+        return data
+
+    def read_packet(self) -> tuple[int, bytes]:
+        """(first byte, body) of the next packet; ConnectionError if the server closed."""
+        first = self._exact(1)[0]
+        length, shift = 0, 0
+        while True:
+            byte = self._exact(1)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return first, self._exact(length)
+
+    def read_publish(self) -> tuple[str, bytes, int, int]:
+        """(topic, payload, qos, packet id) of the next packet, which must be a PUBLISH."""
+        first, body = self.read_packet()
+        assert first >> 4 == 3, f"expected PUBLISH, got {first:#x}"
+        qos = (first >> 1) & 3
+        n = struct.unpack("!H", body[:2])[0]
+        topic, rest = body[2:2 + n].decode(), body[2 + n:]
+        packet_id = 0
+        if qos:
+            packet_id, rest = struct.unpack("!H", rest[:2])[0], rest[2:]
+        return topic, rest, qos, packet_id
+
+    def closed_by_server(self, within: float = 3.0) -> bool:
+        """True when the server closes the connection (EOF or reset) within `within` seconds."""
+        self.sock.settimeout(within)
+        try:
+            while True:
+                if not self.sock.recv(4096):
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def silent(self, within: float = 0.3) -> bool:
+        """True when nothing arrives (and the connection stays open) for `within` seconds."""
+        self.sock.settimeout(within)
+        try:
+            data = self.sock.recv(1)
+        except socket.timeout:
+            return True
+        finally:
+            self.sock.settimeout(self.timeout)
+        del data  # a byte or EOF: either way the server was not silent
+        return False
