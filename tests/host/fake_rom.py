@@ -268,3 +268,21 @@ class _Session:
             self._send(op)
         else:
             self._send(op, error=_INVALID_COMMAND)
+
+
+def build_image(chip: str, path, payload_size: int = 24 * 1024, seed: int = 1) -> bytes:
+    """Write a syntactically valid firmware image for `chip` with esptool's own image classes; return its bytes."""
+    import random
+
+    from esptool.bin_image import ELFSection, ESP32C3FirmwareImage, ESP32FirmwareImage, ESP32S3FirmwareImage
+
+    classes = {"esp32": ESP32FirmwareImage, "esp32s3": ESP32S3FirmwareImage, "esp32c3": ESP32C3FirmwareImage}
+    rnd = random.Random(seed)
+    # Half noise, half a repeating pattern: both the raw and the deflate paths get real work.
+    noise = bytes(rnd.getrandbits(8) for _ in range(payload_size // 2))
+    image = classes[chip]()
+    image.entrypoint = 0x40080000
+    image.segments = [ELFSection(b".iram0.text", 0x40080000, noise + b"tbfleet!" * (payload_size // 16), 0)]
+    image.save(str(path))
+    with open(path, "rb") as f:
+        return f.read()
