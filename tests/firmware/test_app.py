@@ -1,0 +1,191 @@
+# The application loop over a scripted link: what it does on each provisioning outcome and each failure.
+import json
+import sys
+
+from mptest import eq
+from tbfleet import app, config, log, store
+from tbfleet.errors import NoAnswer, Refused, Rejected
+
+SECRET = "z9x8c7v6b5n4"
+TOKEN = "Gh7TkN0aQ1bC2dE3fG4h"
+OK = ('{"credentialsValue":"%s","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}' % TOKEN).encode()
+NOT_FOUND = b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}'
+FAILURE = b'{"errorMsg":"Failed to provision device!","status":"FAILURE"}'
+
+app.RETRY_FIRST_MS = 2
+app.RETRY_CAP_MS = 8
+app.LONG_WAIT_MS = 5
+LINES = []
+log._emit = lambda tag, msg, args: LINES.append(tag + " " + (msg % args if args else msg))
+
+
+def cfg_with(**fields):
+    data = {"host": "127.0.0.1", "provision_key": "u7i8k9l0p1o2", "provision_secret": SECRET,
+            "device_name": "greenhouse-7", "telemetry_interval": 0}
+    data.update(fields)
+    return config.validate(data)
+
+
+class Link:
+    # Each list holds what the next call answers: bytes/None to return, an exception instance to raise.
+    def __init__(self, provisions=(), opens=(), sends=()):
+        self.provisions = list(provisions)
+        self.opens = list(opens)
+        self.sends = list(sends)
+        self.requests = []
+        self.opened = []
+        self.payloads = []
+
+    def _next(self, answers):
+        answer = answers.pop(0) if answers else None
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def provision(self, request):
+        self.requests.append(json.loads(request))
+        return self._next(self.provisions)
+
+    def open(self, creds):
+        self.opened.append(creds)
+        self._next(self.opens)
+
+    def send_telemetry(self, payload):
+        self._next(self.sends)
+        self.payloads.append(json.loads(payload))
+
+    def close(self):
+        pass
+
+
+def test_first_boot_provisions_saves_and_sends_then_second_boot_reuses():
+    cfg = cfg_with()
+    link = Link(provisions=[OK])
+    eq(app.run(cfg, 3, link), 3)
+    eq(len(link.requests), 1)
+    eq(link.opened[0]["token"], TOKEN)
+    eq(len(link.payloads), 3)
+    assert "ts" in link.payloads[0] and "uptime" in link.payloads[0]["values"]
+    rec = store.load()
+    eq((rec["type"], rec["token"], rec["device"]), ("ACCESS_TOKEN", TOKEN, "greenhouse-7"))
+    second = Link()
+    eq(app.run(cfg, 2, second), 2)
+    eq(second.requests, [])
+    eq(second.opened[0]["token"], TOKEN)
+
+
+def test_not_found_saves_nothing_and_says_why():
+    link = Link(provisions=[NOT_FOUND, OK])
+    app.run(cfg_with(), 1, link)
+    eq(len(link.requests), 2)
+    assert any("NOT_FOUND" in line and "provision_key" in line for line in LINES), LINES
+
+
+def test_not_found_leaves_nothing_on_flash():
+    link = Link(provisions=[NOT_FOUND, NoAnswer("down")] * 3 + [OK])
+    app.run(cfg_with(), 0, link)
+    eq(len(link.requests), 7)
+
+
+def test_failure_falls_back_to_configured_credentials_and_saves_them():
+    cfg = cfg_with(credentials_type="ACCESS_TOKEN", token=TOKEN)
+    link = Link(provisions=[FAILURE])
+    eq(app.run(cfg, 1, link), 1)
+    eq(link.opened, [{"type": "ACCESS_TOKEN", "token": TOKEN}])
+    eq(store.load()["token"], TOKEN)
+
+
+def test_failure_without_own_credentials_waits_long_and_retries():
+    link = Link(provisions=[FAILURE, OK])
+    app.run(cfg_with(), 1, link)
+    eq(len(link.requests), 2)
+    assert any(line.startswith("E ") and "already exists" in line for line in LINES), LINES
+
+
+def test_no_answer_backs_off_and_retries():
+    link = Link(provisions=[NoAnswer("no answer in time"), b"<html>", OK])
+    eq(app.run(cfg_with(), 1, link), 1)
+    eq(len(link.requests), 3)
+    assert any("BAD_ANSWER" in line for line in LINES)
+
+
+def test_repeated_refusals_set_credentials_aside_and_provision_again():
+    cfg = cfg_with()
+    app.run(cfg, 0, Link(provisions=[OK]))
+    refused = Refused(5, "not authorized")
+    new = OK.replace(TOKEN.encode(), b"NewT0kenNewT0kenNewT")
+    link = Link(opens=[refused, refused, refused], provisions=[new])
+    eq(app.run(cfg, 1, link), 1)
+    eq(len(link.requests), 1)
+    eq(store.load()["token"], "NewT0kenNewT0kenNewT")
+    import os
+
+    assert "creds.json.bad" in os.listdir()
+
+
+def test_two_refusals_then_success_keeps_credentials():
+    cfg = cfg_with()
+    app.run(cfg, 0, Link(provisions=[OK]))
+    refused = Refused(5, "not authorized")
+    link = Link(opens=[refused, refused])
+    app.run(cfg, 1, link)
+    eq(link.requests, [])
+
+
+def test_refused_on_send_counts_too():
+    # HTTP and CoAP learn of revoked credentials only when telemetry is refused (401 / 4.01).
+    cfg = cfg_with(transport="http")
+    app.run(cfg, 0, Link(provisions=[OK]))
+    refused = Refused(401, "unauthorized")
+    link = Link(sends=[refused, refused, refused], provisions=[OK])
+    app.run(cfg, 1, link)
+    eq(len(link.requests), 1)
+
+
+def test_connection_loss_and_rejection_reconnect():
+    cfg = cfg_with()
+    link = Link(provisions=[OK], sends=[None, NoAnswer("closed"), Rejected(413, "payload too large"), None])
+    eq(app.run(cfg, 3, link), 3)
+    eq(len(link.opened), 3)
+
+
+def test_credentials_for_another_device_are_not_used():
+    app.run(cfg_with(), 0, Link(provisions=[OK]))
+    link = Link(provisions=[OK])
+    app.run(cfg_with(device_name="greenhouse-8"), 0, link)
+    eq(len(link.requests), 1)
+    eq(link.requests[0]["deviceName"], "greenhouse-8")
+
+
+def test_secrets_never_reach_the_log():
+    cfg = cfg_with(credentials_type="ACCESS_TOKEN", token=TOKEN)
+    app.run(cfg, 1, Link(provisions=[NOT_FOUND, FAILURE, FAILURE], opens=[Refused(5, "not authorized"), None]))
+    text = "\n".join(LINES)
+    assert SECRET not in text and TOKEN not in text, text
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap():
+    b = app.Backoff(1000, 8000)
+    for ceiling in (1000, 2000, 4000, 8000, 8000):
+        d = b.next_ms()
+        assert ceiling // 2 <= d <= ceiling, (d, ceiling)
+    b.reset()
+    assert b.next_ms() <= 1000
+    delays = set(app.Backoff(1000, 8000).next_ms() for _ in range(20))
+    assert len(delays) > 1  # jitter: a fleet does not retry in step
+
+
+def test_only_the_configured_transport_is_loaded():
+    for name in ("http", "coap", "mqtt"):
+        assert "tbfleet.via_" + name not in sys.modules
+    app._link_class("coap")
+    assert "tbfleet.via_coap" in sys.modules
+    assert "tbfleet.via_mqtt" not in sys.modules and "tbfleet.via_http" not in sys.modules
+    assert "tbfleet.mqtt" not in sys.modules and "tbfleet.http" not in sys.modules
+
+
+def test_main_stops_on_a_bad_config_with_one_message():
+    with open("config.json", "w") as f:
+        json.dump({"host": "127.0.0.1", "provision_key": "k", "provision_secret": SECRET, "port": "1883"}, f)
+    eq(app.main(), 2)
+    eq([line for line in LINES if line.startswith("E ")], ["E config.json: port: must be an integer"])
