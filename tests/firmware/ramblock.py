@@ -23,6 +23,7 @@ class RamBlock:
         self.block_size = block_size
         self.data = bytearray(b"\xff" * (blocks * block_size))
         self.ops = 0  # block operations issued so far, including lost ones
+        self.erases = 0  # of which erases
         self._left = None  # operations the power budget still allows; None: mains power
         self._torn = False
 
@@ -73,6 +74,7 @@ class RamBlock:
         if op == _IOCTL_BLOCK_SIZE:
             return self.block_size
         if op == _IOCTL_BLOCK_ERASE:
+            self.erases += 1
             fate = self._fate()
             if fate != _LOST:
                 at = arg * self.block_size

@@ -133,14 +133,14 @@ def _settle(path):
 def save(record, path=PATH):
     # Replace the saved record power-safely; StoreError (nothing written) when the record is not valid.
     _check(record)
-    data = dict(record)
-    data["v"] = VERSION
-    data = json.dumps(data).encode()
-    if len(data) > _MAX_BYTES:
+    rec = dict(record)
+    rec["v"] = VERSION
+    body = json.dumps(rec).encode()
+    if len(body) > _MAX_BYTES:
         raise StoreError("record larger than %d bytes" % _MAX_BYTES)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(body)
         f.flush()
     os.rename(tmp, path)
     log.info("store: %s credentials saved to %s", record["type"], path)
