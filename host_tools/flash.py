@@ -13,10 +13,12 @@ import hashlib
 import logging
 import os
 import re
+import selectors
 import shlex
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -56,7 +58,10 @@ def sha256_of(path: Path) -> str:
 
 def _esptool(args: Sequence[str], timeout: float = ESPTOOL_TIMEOUT_S,
              progress: Callable[[str], None] | None = None) -> tuple[int, str]:
-    """Run esptool with `args`; return its exit status and its whole output, forwarding each line."""
+    """Run esptool with `args`; return its exit status and its whole output, forwarding each line.
+
+    The whole run has a deadline: esptool waiting on a port that never answers is killed at `timeout`.
+    """
     cmd = [sys.executable, "-m", "esptool", *args]
     LOG.debug("running %s", shlex.join(cmd))
     try:
@@ -64,21 +69,32 @@ def _esptool(args: Sequence[str], timeout: float = ESPTOOL_TIMEOUT_S,
     except OSError as e:
         raise FlashError(f"cannot start esptool: {e}") from None
     assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
     lines: list[str] = []
     buf = b""
     try:
-        # Read raw chunks: esptool redraws progress with '\r', which readline() would hold back.
-        while chunk := proc.stdout.read1(4096):
-            buf += chunk
-            *done, buf = re.split(rb"[\r\n]", buf)
-            for raw in done:
-                _forward(raw, lines, progress)
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                if not sel.select(left):
+                    continue
+                # Raw chunks, not lines: esptool redraws progress with '\r', which readline() would hold back.
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                *done, buf = re.split(rb"[\r\n]", buf + chunk)
+                for raw in done:
+                    _forward(raw, lines, progress)
         _forward(buf, lines, progress)
-        status = proc.wait(timeout=timeout)
+        status = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise FlashError(f"esptool did not finish within {timeout:.0f} s") from None
+        raise FlashError(f"esptool did not finish within {timeout:g} s: {' | '.join(lines[-2:]) or 'no output'}"
+                         ) from None
     finally:
         proc.stdout.close()
     return status, "\n".join(lines)
@@ -195,21 +211,24 @@ def _base_args(board: Board, port: str, esptool_args: Sequence[str]) -> list[str
 
 
 def flash(board: Board, port: str, image: Path, erase: bool = False, esptool_args: Sequence[str] = (),
-          progress: Callable[[str], None] | None = None) -> None:
-    """Write `image` at the board's offset with esptool (erasing the whole flash first when `erase`)."""
+          progress: Callable[[str], None] | None = None, timeout: float = ESPTOOL_TIMEOUT_S) -> None:
+    """Write `image` at the board's offset with esptool (erasing the whole flash first when `erase`).
+
+    esptool's output lines go to `progress` (or the log); the whole run is stopped after `timeout` seconds.
+    """
     args = _base_args(board, port, esptool_args)
     assert board.flash is not None
     if not image.is_file():
         raise FlashError(f"image {image} does not exist")
     args += ["write-flash", *(["--erase-all"] if erase else []), hex(board.flash.offset), str(image)]
-    status, output = _esptool(args, progress=progress)
+    status, output = _esptool(args, timeout=timeout, progress=progress)
     if status != 0:
         raise _esptool_failure(f"flashing board {board.name} on {port}", output)
 
 
-def read_mac(board: Board, port: str, esptool_args: Sequence[str] = ()) -> str:
+def read_mac(board: Board, port: str, esptool_args: Sequence[str] = (), timeout: float = 120.0) -> str:
     """The chip's base MAC as esptool reads it from eFuse, e.g. "24:6f:28:a1:b2:c3"."""
-    status, output = _esptool([*_base_args(board, port, esptool_args), "read-mac"], timeout=120,
+    status, output = _esptool([*_base_args(board, port, esptool_args), "read-mac"], timeout=timeout,
                               progress=LOG.debug)
     macs = _MAC.findall(output)
     if status != 0 or not macs:

@@ -85,7 +85,7 @@ class FakeRom:
         if len(self.mac) != 6:
             raise ValueError("fake ROM: mac must be 6 bytes")
         self.flash = bytearray(b"\xff" * self.flash_size)
-        self._spec = CHIPS[self.chip]
+        self.spec = CHIPS[self.chip]
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -134,16 +134,16 @@ class FakeRom:
                 conn.settimeout(0.1)
                 _Session(self, conn).run()
 
-    def _regs(self) -> dict[int, int]:
+    def registers(self) -> dict[int, int]:
         lo = int.from_bytes(self.mac[2:6], "big")
         hi = int.from_bytes(self.mac[0:2], "big")
-        regs = {self._spec.mac_regs[0]: lo, self._spec.mac_regs[1]: hi,
+        regs = {self.spec.mac_regs[0]: lo, self.spec.mac_regs[1]: hi,
                 # 40 MHz crystal at 115200 baud: divider = 40e6 / 115200
-                self._spec.uart_clkdiv_reg: 40_000_000 // 115200,
+                self.spec.uart_clkdiv_reg: 40_000_000 // 115200,
                 # JEDEC id of a 4 MB Winbond W25Q32 (manufacturer 0xEF, device 0x4016), as RDID returns it
-                self._spec.spi_w0_reg: 0x1640EF}
-        if self._spec.magic is not None:
-            regs[0x40001000] = self._spec.magic
+                self.spec.spi_w0_reg: 0x1640EF}
+        if self.spec.magic is not None:
+            regs[0x40001000] = self.spec.magic
         return regs
 
 
@@ -154,7 +154,7 @@ class _Session:
         self.rom = rom
         self.conn = conn
         self.stub = False
-        self.regs = rom._regs()
+        self.regs = rom.registers()
         self.write_at = 0
         self.block_size = 0
         self.inflate: zlib._Decompress | None = None
@@ -208,11 +208,15 @@ class _Session:
         start -= start % SECTOR
         self.rom.flash[start:end] = b"\xff" * (end - start)
 
-    def _program(self, payload: bytes) -> None:
+    def _program(self, payload: bytes) -> bool:
+        """NOR-program `payload` at the write pointer; False if it would run past the end of the flash."""
         flash = self.rom.flash
+        if self.write_at + len(payload) > len(flash):
+            return False
         for i, b in enumerate(payload):
             flash[self.write_at + i] &= b
         self.write_at += len(payload)
+        return True
 
     def _dispatch(self, op: int, data: bytes, chk: int) -> None:
         """Answer one request."""
@@ -248,8 +252,7 @@ class _Session:
                 return
             if self.inflate is not None:
                 payload = self.inflate.decompress(payload)
-            self._program(payload)
-            self._send(op)
+            self._send(op, error=0 if self._program(payload) else 0x01)
         elif op == SPI_FLASH_MD5:
             addr, size = struct.unpack_from("<II", data)
             digest = hashlib.md5(self.rom.flash[addr:addr + size]).digest()
@@ -257,8 +260,8 @@ class _Session:
         elif op == READ_FLASH_SLOW and not self.stub:
             addr, size = struct.unpack_from("<II", data)
             self._send(op, data=bytes(self.rom.flash[addr:addr + size]).ljust(64, b"\xff"))
-        elif op == GET_SECURITY_INFO and self.rom._spec.chip_id is not None:
-            self._send(op, data=struct.pack("<IB7xII", 0, 0, self.rom._spec.chip_id, 0))
+        elif op == GET_SECURITY_INFO and self.rom.spec.chip_id is not None:
+            self._send(op, data=struct.pack("<IB7xII", 0, 0, self.rom.spec.chip_id, 0))
         elif op == ERASE_FLASH and self.stub:
             self._erase(0, len(self.rom.flash))
             self._send(op)

@@ -173,6 +173,15 @@ def test_unreachable_port_fails_fast_with_a_clear_message(silent_port: str, tmp_
         fl.read_mac(boards.load("esp32"), closed_port_url().replace("http", "socket"), ROM_ONLY)
 
 
+def test_esptool_that_never_finishes_is_stopped_at_the_deadline(silent_port: str, tmp_path: Path) -> None:
+    build_image("esp32", tmp_path / "fw.bin")
+    forever = ("--no-stub", "--before", "no-reset", "--connect-attempts", "0")  # 0: retry without end
+    start = time.monotonic()
+    with pytest.raises(fl.FlashError, match=r"esptool did not finish within 1.5 s: .*Connecting"):
+        fl.flash(boards.load("esp32"), silent_port, tmp_path / "fw.bin", esptool_args=forever, timeout=1.5)
+    assert time.monotonic() - start < 5
+
+
 # -- choosing the image ---------------------------------------------------------------------------------------
 
 def test_firmware_for_the_wrong_chip_or_not_an_image_is_refused(tmp_path: Path) -> None:
