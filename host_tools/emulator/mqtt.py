@@ -154,9 +154,12 @@ class Session:
 
     # ------------------------------------------------------------------ I/O
 
-    async def _read_packet(self) -> tuple[int, bytes]:
+    async def _read_packet(self, connect: bool = False) -> tuple[int, bytes]:
+        """(fixed header byte, body) of the next packet; with `connect`, anything but CONNECT is refused at once."""
         timeout = self.server.inactivity_timeout
         first = (await asyncio.wait_for(self.reader.readexactly(1), timeout))[0]
+        if connect and first != _CONNECT << 4:
+            raise Malformed("the first packet is not CONNECT")
         length, shift = 0, 0
         for _ in range(4):
             byte = (await asyncio.wait_for(self.reader.readexactly(1), timeout))[0]
@@ -215,9 +218,7 @@ class Session:
     async def run(self) -> None:
         """Serve the connection until it closes; never raises."""
         try:
-            first, body = await self._read_packet()
-            if first >> 4 != _CONNECT or first & 0x0F:
-                raise Malformed("the first packet is not CONNECT")
+            _, body = await self._read_packet(connect=True)
             if not await self._connect(body):
                 return
             while not self._closing:
