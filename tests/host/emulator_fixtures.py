@@ -12,6 +12,7 @@
 - `mqtt_emulator(config, ...)`: a context manager that runs only the state and the MQTT server in this process,
   on a background event loop thread (fast; used by the MQTT tests). Yields an `InProcessMqtt` whose `call(fn)`
   runs `fn(state)` on the loop thread (SQLite objects belong to that thread).
+- `Paho`: a paho-mqtt 2.x client (MQTT 3.1.1) on its own thread, with queues of what arrives.
 - `RawMqtt`: a byte-level MQTT client with deadlines on every read, for exact-bytes and garbage tests.
 - `CONFIG`: a config with one profile per provisioning strategy and a pre-provisioned device per credentials type.
 """
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import struct
@@ -33,6 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from support import ROOT
 
@@ -301,3 +306,45 @@ class RawMqtt:
             self.sock.settimeout(self.timeout)
         del data  # a byte or EOF: either way the server was not silent
         return False
+
+
+class Paho:
+    """A paho-mqtt 2.x client (MQTT 3.1.1) run on its own thread, with queues for what arrives."""
+
+    def __init__(self, port: int, client_id: str = "", username: str | None = None, password: str | None = None,
+                 tls: dict | None = None) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        self.connack: queue.Queue = queue.Queue()
+        self.messages: queue.Queue = queue.Queue()
+        self.subacks: queue.Queue = queue.Queue()
+        self.disconnected = threading.Event()
+        self.client.on_connect = lambda c, u, flags, rc, props: self.connack.put(rc)
+        self.client.on_message = lambda c, u, msg: self.messages.put(msg)
+        self.client.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put([int(r.value) for r in rcs])
+        self.client.on_disconnect = lambda c, u, flags, rc, props: self.disconnected.set()
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set(**tls)
+        self.client.connect("127.0.0.1", port, keepalive=60)
+        self.client.loop_start()
+        self.rc = self.connack.get(timeout=5)
+
+    def __enter__(self) -> "Paho":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
+        info = self.client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout=5)
+        assert info.is_published()
+
+    def subscribe(self, topic: str, qos: int = 1) -> list[int]:
+        self.client.subscribe(topic, qos)
+        return self.subacks.get(timeout=5)
+
+    def message(self, timeout: float = 5.0) -> mqtt.MQTTMessage:
+        return self.messages.get(timeout=timeout)

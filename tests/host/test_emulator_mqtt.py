@@ -3,64 +3,18 @@
 from __future__ import annotations
 
 import json
-import queue
 import socket
 import struct
-import threading
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from emulator_fixtures import ALLOW_KEY, ALLOW_SECRET, CHECK_KEY, CHECK_SECRET, DISABLED_KEY, DISABLED_SECRET, \
-    RawMqtt, connect_packet, mqtt_emulator, mqtt_packet, mqtt_string, publish_packet, subscribe_packet
+    Paho, RawMqtt, connect_packet, mqtt_emulator, mqtt_packet, mqtt_string, publish_packet, subscribe_packet
 
 FAILURE = {"errorMsg": "Failed to provision device!", "status": "FAILURE"}
 NOT_FOUND = {"errorMsg": "Provision data was not found!", "status": "NOT_FOUND"}
 CONNACK_OK = (0x20, b"\x00\x00")
-
-
-class Paho:
-    """A paho-mqtt 2.x client (MQTT 3.1.1) run on its own thread, with queues for what arrives."""
-
-    def __init__(self, port: int, client_id: str = "", username: str | None = None, password: str | None = None,
-                 tls: dict | None = None) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-        self.connack: queue.Queue = queue.Queue()
-        self.messages: queue.Queue = queue.Queue()
-        self.subacks: queue.Queue = queue.Queue()
-        self.disconnected = threading.Event()
-        self.client.on_connect = lambda c, u, flags, rc, props: self.connack.put(rc)
-        self.client.on_message = lambda c, u, msg: self.messages.put(msg)
-        self.client.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put([int(r.value) for r in rcs])
-        self.client.on_disconnect = lambda c, u, flags, rc, props: self.disconnected.set()
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        if tls is not None:
-            self.client.tls_set(**tls)
-        self.client.connect("127.0.0.1", port, keepalive=60)
-        self.client.loop_start()
-        self.rc = self.connack.get(timeout=5)
-
-    def __enter__(self) -> "Paho":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
-        info = self.client.publish(topic, payload, qos=qos)
-        info.wait_for_publish(timeout=5)
-        assert info.is_published()
-
-    def subscribe(self, topic: str, qos: int = 1) -> list[int]:
-        self.client.subscribe(topic, qos)
-        return self.subacks.get(timeout=5)
-
-    def message(self, timeout: float = 5.0) -> mqtt.MQTTMessage:
-        return self.messages.get(timeout=timeout)
 
 
 def provision_request(key: str = ALLOW_KEY, secret: str = ALLOW_SECRET, **fields: object) -> bytes:
