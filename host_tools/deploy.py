@@ -1,0 +1,495 @@
+"""`python -m host_tools deploy` (`make deploy`): take a board to provisioned and sending telemetry.
+
+Everything the user gives is checked first (board, config, CA file, port), so a bad input changes nothing. Then:
+a real board is flashed when it has no MicroPython, another version, or FLASH=1; the firmware is compiled with
+mpy-cross for the board's .mpy version (or copied as source when the board cannot load ours); only files whose
+sha256 differs from the board's are copied, with real mpremote; config.json goes through a 0600 temporary file;
+the board is soft-reset into main.py and its console followed (MONITOR=0 skips that).
+
+With BOARD=unix (the default) and no PORT, the same path runs against a virtual board (the Unix port behind a pty)
+and a local ThingsBoard emulator started here; COUNT=N stops after the emulator stored N telemetry messages.
+
+Why a hash walk rather than a manifest: one `mpremote exec` hashes every file on the board itself, so what is
+compared is what the board holds (a manifest goes stale when anything else writes the flash), it finds stale
+modules to delete (a leftover .py would shadow its .mpy), and it costs one round trip instead of one per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import serial
+
+from host_tools import boards, build, devconfig
+from host_tools.boards import Board, BoardError
+from host_tools.devconfig import ConfigProblem, DeviceConfig
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "host_tools" / "emulator" / "demo.json"
+PACKAGE_DIR = "lib/tbfleet/"
+_PROBE_MARK = "TBFLEET-PROBE"
+_MPREMOTE_TIMEOUT = 60.0
+_BYTES_PER_SECOND = 4000  # raw-paste over 115200 baud with its base64-free repr() overhead, a safe floor
+_REBOOT_WAIT = 30.0  # a freshly flashed board's first boot formats its filesystem
+_BAUD = 115200
+_DEMO_INTERVAL = "5"  # seconds between telemetry messages on the local demo, unless INTERVAL says otherwise
+
+# Runs on the board (any MicroPython): what it is, its chip id, and the sha256 of every file at / and under lib/.
+_PROBE = """\
+import sys, os, json, hashlib, binascii
+def _h(p, b=bytearray(256)):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while True:
+            n = f.readinto(b)
+            if not n:
+                break
+            h.update(memoryview(b)[:n])
+    return binascii.hexlify(h.digest()).decode()
+def _w(d, out, deep):
+    for e in os.ilistdir(d):
+        p = d + e[0]
+        if e[1] & 0x4000:
+            if deep or p == "/lib":
+                _w(p + "/", out, True)
+        else:
+            out[p[1:]] = _h(p)
+_f = {}
+_w("/", _f, False)
+try:
+    import machine
+    _u = binascii.hexlify(machine.unique_id()).decode()
+except (ImportError, AttributeError):
+    _u = None
+_i = sys.implementation
+print("%s", json.dumps({"version": list(_i.version[:3]), "mpy": getattr(_i, "_mpy", None),
+                        "machine": getattr(_i, "_machine", ""), "uid": _u, "files": _f}))
+""" % _PROBE_MARK
+
+
+class DeployError(Exception):
+    """Deploying cannot go on; the message says what is wrong and what to do."""
+
+
+@dataclass
+class BoardState:
+    """What a board told the probe."""
+
+    version: str
+    mpy: int | None
+    machine: str
+    uid: str | None
+    files: dict[str, str]
+
+    def mac(self) -> str | None:
+        """The chip id as a MAC address (aa:bb:...), or None when the board has no machine.unique_id."""
+        if not self.uid:
+            return None
+        return ":".join(self.uid[i:i + 2] for i in range(0, len(self.uid), 2))
+
+
+@dataclass
+class Outcome:
+    """What a deploy did to one board."""
+
+    port: str
+    state: BoardState
+    flashed: bool = False
+    copied: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    source_only: bool = False
+
+
+def mpremote(port: str, *commands: str, timeout: float = _MPREMOTE_TIMEOUT) -> str:
+    """Run real mpremote on `port` with `commands` (never secrets: they are visible in argv); return stdout."""
+    cmd = [sys.executable, "-m", "mpremote", "connect", port, *commands]
+    log.debug("mpremote %s", " ".join(shlex.quote(c) if len(c) < 60 else "<script>" for c in commands))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"{port}: mpremote did not finish within {timeout:.0f} s (is MicroPython running "
+                          "there, and is no other program using the port?)") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise DeployError(f"{port}: mpremote failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def check_port(port: str) -> None:
+    """DeployError unless `port` (a device path or any pyserial URL) can be opened right now."""
+    if "://" not in port and not Path(port).exists():
+        raise DeployError(f"PORT={port}: no such serial port (is the board plugged in? see `ls /dev/tty*`)")
+    try:
+        serial.serial_for_url(port, baudrate=_BAUD, timeout=1, do_not_open=False).close()
+    except (serial.SerialException, OSError, ValueError) as e:
+        raise DeployError(f"PORT={port}: cannot open it: {e}") from None
+
+
+def probe(port: str, timeout: float = 20.0) -> BoardState | None:
+    """Ask the board on `port` what it runs (stopping its main.py); None when no MicroPython answers there."""
+    try:
+        out = mpremote(port, "exec", _PROBE, timeout=timeout)
+    except DeployError as e:
+        log.debug("probe: %s", e)
+        return None
+    for line in out.splitlines():
+        if line.startswith(_PROBE_MARK + " "):
+            data = json.loads(line[len(_PROBE_MARK) + 1:])
+            return BoardState(".".join(str(v) for v in data["version"]), data["mpy"], data["machine"],
+                              data["uid"], data["files"])
+    raise DeployError(f"{port}: the board answered the probe with something unexpected: {out.strip()[:200]!r}")
+
+
+def mpy_version_of(path: Path) -> tuple[int, int | None]:
+    """(major version, sub-version) from a .mpy header; sub-version None for bytecode-only files.
+
+    Bytecode-only files carry no sub-version (it only matters for native code), so any board of the same major
+    version imports them.
+    """
+    header = path.read_bytes()[:4]
+    if len(header) < 4 or header[0:1] != b"M":
+        raise DeployError(f"{path} is not a .mpy file")
+    native = header[2] >> 2
+    return header[1], (header[2] & 3) if native else None
+
+
+def board_accepts(mpy: int | None, ours: tuple[int, int | None]) -> bool:
+    """Whether a board whose sys.implementation._mpy is `mpy` imports .mpy files of version `ours`."""
+    if mpy is None:
+        return False
+    major, sub = ours
+    return mpy & 0xFF == major and (sub is None or (mpy >> 8) & 3 == sub)
+
+
+def firmware_files(dest: Path, board_mpy: int | None) -> tuple[dict[str, Path], bool]:
+    """The files to put on the board (board path -> host file) built in `dest`, and whether they are sources.
+
+    lib/ is compiled to .mpy, main.py stays source; when the board cannot import our .mpy version the .py
+    sources are deployed instead.
+    """
+    try:
+        built = build.compile_firmware(dest / "mpy")
+    except build.BuildError as e:
+        raise DeployError(f"compiling the firmware failed: {e}") from None
+    compiled = {p.relative_to(dest / "mpy").as_posix(): p for p in built}
+    sample = next((p for p in compiled.values() if p.suffix == ".mpy"), None)
+    if sample is None or board_accepts(board_mpy, mpy_version_of(sample)):
+        return compiled, False
+    log.warning("the board's MicroPython loads .mpy version %s, mpy-cross makes version %d: deploying .py "
+                "sources instead", "(unknown)" if board_mpy is None else board_mpy & 0xFF, mpy_version_of(sample)[0])
+    sources = {p.relative_to(build.FIRMWARE).as_posix(): p for p in sorted(build.FIRMWARE.rglob("*.py"))}
+    return sources, True
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sync(port: str, state: BoardState, files: Mapping[str, Path], dc: DeviceConfig,
+         progress: Callable[[str], None] = log.info) -> tuple[list[str], list[str], int]:
+    """Copy to the board what differs from it: firmware `files`, config.json and its DER files.
+
+    Secrets reach the board only inside files: config.json is written to a 0600 file in a private temporary
+    directory, copied with `mpremote fs cp` and deleted. Returns (copied, removed, unchanged count).
+    """
+    with tempfile.TemporaryDirectory(prefix="tbfleet-deploy-") as tmp:
+        sources: dict[str, Path] = dict(files)
+        private = {"config.json": dc.json_bytes(), **dc.files}
+        for name, data in private.items():
+            sources[name] = devconfig.write_private(Path(tmp) / name, data)
+        wanted = {name: _sha256(path.read_bytes()) for name, path in sources.items()}
+        changed = [n for n, digest in wanted.items() if state.files.get(n) != digest]
+        stale = [n for n in state.files if n not in wanted
+                 and (n.startswith(PACKAGE_DIR) or n in devconfig.BOARD_FILES.values())]
+        unchanged = len(wanted) - len(changed)
+        if not changed and not stale:
+            progress(f"{port}: all {unchanged} files up to date, nothing copied")
+            return [], [], unchanged
+        dirs = sorted({"/".join(n.split("/")[:i]) for n in changed for i in range(1, n.count("/") + 1)},
+                      key=lambda d: d.count("/"))
+        prepare = ("import os\n"
+                   f"for d in {dirs!r}:\n    try:\n        os.mkdir(d)\n    except OSError:\n        pass\n"
+                   f"for f in {stale!r}:\n    os.remove(f)\n")
+        size = sum(sources[n].stat().st_size for n in changed)
+        progress(f"{port}: copying {len(changed)} files ({size} bytes), {unchanged} unchanged"
+                 + (f", removing {len(stale)} stale" if stale else ""))
+        commands = ["resume", "exec", prepare]
+        for name in changed:
+            commands += ["+", "fs", "cp", "-f", str(sources[name]), ":" + name]
+        mpremote(port, *commands, timeout=_MPREMOTE_TIMEOUT + size / _BYTES_PER_SECOND)
+    return changed, stale, unchanged
+
+
+def reset_into_main(port: str) -> serial.Serial:
+    """Soft-reset the board from its friendly REPL, which runs boot.py and main.py; returns the open port."""
+    conn = serial.serial_for_url(port, baudrate=_BAUD, timeout=0.1)
+    conn.write(b"\r\x03\x03")  # stop anything running
+    time.sleep(0.1)
+    conn.write(b"\x02")  # friendly REPL: its soft reset runs main.py (the raw REPL's does not)
+    time.sleep(0.1)
+    conn.reset_input_buffer()
+    conn.write(b"\x04")
+    return conn
+
+
+def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Callable[[str], None]) -> None:
+    """Write the board's MicroPython image with esptool (flash.py), then wait until MicroPython answers."""
+    from host_tools import flash
+
+    firmware = env_value(env, "FIRMWARE")
+    erase = env_flag(env, "ERASE")
+    try:
+        image = flash.resolve_image(board, Path(firmware) if firmware else None, flash.default_cache_dir())
+        progress(f"{port}: flashing {image.name} onto {board.name}")
+        flash.flash(board, port, image, erase=board.flash.erase_default if erase is None else erase,
+                    esptool_args=shlex.split(env_value(env, "ESPTOOL_ARGS") or ""), progress=log.debug)
+    except flash.FlashError as e:
+        raise DeployError(str(e)) from None
+
+
+def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceConfig],
+                 env: Mapping[str, str], progress: Callable[[str], None] = log.info) -> Outcome:
+    """Deploy onto the board at `port`: flash when needed, build, copy what changed, write config.json.
+
+    `dc_for` makes the validated config once the board's identity is known. The board is left in its REPL,
+    not yet reset.
+    """
+    progress(f"{port}: asking the board what it runs")
+    state = probe(port)
+    flashed = False
+    force = env_flag(env, "FLASH") and not board.is_host
+    wrong_version = state is not None and state.version != board.micropython.version
+    if force or state is None or wrong_version:
+        if board.is_host:
+            raise DeployError(f"{port}: no MicroPython answers there" if state is None else
+                              f"{port}: the virtual board runs MicroPython {state.version}, "
+                              f"board {board.name} wants {board.micropython.version}")
+        why = ("FLASH=1" if force else "no MicroPython answers" if state is None else
+               f"it runs MicroPython {state.version}, board {board.name} wants {board.micropython.version}")
+        progress(f"{port}: flashing because {why}")
+        flash_board(board, port, env, progress)
+        flashed = True
+        state = _wait_for_micropython(port)
+    dc = dc_for(state)
+    with tempfile.TemporaryDirectory(prefix="tbfleet-build-") as tmp:
+        files, source_only = firmware_files(Path(tmp), state.mpy)
+        copied, removed, unchanged = sync(port, state, files, dc, progress)
+    return Outcome(port, state, flashed, copied, removed, unchanged, source_only)
+
+
+def _wait_for_micropython(port: str) -> BoardState:
+    end = time.monotonic() + _REBOOT_WAIT
+    while time.monotonic() < end:
+        state = probe(port, timeout=10)
+        if state is not None:
+            return state
+        time.sleep(1)
+    raise DeployError(f"{port}: MicroPython does not answer after flashing")
+
+
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable `name`, None when unset or empty (make exports unset variables as empty)."""
+    value = env.get(name)
+    return value if value not in (None, "") else None
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    """A yes/no variable: True, False, or None when unset; DeployError naming it otherwise."""
+    value = env_value(env, name)
+    if value is None:
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise DeployError(f"{name}={value!r} is not a yes/no value (use 1 or 0)")
+
+
+def env_count(env: Mapping[str, str]) -> int | None:
+    """COUNT as a positive integer, or None."""
+    value = env_value(env, "COUNT")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DeployError(f"COUNT={value!r} is not a positive whole number of telemetry messages")
+    return int(value)
+
+
+def demo_profile() -> tuple[str, str]:
+    """Provisioning key and secret of the demo profile that creates new devices (the unix board's default)."""
+    data = json.loads(DEMO_CONFIG.read_text())
+    for profile in data["profiles"]:
+        if profile.get("provisionType") == "ALLOW_CREATE_NEW_DEVICES":
+            return profile["provisionDeviceKey"], profile["provisionDeviceSecret"]
+    raise DeployError(f"{DEMO_CONFIG} has no profile that creates new devices")
+
+
+class Console:
+    """Shows board console and emulator lines, with every secret value replaced by ***."""
+
+    def __init__(self, secrets: list[str], out=None) -> None:
+        self.secrets = sorted((s for s in secrets if s), key=len, reverse=True)
+        self.out = out or sys.stdout
+
+    def scrub(self, text: str) -> str:
+        """`text` with the secrets blanked out."""
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def show(self, prefix: str, line: str) -> None:
+        """Write one line to the output."""
+        self.out.write(f"{prefix}{self.scrub(line)}\n")
+        self.out.flush()
+
+
+def follow(conn: serial.Serial, console: Console, until: Callable[[], bool] | None = None,
+           poll_every: float = 0.5) -> None:
+    """Show the board's console line by line until `until()` is true (checked every `poll_every` s) or Ctrl-C."""
+    pending = b""
+    next_check = time.monotonic()
+    while True:
+        data = conn.read(4096)
+        if data:
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                console.show("[board] ", line.decode(errors="replace").rstrip("\r"))
+        if until and time.monotonic() >= next_check:
+            if until():
+                return
+            next_check = time.monotonic() + poll_every
+
+
+@dataclass
+class Plan:
+    """Everything validated before anything is touched."""
+
+    board: Board
+    port: str | None
+    dc: DeviceConfig
+    count: int | None
+    monitor: bool
+    emulator: bool
+    transport: str
+
+
+def plan(env: Mapping[str, str]) -> Plan:
+    """Check every input; DeployError / ConfigProblem / BoardError name the first wrong one."""
+    board = boards.load(env_value(env, "BOARD") or "unix")
+    port = env_value(env, "PORT")
+    if not board.is_host and not port:
+        raise DeployError(f"PORT is not set: give board {board.name}'s serial port, e.g. PORT=/dev/ttyUSB0")
+    emulator = board.is_host and not env_value(env, "TB_HOST")
+    count = env_count(env)
+    if count is not None and not emulator:
+        raise DeployError("COUNT needs the local emulator, which only runs with BOARD=unix and no TB_HOST")
+    monitor = env_flag(env, "MONITOR")
+    if env_flag(env, "FLASH") and board.is_host:
+        raise DeployError(f"FLASH=1: board {board.name} runs the Unix port and is never flashed")
+    env_flag(env, "ERASE")
+    defaults: dict[str, object] = {}
+    if emulator:
+        key, secret = demo_profile()
+        defaults = {"host": "127.0.0.1", "provision_key": key, "provision_secret": secret,
+                    "telemetry_interval": _DEMO_INTERVAL}
+        if env_value(env, "TB_PORT"):
+            raise DeployError("TB_PORT is set without TB_HOST: the local emulator picks its own free ports")
+    dc = devconfig.from_env(env, board.device_name, board.sensors, defaults)
+    devconfig.firmware_check(dc)
+    if port:
+        check_port(port)
+    return Plan(board, port, dc, count, True if monitor is None else monitor, emulator, dc.config["transport"])
+
+
+def _device_name(dc: DeviceConfig, state: BoardState) -> str:
+    name = dc.config["device_name"]
+    return name.replace("{uid}", state.uid) if state.uid else name
+
+
+def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
+    """Run a validated plan: emulator and virtual board when needed, deploy, reset, follow."""
+    from host_tools.emulator.process import EmulatorError, EmulatorProcess
+    from host_tools.vboard import VirtualBoard
+
+    emulator = vboard = conn = None
+    flash_dir = None
+    try:
+        if p.emulator:
+            emulator = EmulatorProcess(DEMO_CONFIG, on_event=lambda line: console.show("[emulator] ", line))
+            try:
+                emulator.start()
+            except EmulatorError as e:
+                raise DeployError(str(e)) from None
+            p.dc.config["port"] = emulator.ports[p.transport]
+            log.info("emulator listening: %s", ", ".join(f"{k} {v}" for k, v in emulator.ports.items()))
+        port = p.port
+        if port is None:
+            flash_dir = tempfile.mkdtemp(prefix="tbfleet-vboard-")
+            vboard = VirtualBoard(flash_dir)
+            port = vboard.start()
+            log.info("virtual board on %s (flash %s)", port, flash_dir)
+        outcome = deploy_board(p.board, port, lambda state: p.dc, env)
+        name = _device_name(p.dc, outcome.state)
+        log.info("%s: device %s, %d copied, %d unchanged; resetting the board", port, name,
+                 len(outcome.copied), outcome.unchanged)
+        conn = reset_into_main(port)
+        if p.count is not None:
+            log.info("waiting for %d telemetry messages from %s", p.count, name)
+            follow(conn, console, until=lambda: len(emulator.telemetry(name)) >= p.count)
+            log.info("the emulator stored %d telemetry messages from %s", len(emulator.telemetry(name)), name)
+        elif p.monitor:
+            log.info("following the board's console; Ctrl-C to stop")
+            follow(conn, console)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if conn:
+            conn.close()
+        if vboard:
+            vboard.stop()
+        if emulator:
+            emulator.stop()
+        if flash_dir:
+            shutil.rmtree(flash_dir, ignore_errors=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`deploy` takes its settings from make variables in the environment (secrets never as arguments)."""
+    parser.epilog = ("settings come from the environment (make variables): BOARD PORT FLASH FIRMWARE ERASE "
+                     "ESPTOOL_ARGS MONITOR COUNT TRANSPORT TB_HOST TB_PORT TLS PROVISION_KEY PROVISION_SECRET "
+                     "PROVISION_SECRET_FILE DEVICE_NAME CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME PASSWORD "
+                     "CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD INTERVAL LOG_LEVEL")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Deploy as the environment says; one clear message and exit status 2 on bad input, 1 on failure."""
+    env = os.environ
+    try:
+        p = plan(env)
+    except (DeployError, ConfigProblem, BoardError) as e:
+        log.error("%s", e)
+        return 2
+    console = Console(p.dc.secrets())
+    try:
+        return execute(p, env, console)
+    except DeployError as e:
+        log.error("%s", console.scrub(str(e)))
+        return 1
