@@ -1,0 +1,257 @@
+"""The firmware's MQTT client (tbfleet.mqtt through tbfleet.via_mqtt, on the Unix port) against a real mosquitto
+broker with a password file, observed by a paho-mqtt subscriber.
+
+mosquitto 2.0 has no password-less users in its password file, so the token user has a password here and the
+firmware connects with MQTT_BASIC credentials in ThingsBoard's "user name + password" form (empty client id):
+the token is the user name, as with ThingsBoard access tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import paho.mqtt.client as paho
+import pytest
+
+from support import micropython_env, run_micropython
+
+log = logging.getLogger(__name__)
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None or shutil.which("mosquitto_passwd") is None,
+                                reason="mosquitto is not installed (.ci/run installs it)")
+
+TOKEN = "Xq3kT9vLm2RcW8pZa1Yb"
+TOKEN_PASSWORD = "mq-basic-9c1e"
+OBSERVER = ("observer", "obs-7f2a44")
+TOPIC = "v1/devices/me/telemetry"
+BASE_TS = 1732300000000
+
+# Runs on the board: opens the link with the credentials in run.json, sends the telemetry payloads at QoS 1 and
+# prints what happened as JSON. Secrets reach it through the file, never through argv.
+FIRMWARE_SCRIPT = """
+import json, time
+from tbfleet import via_mqtt
+from tbfleet.errors import Refused
+
+class Cfg:
+    pass
+
+with open("run.json") as f:
+    run = json.load(f)
+cfg = Cfg()
+for k, v in run["cfg"].items():
+    setattr(cfg, k, v)
+payloads = [(b'{"ts":%d,"values":{"uptime":%d,"free_heap":%d,"temp":21.5}}' % (run["ts"] + 1000 * i, i, 81234 - i))
+            for i in range(run["count"])]
+out = {}
+link = via_mqtt.Link(cfg)
+try:
+    link.open(run["creds"])
+except Refused as e:
+    out["refused"] = list(e.args)
+else:
+    t0 = time.ticks_us()
+    for p in payloads:
+        link.send_telemetry(p)
+    out["us"] = time.ticks_diff(time.ticks_us(), t0)
+    link.close()
+print(json.dumps(out))
+"""
+
+
+def payloads(count: int) -> list[bytes]:
+    """What FIRMWARE_SCRIPT sends."""
+    return [b'{"ts":%d,"values":{"uptime":%d,"free_heap":%d,"temp":21.5}}' % (BASE_TS + 1000 * i, i, 81234 - i)
+            for i in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[int]:
+    """mosquitto on 127.0.0.1 with a password file and no anonymous access; yields its port."""
+    pwfile = tmp_path / "passwd"
+    pwfile.write_text(f"{TOKEN}:{TOKEN_PASSWORD}\n{OBSERVER[0]}:{OBSERVER[1]}\n")
+    pwfile.chmod(0o600)
+    subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True, capture_output=True, timeout=10)
+    assert TOKEN_PASSWORD not in pwfile.read_text()
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {pwfile}",
+             "persistence false", "log_dest stderr", "log_type error", "log_type warning"]
+    if os.geteuid() == 0:
+        lines.append("user root")  # otherwise it drops to user mosquitto and cannot read the password file
+    conf.write_text("\n".join(lines) + "\n")
+    errlog = (tmp_path / "mosquitto.log").open("w")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=errlog, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto did not start: {(tmp_path / 'mosquitto.log').read_text()}")
+                time.sleep(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        errlog.close()
+
+
+class Observer:
+    """A paho-mqtt subscriber to the telemetry topic."""
+
+    def __init__(self, port: int):
+        self.messages: queue.Queue = queue.Queue()
+        subscribed = threading.Event()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="observer",
+                                  protocol=paho.MQTTv311)
+        self.client.username_pw_set(*OBSERVER)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(TOPIC, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
+        self.client.on_message = lambda c, u, msg: self.messages.put(msg.payload)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not subscribed.wait(5):
+            raise RuntimeError("observer could not subscribe")
+
+    def take(self, count: int, timeout: float = 5) -> list[bytes]:
+        return [self.messages.get(timeout=timeout) for _ in range(count)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def observer(broker: int) -> Iterator[Observer]:
+    obs = Observer(broker)
+    yield obs
+    obs.close()
+
+
+class CountingRelay:
+    """A TCP relay on 127.0.0.1 that counts the bytes each way (what the device puts on the wire)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.up = 0
+        self.down = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        server = socket.create_connection(("127.0.0.1", self.target_port))
+        for s in (client, server):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socks += [client, server]
+        for a, b, up in ((client, server, True), (server, client, False)):
+            t = threading.Thread(target=self._pump, args=(a, b, up), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if up:
+                    self.up += len(data)
+                else:
+                    self.down += len(data)
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def drain(self) -> None:
+        """Wait until both directions reached end of file (the device closed, then the broker)."""
+        for t in self.threads:
+            t.join(timeout=5)
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for t in self.threads:
+            t.join(timeout=5)
+
+
+def run_firmware(board: Path, port: int, creds: dict, count: int) -> dict:
+    run = {"cfg": {"host": "127.0.0.1", "port": port, "tls": False, "ca_file": None, "cert_file": None,
+                   "key_file": None, "device_name": "esp32-a1b2c3", "qos": 1, "timeout": 5, "keepalive": 60},
+           "creds": creds, "count": count, "ts": BASE_TS}
+    (board / "run.json").write_text(json.dumps(run))
+    (board / "send.py").write_text(FIRMWARE_SCRIPT)
+    proc = run_micropython(["send.py"], cwd=board, env=micropython_env(), timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr and TOKEN_PASSWORD not in proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def token_creds(token: str = TOKEN) -> dict:
+    return {"type": "MQTT_BASIC", "client_id": "", "username": token, "password": TOKEN_PASSWORD}
+
+
+def test_token_user_publishes_qos1_and_subscriber_gets_payloads_exactly(board, broker, observer):
+    out = run_firmware(board, broker, token_creds(), 100)
+    assert "refused" not in out
+    assert observer.take(100) == payloads(100)
+    log.info("100 QoS 1 messages to mosquitto: %.0f us per message", out["us"] / 100)
+
+
+def test_wrong_token_is_refused_with_connack_5(board, broker, observer):
+    out = run_firmware(board, broker, token_creds("WRONG_TOKEN_000000000"), 3)
+    assert out == {"refused": [5, "not authorized"]}
+    with pytest.raises(queue.Empty):
+        observer.messages.get(timeout=0.2)
+
+
+def test_wire_bytes_per_qos1_message(board, broker, observer):
+    relay = CountingRelay(broker)
+    try:
+        count = 10
+        out = run_firmware(board, relay.port, token_creds(), count)
+        assert "refused" not in out
+        assert observer.take(count) == payloads(count)
+        relay.drain()
+    finally:
+        relay.close()
+    connect = 1 + 1 + 10 + 2 + 2 + len(TOKEN) + 2 + len(TOKEN_PASSWORD)
+    publishes = sum(1 + 1 + 2 + len(TOPIC) + 2 + len(p) for p in payloads(count))
+    assert relay.up == connect + publishes + 2  # + DISCONNECT: nothing else went up
+    assert relay.down == 4 + 4 * count  # CONNACK + one PUBACK per message
+    log.info("wire bytes per QoS 1 message: %.1f (PUBLISH + PUBACK, %d-byte payload)",
+             (publishes + 4 * count) / count, len(payloads(count)[0]))
