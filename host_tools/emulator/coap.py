@@ -430,15 +430,19 @@ class CoapServer(asyncio.DatagramProtocol):
         if kind == "deleted":
             # A non-2.xx notification ends the observation (RFC 7641 3.2).
             self._cancel_observation(key)
-            self._send(encode(Message(obs.mtype, NOT_FOUND, self._next_mid(), obs.token)), obs.addr)
+            self._deliver(Message(obs.mtype, NOT_FOUND, self._next_mid(), obs.token), obs.addr)
             return
         options = [(OBSERVE, uint(obs.seq)), (CONTENT_FORMAT, uint(APPLICATION_JSON))]
         obs.seq = (obs.seq + 1) & 0xFFFFFF
-        note = Message(obs.mtype, CONTENT, self._next_mid(), obs.token, options, _json(data))
-        if obs.mtype == CON:
-            self._send_confirmable(note, obs.addr, key)
+        self._deliver(Message(obs.mtype, CONTENT, self._next_mid(), obs.token, options, _json(data)), obs.addr,
+                      key)
+
+    def _deliver(self, msg: Message, addr: tuple, obs_key: tuple | None = None) -> None:
+        """Send a notification: reliably when the observer registered with CON."""
+        if msg.mtype == CON:
+            self._send_confirmable(msg, addr, obs_key)
         else:
-            self._send(encode(note), obs.addr)
+            self._send(encode(msg), addr)
 
     def _cancel_observation(self, key: tuple) -> None:
         obs = self._observations.pop(key, None)

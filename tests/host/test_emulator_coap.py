@@ -240,8 +240,8 @@ def test_telemetry_is_2_01_without_payload_and_stored(emu: Emulator, mtype: Any)
 
 
 @pytest.mark.parametrize("path, code, payload", [
-    (f"wrongToken/telemetry", UNAUTHORIZED, b'{"a":1}'),
-    (f"wrongToken/attributes", UNAUTHORIZED, b'{"a":1}'),
+    ("wrongToken/telemetry", UNAUTHORIZED, b'{"a":1}'),
+    ("wrongToken/attributes", UNAUTHORIZED, b'{"a":1}'),
     (f"{TOKEN}/telemetry", BAD_REQUEST, b'{"a":'),
     (f"{TOKEN}/telemetry", BAD_REQUEST, b"17"),
     (f"{TOKEN}/attributes", BAD_REQUEST, b"[1]"),

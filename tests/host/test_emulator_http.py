@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import hashlib
 import http.client
 import json
 import secrets
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from emulator_fixtures import emulator_process
 from host_tools.emulator import http as tbhttp
 from host_tools.emulator.state import EmulatorState
 
@@ -682,3 +682,20 @@ def test_a_client_that_stops_reading_is_dropped_and_others_are_served(emu: Emula
         except ConnectionResetError:
             pass
         assert received < 40_000_000
+
+
+# --- through the real CLI -----------------------------------------------------------------------------------------
+
+def test_cli_emulator_serves_http_provisioning_and_inspection_on_4_2_1(config: dict, secret: str) -> None:
+    with emulator_process(config, "--server-version", "4.2.1") as proc:
+        base = f"http://127.0.0.1:{proc.ports['http']}"
+        body = json.dumps(provision_body(secret, "check-key", deviceName="pre-token")).encode()
+        for _ in range(2):  # 4.2.1 still lets a pre-provisioned device provision again
+            with urllib.request.urlopen(urllib.request.Request(f"{base}/api/v1/provision", data=body),
+                                        timeout=5) as resp:
+                assert json.loads(resp.read())["credentialsValue"] == TOKEN
+        with urllib.request.urlopen(f"{base}/emulator/devices", timeout=5) as resp:
+            devices = {d["name"]: d for d in json.loads(resp.read())}
+        assert devices["pre-token"]["provisionState"] == "provisioned"
+        proc.wait_event("provisioned device 'pre-token' over http")
+        assert all(secret not in line for line in proc.events)
