@@ -77,6 +77,8 @@ def test_connect_with_empty_client_id_and_empty_password_present():
 def test_password_without_user_name_is_refused_locally():
     e = raises(ValueError, mqtt.MQTTClient, "h", 1883, "dev", None, "pw")
     assert "password" in str(e)
+    e = raises(ValueError, mqtt.MQTTClient, "h", 1883, "dev", keepalive=65536)
+    assert "keepalive" in str(e)
 
 
 def test_connack_refusals_have_names():

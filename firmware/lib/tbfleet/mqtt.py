@@ -13,8 +13,6 @@ _CONNECT = const(0x10)
 _PUBLISH = const(0x30)
 _PUBACK = const(0x40)
 _SUBSCRIBE = const(0x82)
-_PINGREQ = const(0xC0)
-_DISCONNECT = const(0xE0)
 
 # Packet types (upper nibble) a server may send us.
 _T_CONNACK = const(2)
@@ -23,6 +21,9 @@ _T_PUBACK = const(4)
 _T_SUBACK = const(9)
 _T_UNSUBACK = const(11)
 _T_PINGRESP = const(13)
+
+_PINGREQ_PKT = b"\xc0\x00"
+_DISCONNECT_PKT = b"\xe0\x00"
 
 _MAX_REMAINING = const(268435455)  # the largest remaining length four bytes can carry
 _FIRST_READ_SIZE = const(64)
@@ -68,7 +69,7 @@ def _put_str(buf, pos, s):
 
 
 def _utf8(s, what):
-    b = s.encode() if isinstance(s, str) else bytes(s)
+    b = s.encode() if isinstance(s, str) else s
     if len(b) > 65535:
         raise ValueError("MQTT %s longer than 65535 bytes" % what)
     return b
@@ -81,6 +82,8 @@ class MQTTClient:
                  ssl_ctx=None, on_message=None, max_packet=16384):
         if password is not None and username is None:
             raise ValueError("MQTT 3.1.1 allows no password without a user name")
+        if not 0 <= keepalive <= 65535:
+            raise ValueError("keepalive %r not in 0..65535 s" % (keepalive,))
         self.host = host
         self.port = port
         self._client_id = _utf8(client_id, "client id")
@@ -153,7 +156,7 @@ class MQTTClient:
         # Clean DISCONNECT, then close; never raises.
         if self.sock is not None:
             try:
-                tcp.write_all(self.sock, b"\xe0\x00", tcp.deadline(self.timeout_ms))
+                tcp.write_all(self.sock, _DISCONNECT_PKT, tcp.deadline(self.timeout_ms))
             except Exception:
                 pass
         self.close()
@@ -237,7 +240,7 @@ class MQTTClient:
     def ping(self):
         # PINGREQ, then wait for the PINGRESP (other packets handled meanwhile).
         at = tcp.deadline(self.timeout_ms)
-        self._send(b"\xc0\x00", at)
+        self._send(_PINGREQ_PKT, at)
         self._await(_T_PINGRESP, None, at)
         self._ping_due = None
 
@@ -260,7 +263,7 @@ class MQTTClient:
                 self.close()
                 raise NoAnswer("no PINGRESP in time")
         elif self.keepalive and time.ticks_diff(time.ticks_ms(), self._last_tx) >= self.keepalive * 500:
-            self._send(b"\xc0\x00", tcp.deadline(self.timeout_ms))
+            self._send(_PINGREQ_PKT, tcp.deadline(self.timeout_ms))
             self._ping_due = tcp.deadline(self.timeout_ms)
 
     def wait_msg(self, at):

@@ -1,6 +1,4 @@
 # ThingsBoard over MQTT: the provisioning session and the authenticated telemetry session.
-from micropython import const
-
 from tbfleet import log, mqtt, tcp, tls
 from tbfleet.errors import NoAnswer, Refused, Rejected
 
@@ -8,7 +6,6 @@ _PROVISION = "provision"
 _REQUEST_TOPIC = b"/provision/request"
 _RESPONSE_TOPIC = b"/provision/response"
 _TELEMETRY_TOPIC = b"v1/devices/me/telemetry"
-_SERVER_UNAVAILABLE = const(3)
 
 
 class Link:
