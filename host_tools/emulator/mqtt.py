@@ -350,6 +350,9 @@ class Session:
             else:
                 codes.append(_SUBSCRIBE_FAILURE)
         self.send(packet(_SUBACK << 4, struct.pack("!H", packet_id) + bytes(codes)))
+        if self.device is not None:
+            granted = ", ".join(t for (t, _), code in zip(filters, codes) if code != _SUBSCRIBE_FAILURE)
+            self.state.event(f"mqtt: device {self.device.name!r} subscribed to {granted or 'nothing'}")
 
     def _qos_for(self, purpose: str, default: int = 1) -> int:
         """Granted QoS of the subscription serving `purpose`, `default` if there is none."""
