@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -78,13 +78,11 @@ class Request:
 
 @dataclass
 class Response:
-    """An answer: status, body, content type; `close` ends the connection after it is written."""
+    """An answer: status, body and its content type."""
 
     status: int
     body: bytes = b""
     content_type: str | None = None
-    close: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
     def encode(self, keep_alive: bool) -> bytes:
         """The bytes on the wire."""
@@ -92,7 +90,6 @@ class Response:
         if self.content_type and self.body:
             lines.append(f"Content-Type: {self.content_type}")
         lines.append(f"Content-Length: {len(self.body)}")
-        lines.extend(f"{k}: {v}" for k, v in self.headers.items())
         if not keep_alive:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
@@ -110,7 +107,7 @@ class BadRequest(Exception):
 def redact(path: str) -> str:
     """`path` with the access token of a device API path replaced, safe to log."""
     parts = path.split("?", 1)[0].split("/")
-    if len(parts) > 4 and parts[1:3] == ["api", "v1"] and parts[3] != "provision":
+    if len(parts) > 3 and parts[1:3] == ["api", "v1"] and parts[3] != "provision":
         parts[3] = "<token>"
     return "/".join(parts)
 
@@ -206,7 +203,7 @@ class HttpApi:
                 await self._linger(reader, writer)
                 return
             response = await self._dispatch(request)
-            keep = request.keep_alive and not response.close
+            keep = request.keep_alive
             log.debug("HTTP %s %s -> %d", request.method, redact(request.path), response.status)
             await self._write(writer, response.encode(keep))
             if not keep:

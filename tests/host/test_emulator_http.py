@@ -383,9 +383,10 @@ def test_attributes_get_is_empty_object_when_nothing_is_stored(emu: Emulator) ->
     assert emu.request("GET", f"/api/v1/{TOKEN}/attributes")[::2] == (200, b"{}")
 
 
-def test_unknown_feature_is_404(emu: Emulator) -> None:
-    status, _, raw = emu.request("POST", f"/api/v1/{TOKEN}/nothing", b"{}")
-    assert status == 404 and TOKEN not in raw.decode()
+@pytest.mark.parametrize("path", [f"/api/v1/{TOKEN}/nothing", f"/api/v1/{TOKEN}", "/api/v1"])
+def test_unknown_paths_are_404_without_echoing_the_token(emu: Emulator, path: str) -> None:
+    status, _, raw = emu.request("POST", path, b"{}")
+    assert status == 404 and json.loads(raw)["errorCode"] == 32 and TOKEN not in raw.decode()
 
 
 # --- payload limits (PayloadSizeFilter: header only) ---------------------------------------------------------------
@@ -585,6 +586,7 @@ def test_tokens_never_reach_the_log(emu: Emulator, caplog: pytest.LogCaptureFixt
     caplog.set_level("DEBUG", logger="host_tools.emulator.http")
     emu.request("POST", f"/api/v1/{TOKEN}/telemetry", b'{"a":1}')
     emu.request("POST", f"/api/v1/{TOKEN}/nothing", b'{"a":1}')
+    emu.request("GET", f"/api/v1/{TOKEN}")
     assert caplog.records and all(TOKEN not in r.getMessage() for r in caplog.records)
     assert all(TOKEN not in e for e in emu.events)
 
