@@ -462,6 +462,30 @@ def test_rst_to_a_notification_ends_the_observation(emu: Emulator, udp: Udp) -> 
     assert udp.recv(0.5) is None
 
 
+def test_an_unacknowledged_notification_is_retransmitted_then_the_observation_dropped(config: dict) -> None:
+    emu = Emulator(config, ack_timeout=0.05)
+    udp = Udp(emu.port)
+    try:
+        udp.send(wire(aiocoap.GET, aiocoap.CON, 8, b"ob", path=f"api/v1/{TOKEN}/attributes", observe=0))
+        assert aiocoap.Message.decode(udp.recv()).opt.observe == 1
+        emu.call(lambda s: s.set_shared_attributes("pre-token", {"k": 1}))
+        copies = []
+        while (data := udp.recv(1.5)) is not None:
+            copies.append(data)
+        assert len(copies) == 5 and len(set(copies)) == 1  # the first send plus MAX_RETRANSMIT (4) copies
+        emu.call(lambda s: s.set_shared_attributes("pre-token", {"k": 2}))
+        assert udp.recv(0.3) is None
+    finally:
+        udp.close()
+        emu.close()
+
+
+@pytest.mark.parametrize("code, feature", [(aiocoap.GET, "rpc"), (aiocoap.POST, "rpc"), (aiocoap.POST, "claim")])
+def test_features_the_emulator_does_not_emulate_say_5_01(emu: Emulator, code: Any, feature: str) -> None:
+    resp = request(f"{emu.uri}/{TOKEN}/{feature}", code=code, payload=b"{}" if code == aiocoap.POST else b"")
+    assert resp.code == numbers.codes.Code.NOT_IMPLEMENTED and feature.encode() in resp.payload
+
+
 @pytest.mark.parametrize("datagram", [
     b"\x40\x02\x12",  # shorter than a header
     b"\x80\x02\x12\x34",  # version 2
