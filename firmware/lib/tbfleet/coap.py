@@ -28,7 +28,7 @@ CONTENT_FORMAT = const(12)
 URI_QUERY = const(15)
 JSON = const(50)
 
-_RX = const(1152)  # ThingsBoard's datagrams stay within 1024 bytes of payload
+_RX = const(1152)  # largest datagram taken: ThingsBoard keeps payloads within 1024 bytes
 _SEEN = const(8)  # separate responses remembered to recognise their retransmissions
 
 
@@ -138,8 +138,6 @@ class Client:
         self.max_retransmit = max_retransmit
         self.sock = None
         self._mid = _rand(2)
-        self._rx = bytearray(_RX)
-        self._rxv = memoryview(self._rx)
         self._seen = []
 
     def _open(self):
@@ -172,24 +170,25 @@ class Client:
             raise NoAnswer("send failed: %s" % e)
 
     def _recv(self, at):
-        # One datagram into the reused buffer before the deadline; returns its length, or 0 at the deadline.
+        # One datagram before the deadline, or None at the deadline. recv, not readinto: a stream readinto
+        # keeps reading until its buffer is full, which on UDP would block or join datagrams together.
         p = select.poll()
         p.register(self.sock, select.POLLIN)
         while True:
             left = tcp.remaining(at)
             if not p.poll(left):
                 if left == 0:
-                    return 0
+                    return None
                 continue
             try:
-                n = self.sock.readinto(self._rxv)
+                data = self.sock.recv(_RX)
             except OSError as e:
                 if e.errno == 11:
                     continue
                 # 111: an ICMP port unreachable came back, nobody listens there
                 raise NoAnswer("receive failed: %s" % e)
-            if n:
-                return n
+            if data:
+                return data
 
     def request(self, code, path, payload=None, query=(), content_format=None):
         # A confirmable request; path is "/a/b" or a sequence of raw segments (a segment may then hold "/").
@@ -214,8 +213,8 @@ class Client:
         self._send(msg)
         at = tcp.deadline(wait)
         while True:
-            n = self._recv(at)
-            if not n:
+            data = self._recv(at)
+            if data is None:
                 if acked:
                     raise NoAnswer("no separate response in %d ms" % self.timeout_ms)
                 if sent == self.max_retransmit:
@@ -226,7 +225,7 @@ class Client:
                 at = tcp.deadline(wait)
                 continue
             try:
-                t, c, m, tok, _, body = decode(self._rxv[:n])
+                t, c, m, tok, _, body = decode(data)
             except BadAnswer:
                 continue  # RFC 7252 4.2: a malformed message is silently ignored
             if t == ACK or t == RST:
