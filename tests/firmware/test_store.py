@@ -250,5 +250,5 @@ def test_stamp_and_matches():
     rec = store.load()
     assert store.matches(rec, cfg)
     assert not store.matches(rec, Cfg(host="tb.other.example"))
-    assert not store.matches(rec, Cfg(port=8883))
+    assert store.matches(rec, Cfg(port=8080))  # another transport of the same server
     assert not store.matches(rec, Cfg(device_name="esp32-000000000000"))

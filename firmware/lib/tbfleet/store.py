@@ -179,5 +179,6 @@ def stamp(creds, cfg):
 
 
 def matches(rec, cfg):
-    # Whether a loaded record was issued for the device and server this config names.
-    return rec["device"] == cfg.device_name and rec["server"] == server_of(cfg)
+    # Whether a loaded record was issued for the device and server this config names. The port is not compared:
+    # the same server answers MQTT, HTTP and CoAP on different ports with the same credentials.
+    return rec["device"] == cfg.device_name and rec["server"].rpartition(":")[0] == cfg.host
