@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import socket
@@ -155,7 +154,7 @@ def test_many_bad_clients_at_once_and_good_ones_still_served(no_session_crash):
                 bad.append(s)
             for _ in range(3):
                 assert_still_serving(emu.port)
-            assert json.loads(json.dumps(emu.call(lambda s: len(s.telemetry("pre-token"))))) == 3
+            assert len(emu.call(lambda s: s.telemetry("pre-token"))) == 3
         finally:
             for s in bad:
                 s.close()
