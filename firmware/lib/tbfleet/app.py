@@ -134,7 +134,6 @@ class Device:
         while max_messages is None or self.sent < max_messages:
             link.send_telemetry(telemetry.payload(self.sensors.read(), telemetry.now_ms()))
             self.sent += 1
-            log.info("telemetry %d sent", self.sent)
             if first:
                 # Accepted telemetry is the proof that the credentials work (HTTP and CoAP have no connect step).
                 if self.unsaved:
@@ -143,6 +142,7 @@ class Device:
                 self.retry.reset()
                 self.refusals = 0
                 first = False
+            log.info("telemetry %d sent", self.sent)
             next_at = time.ticks_add(next_at, interval_ms)
             wait = time.ticks_diff(next_at, time.ticks_ms())
             if wait < 0:
