@@ -62,17 +62,16 @@ def _len_size(n):
 
 def _put_str(buf, pos, s):
     n = len(s)
+    if n > 65535:
+        raise ValueError("MQTT string too long")
     buf[pos] = n >> 8
     buf[pos + 1] = n & 0xFF
     buf[pos + 2 : pos + 2 + n] = s
     return pos + 2 + n
 
 
-def _utf8(s, what):
-    b = s.encode() if isinstance(s, str) else s
-    if len(b) > 65535:
-        raise ValueError("MQTT %s longer than 65535 bytes" % what)
-    return b
+def _utf8(s):
+    return s.encode() if isinstance(s, str) else s
 
 
 class MQTTClient:
@@ -81,14 +80,12 @@ class MQTTClient:
     def __init__(self, host, port, client_id, username=None, password=None, keepalive=60, timeout_ms=10000,
                  ssl_ctx=None, on_message=None, max_packet=16384):
         if password is not None and username is None:
-            raise ValueError("MQTT 3.1.1 allows no password without a user name")
+            raise ValueError("password needs a user name")
         if not 0 <= keepalive <= 65535:
-            raise ValueError("keepalive %r not in 0..65535 s" % (keepalive,))
+            raise ValueError("keepalive not in 0..65535")
         self.host = host
         self.port = port
-        self._client_id = _utf8(client_id, "client id")
-        self._username = None if username is None else _utf8(username, "user name")
-        self._password = None if password is None else _utf8(password, "password")
+        self._ident = (_utf8(client_id), _utf8(username), _utf8(password))
         self.keepalive = keepalive
         self.timeout_ms = timeout_ms
         self._ssl_ctx = ssl_ctx
@@ -115,7 +112,7 @@ class MQTTClient:
         self._poller = select.poll()
         self._poller.register(self.sock, select.POLLIN)
         self._ping_due = None
-        cid, user, pw = self._client_id, self._username, self._password
+        cid, user, pw = self._ident
         flags = 0x02
         size = 10 + 2 + len(cid)
         if user is not None:
@@ -141,7 +138,7 @@ class MQTTClient:
         try:
             h, n = self._read_packet(at)
             if h != 0x20 or n != 2:
-                raise BadAnswer("expected CONNACK, got packet 0x%02x of %d bytes" % (h, n))
+                raise BadAnswer("CONNACK expected")
             code = self._rbuf[1]
         except Exception:
             self.close()
@@ -150,7 +147,7 @@ class MQTTClient:
             self.close()
             if code <= len(_REFUSALS):
                 raise Refused(code, _REFUSALS[code - 1])
-            raise BadAnswer("CONNACK return code %d" % code)
+            raise BadAnswer("CONNACK code %d" % code)
 
     def disconnect(self):
         # Clean DISCONNECT, then close; never raises.
@@ -170,20 +167,16 @@ class MQTTClient:
             self.sock = None
             self._poller = None
 
-    @property
-    def connected(self):
-        return self.sock is not None
-
     # -- operations ------------------------------------------------------------------------------------
 
     def publish(self, topic, payload, qos=0, retain=False):
         # QoS 1 returns once the matching PUBACK arrived; packets arriving in between are handled.
         if qos not in (0, 1):
-            raise ValueError("QoS must be 0 or 1, not %r" % (qos,))
-        topic = _utf8(topic, "topic")
+            raise ValueError("QoS must be 0 or 1")
+        topic = _utf8(topic)
         size = 2 + len(topic) + len(payload) + (2 if qos else 0)
         if size > _MAX_REMAINING:
-            raise ValueError("MQTT payload of %d bytes too large" % len(payload))
+            raise ValueError("payload too large")
         total = 1 + _len_size(size) + size
         if total > len(self._out):
             self._out = bytearray(total)
@@ -208,12 +201,12 @@ class MQTTClient:
         enc = []
         for f, q in filters:
             if q not in (0, 1):
-                raise ValueError("QoS must be 0 or 1, not %r" % (q,))
-            b = _utf8(f, "topic filter")
+                raise ValueError("QoS must be 0 or 1")
+            b = _utf8(f)
             enc.append((b, q))
             body += 3 + len(b)
         if not enc:
-            raise ValueError("SUBSCRIBE needs at least one topic filter")
+            raise ValueError("no topic filters")
         pkt = bytearray(1 + _len_size(body) + body)
         pkt[0] = _SUBSCRIBE
         i = _put_len(pkt, 1, body)
@@ -231,10 +224,10 @@ class MQTTClient:
         granted = list(self._rbuf[2:n])
         if len(granted) != len(enc):
             self.close()
-            raise BadAnswer("SUBACK has %d codes for %d filters" % (len(granted), len(enc)))
+            raise BadAnswer("SUBACK mismatch")
         for k, g in enumerate(granted):
             if g == 0x80:
-                raise Rejected(0x80, "subscription to %s refused" % filters[k][0])
+                raise Rejected(0x80, "subscription refused: %s" % filters[k][0])
         return granted
 
     def ping(self):
@@ -261,7 +254,7 @@ class MQTTClient:
         if self._ping_due is not None:
             if tcp.remaining(self._ping_due) == 0:
                 self.close()
-                raise NoAnswer("no PINGRESP in time")
+                raise NoAnswer("no answer in time")
         elif self.keepalive and time.ticks_diff(time.ticks_ms(), self._last_tx) >= self.keepalive * 500:
             self._send(_PINGREQ_PKT, tcp.deadline(self.timeout_ms))
             self._ping_due = tcp.deadline(self.timeout_ms)
@@ -292,7 +285,7 @@ class MQTTClient:
         # A failed read or write leaves the stream in an unknown state: close it and say why.
         self.close()
         if tcp.remaining(at):
-            raise Closed("connection closed by the server")
+            raise Closed("connection closed")
         raise NoAnswer("no answer in time")
 
     def _read_packet(self, at):
@@ -309,24 +302,22 @@ class MQTTClient:
             tcp.read_exact(self.sock, memoryview(buf)[:2], at)  # every packet has at least two bytes
             h = buf[0]
             t = h >> 4
-            if t not in (_T_CONNACK, _T_PUBLISH, _T_PUBACK, _T_SUBACK, _T_UNSUBACK, _T_PINGRESP):
-                raise BadAnswer("unexpected MQTT packet type %d" % t)
-            if t == _T_PUBLISH and (h & 0x06) > 0x02:
-                raise BadAnswer("unsupported PUBLISH QoS %d" % ((h >> 1) & 3))
-            if t != _T_PUBLISH and h & 0x0F:
-                raise BadAnswer("bad flags 0x%02x in MQTT header" % h)
+            # Only packet types a server sends, with valid flags; QoS 2 is never asked for.
+            if (t not in (_T_CONNACK, _T_PUBLISH, _T_PUBACK, _T_SUBACK, _T_UNSUBACK, _T_PINGRESP)
+                    or (h & 0x0F if t != _T_PUBLISH else h & 0x06 > 0x02)):
+                raise BadAnswer("bad packet 0x%02x" % h)
             n = buf[1] & 0x7F
             shift = 7
             more = buf[1] & 0x80
             while more:
                 if shift > 21:
-                    raise BadAnswer("MQTT remaining length longer than 4 bytes")
+                    raise BadAnswer("length over 4 bytes")
                 tcp.read_exact(self.sock, memoryview(buf)[:1], at)
                 n |= (buf[0] & 0x7F) << shift
                 shift += 7
                 more = buf[0] & 0x80
             if n > self.max_packet:
-                raise BadAnswer("MQTT packet of %d bytes exceeds the limit of %d" % (n, self.max_packet))
+                raise BadAnswer("packet of %d bytes > max_packet" % n)
             if n > len(buf):
                 buf = self._rbuf = bytearray(n)
             if n:
@@ -349,20 +340,17 @@ class MQTTClient:
 
     def _handle(self, h, n):
         # A packet nobody waits for: PUBLISH goes to on_message (QoS 1 acknowledged), PINGRESP ends a
-        # pending keep-alive, stray acknowledgements are dropped.
+        # pending keep-alive, stray acknowledgements (and CONNACKs) are dropped.
         t = h >> 4
         buf = self._rbuf
         if t == _T_PINGRESP:
             self._ping_due = None
-        elif t == _T_CONNACK:
-            self.close()
-            raise BadAnswer("CONNACK on an open session")
         elif t == _T_PUBLISH:
             qos = (h >> 1) & 3
             start = 2 + (buf[0] << 8 | buf[1]) + (2 if qos else 0) if n >= 2 else n + 1
             if start > n:
                 self.close()
-                raise BadAnswer("PUBLISH shorter than its topic")
+                raise BadAnswer("bad packet 0x%02x" % h)
             topic = bytes(buf[2 : start - 2 if qos else start])
             pid = buf[start - 2] << 8 | buf[start - 1]
             payload = bytes(buf[start:n])

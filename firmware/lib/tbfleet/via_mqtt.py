@@ -1,5 +1,5 @@
 # ThingsBoard over MQTT: the provisioning session and the authenticated telemetry session.
-from tbfleet import log, mqtt, tcp, tls
+from tbfleet import mqtt, tcp, tls
 from tbfleet.errors import NoAnswer, Refused, Rejected
 
 _PROVISION = "provision"
@@ -14,7 +14,8 @@ class Link:
         self._client = None
         self._answer = None
 
-    def _new_client(self, client_id, username, password, ssl_ctx, on_message):
+    def _new_client(self, client_id, username, ssl_ctx, password=None, on_message=None):
+        # Without on_message, pushes (shared attributes, RPC) are consumed and acknowledged, not acted on.
         cfg = self._cfg
         return mqtt.MQTTClient(cfg.host, cfg.port, client_id, username, password, cfg.keepalive,
                                int(cfg.timeout * 1000), ssl_ctx, on_message)
@@ -24,13 +25,13 @@ class Link:
         # the answer unasked, so we only publish and then read whatever comes until the answer is there.
         cfg = self._cfg
         self._answer = None
-        c = self._new_client(cfg.device_name, _PROVISION, None, tls.context(cfg), self._on_provision)
+        c = self._new_client(cfg.device_name, _PROVISION, tls.context(cfg), None, self._on_provision)
         try:
             try:
                 c.connect()
             except Refused as e:
                 # ThingsBoard accepts every provisioning session; a refusal means it cannot serve us now.
-                raise NoAnswer("provisioning session refused: %s" % e.args[1])
+                raise NoAnswer("provisioning refused: %s" % e.args[1])
             at = tcp.deadline(cfg.timeout * 1000)
             c.publish(_REQUEST_TOPIC, request, 1)
             while self._answer is None:
@@ -48,40 +49,44 @@ class Link:
         cfg = self._cfg
         self.close()
         kind = creds.get("type")
+        name = cfg.device_name
         if kind == "MQTT_BASIC":
             # Empty means absent: ThingsBoard picks its lookup by which fields are present (reference 3.4).
-            c = self._new_client(creds.get("client_id") or "", creds.get("username") or None,
-                                 creds.get("password") or None, tls.context(cfg), self._on_message)
-        elif kind in ("ACCESS_TOKEN", "X509_CERTIFICATE"):
-            if cfg.device_name == _PROVISION:
-                raise ValueError("device_name 'provision' would open a provisioning session")
-            if kind == "ACCESS_TOKEN":
-                c = self._new_client(cfg.device_name, creds["token"], None, tls.context(cfg), self._on_message)
-            else:
-                ctx = tls.context(cfg, client_cert=True)
-                if ctx is None:
-                    raise ValueError("X509_CERTIFICATE credentials need tls")
-                c = self._new_client(cfg.device_name, None, None, ctx, self._on_message)
+            c = self._new_client(creds.get("client_id") or "", creds.get("username") or None, tls.context(cfg),
+                                 creds.get("password") or None)
+        elif name == _PROVISION:
+            raise ValueError("device_name 'provision' opens a provisioning session")
+        elif kind == "ACCESS_TOKEN":
+            c = self._new_client(name, creds["token"], tls.context(cfg))
+        elif kind == "X509_CERTIFICATE":
+            ctx = tls.context(cfg, True)
+            if ctx is None:
+                raise ValueError("X509_CERTIFICATE needs tls")
+            c = self._new_client(name, None, ctx)
         else:
             raise ValueError("unknown credentials type %r" % (kind,))
         c.connect()
         self._client = c
+
+    def _live(self):
+        c = self._client
+        if c is None or c.sock is None:
+            raise NoAnswer("not connected")
+        return c
 
     def send_telemetry(self, payload):
         # ThingsBoard answers a rejected publish (unparsable payload, rate limit, size limit) by closing
         # the connection instead of sending a PUBACK: a close while we wait for the PUBACK is Rejected, so
         # the caller can drop this message; a missing answer is NoAnswer. Either way the link is closed
         # and the caller opens it again.
-        c = self._client
-        if c is None or not c.connected:
-            raise NoAnswer("not connected")
+        c = self._live()
         try:
             c.poll()  # a connection the server already closed is NoAnswer here, before we blame this message
             try:
                 c.publish(_TELEMETRY_TOPIC, payload, self._cfg.qos)
             except mqtt.Closed:
                 if self._cfg.qos:
-                    raise Rejected(None, "server closed the connection instead of PUBACK")
+                    raise Rejected(None, "closed instead of PUBACK")
                 raise
         except Exception:
             self.close()
@@ -89,14 +94,7 @@ class Link:
 
     def poll(self):
         # Handles incoming packets and keep-alive between sends.
-        if self._client is None or not self._client.connected:
-            raise NoAnswer("not connected")
-        self._client.poll()
-
-    def _on_message(self, topic, payload):
-        # Shared attribute pushes and RPC are not acted on yet; the client acknowledges them. Payloads may
-        # carry secrets, so only their size is logged.
-        log.debug("mqtt: %d bytes on %s ignored", len(payload), topic)
+        self._live().poll()
 
     def close(self):
         if self._client is not None:
