@@ -7,7 +7,6 @@ import time
 
 from micropython import const
 
-from tbfleet import tcp
 from tbfleet.errors import BadAnswer, NoAnswer
 
 CON = const(0)
@@ -121,6 +120,11 @@ def decode(buf):
     return buf[0] >> 4 & 3, code, buf[2] << 8 | buf[3], bytes(buf[4:4 + tkl]), opts, bytes(buf[i:])
 
 
+def _deadline(ms):
+    # Own helper rather than tbfleet.tcp's: a CoAP-only board then never loads the TCP module.
+    return time.ticks_add(time.ticks_ms(), ms)
+
+
 def _rand(k):
     return int.from_bytes(os.urandom(k), "big")
 
@@ -175,7 +179,7 @@ class Client:
         p = select.poll()
         p.register(self.sock, select.POLLIN)
         while True:
-            left = tcp.remaining(at)
+            left = max(0, time.ticks_diff(at, time.ticks_ms()))
             if not p.poll(left):
                 if left == 0:
                     return None
@@ -211,7 +215,7 @@ class Client:
         sent = 0
         acked = False
         self._send(msg)
-        at = tcp.deadline(wait)
+        at = _deadline(wait)
         while True:
             data = self._recv(at)
             if data is None:
@@ -222,7 +226,7 @@ class Client:
                 sent += 1
                 wait *= 2
                 self._send(msg)
-                at = tcp.deadline(wait)
+                at = _deadline(wait)
                 continue
             try:
                 t, c, m, tok, _, body = decode(data)
@@ -235,7 +239,7 @@ class Client:
                     raise NoAnswer("the server reset the request")
                 if c == 0:
                     acked = True
-                    at = tcp.deadline(self.timeout_ms)
+                    at = _deadline(self.timeout_ms)
                     continue
                 if tok == token:
                     return c, body
