@@ -79,6 +79,8 @@ def test_password_without_user_name_is_refused_locally():
     assert "password" in str(e)
     e = raises(ValueError, mqtt.MQTTClient, "h", 1883, "dev", keepalive=65536)
     assert "keepalive" in str(e)
+    e = raises(ValueError, mqtt.MQTTClient, "h", 1883, "dev", "u" * 65536)
+    assert "too long" in str(e)
 
 
 def test_connack_refusals_have_names():
@@ -384,3 +386,5 @@ def test_bad_qos_is_value_error():
     raises(ValueError, c.publish, b"t", b"x", 2)
     raises(ValueError, c.subscribe, [("t", 2)])
     raises(ValueError, c.subscribe, [])
+    raises(ValueError, c.publish, b"t" * 65536, b"x")
+    eq(len(s.writes), 1)

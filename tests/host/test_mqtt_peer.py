@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
+import subprocess
 import threading
 from typing import Iterator
 
@@ -11,6 +13,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from mqtt_peer import ACCESS_TOKEN_ANSWER, PINGRESP, MqttPeer, publish_packet
+from support import MICROPYTHON, micropython_env
 
 TOKEN = "Xq3kT9vLm2RcW8pZa1Yb"
 ANSWER = ACCESS_TOKEN_ANSWER % TOKEN.encode()
@@ -198,3 +201,53 @@ def test_stop_closes_open_connections(clients):
         peer.stop()
     assert c.disconnected.wait(5)
     assert peer.open_sessions() == 0
+
+
+# The firmware's adapter (tbfleet.via_mqtt on the Unix port) against the peer over real TCP.
+PROVISION_SCRIPT = """
+import json, sys, time
+from tbfleet import via_mqtt
+from tbfleet.errors import NoAnswer, BadAnswer
+
+class Cfg:
+    pass
+
+cfg = Cfg()
+for k, v in json.loads(sys.stdin.read()).items():
+    setattr(cfg, k, v)
+t0 = time.ticks_ms()
+try:
+    print(json.dumps({"answer": via_mqtt.Link(cfg).provision(b'{"provisionDeviceKey":"k"}').decode()}))
+except (NoAnswer, BadAnswer) as e:
+    print(json.dumps({"error": type(e).__name__, "ms": time.ticks_diff(time.ticks_ms(), t0)}))
+"""
+
+
+def provision_with_firmware(peer: MqttPeer, tmp_path, timeout: float = 2.0) -> dict:
+    cfg = {"host": peer.host, "port": peer.port, "tls": False, "ca_file": None, "cert_file": None, "key_file": None,
+           "device_name": "esp32-a1b2c3", "qos": 1, "timeout": timeout, "keepalive": 60}
+    proc = subprocess.run([MICROPYTHON, "-c", PROVISION_SCRIPT], input=json.dumps(cfg), cwd=tmp_path,
+                          env=micropython_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_firmware_provisions_past_stray_packets(tmp_path):
+    stray = publish_packet("v1/devices/me/attributes", b'{"x":1}', 1, 9) + PINGRESP + publish_packet("x", b"", 0)
+    with MqttPeer(provision_answer=ANSWER, provision_prelude=stray) as peer:
+        assert provision_with_firmware(peer, tmp_path) == {"answer": ANSWER.decode()}
+        peer.wait_for(lambda p: p.name == "DISCONNECT")
+        assert [p.name for p in peer.packets] == ["CONNECT", "PUBLISH", "PUBACK", "PUBACK", "DISCONNECT"]
+        assert [p.pid for p in peer.packets if p.name == "PUBACK"] == [9, 1]
+
+
+def test_firmware_gives_up_on_a_silent_server_at_its_deadline(tmp_path):
+    with MqttPeer(provision_answer=None) as peer:
+        out = provision_with_firmware(peer, tmp_path, timeout=0.3)
+        assert out["error"] == "NoAnswer" and 280 <= out["ms"] < 1500, out
+        assert "SUBSCRIBE" not in [p.name for p in peer.packets]
+
+
+def test_firmware_junk_before_the_answer_is_bad_answer(tmp_path):
+    with MqttPeer(provision_answer=ANSWER, provision_prelude=b"\xf0\x00") as peer:
+        assert provision_with_firmware(peer, tmp_path)["error"] == "BadAnswer"

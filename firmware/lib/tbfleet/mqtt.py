@@ -62,8 +62,6 @@ def _len_size(n):
 
 def _put_str(buf, pos, s):
     n = len(s)
-    if n > 65535:
-        raise ValueError("MQTT string too long")
     buf[pos] = n >> 8
     buf[pos + 1] = n & 0xFF
     buf[pos + 2 : pos + 2 + n] = s
@@ -71,7 +69,11 @@ def _put_str(buf, pos, s):
 
 
 def _utf8(s):
-    return s.encode() if isinstance(s, str) else s
+    # str to UTF-8 bytes (bytes and None pass), checked before anything is sent.
+    b = s.encode() if isinstance(s, str) else s
+    if b is not None and len(b) > 65535:
+        raise ValueError("MQTT string too long")
+    return b
 
 
 class MQTTClient:
