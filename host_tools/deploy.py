@@ -396,6 +396,9 @@ def plan(env: Mapping[str, str]) -> Plan:
     port = env_value(env, "PORT")
     if not board.is_host and not port:
         raise DeployError(f"PORT is not set: give board {board.name}'s serial port, e.g. PORT=/dev/ttyUSB0")
+    if not board.is_host and not env_value(env, "WIFI_SSID"):
+        raise DeployError(f"WIFI_SSID is not set: board {board.name} needs a Wi-Fi network to reach the server "
+                          "(and WIFI_PASSWORD unless it is open)")
     emulator = board.is_host and not env_value(env, "TB_HOST")
     count = env_count(env)
     if count is not None and not emulator:

@@ -76,7 +76,7 @@ class ArgvWatch:
         self._thread.join()
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.01):
             for entry in os.scandir("/proc"):
                 if not entry.name.isdigit():
                     continue

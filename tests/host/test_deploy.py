@@ -1,0 +1,144 @@
+"""`deploy` for real: the real firmware through real mpremote onto a virtual board, provisioning against the emulator.
+
+Every run is watched for secrets in the argv of any process and in the output.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from host_tools import build, deploy
+from host_tools.vboard import VirtualBoard, board_mac
+from vboard_fixtures import ArgvWatch, Server, emulator, run_tool, snapshot, vboard  # noqa: F401 - fixtures
+
+DEMO_SECRET = deploy.demo_profile()[1]
+
+
+def deployed(flash: Path) -> dict[str, tuple[str, int]]:
+    """Snapshot of what deploy writes (the firmware's own files, like the saved credentials, excluded)."""
+    return {k: v for k, v in snapshot(flash).items() if k.startswith("lib/") or k in ("main.py", "config.json")}
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "http", "coap"])
+def test_unix_board_deploys_provisions_and_sends_telemetry(transport: str) -> None:
+    env = {"COUNT": "2", "INTERVAL": "0.3", "TRANSPORT": transport}
+    with ArgvWatch([DEMO_SECRET]) as watch:
+        proc = run_tool(["deploy"], env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert f"provisioned device 'unix-" in out and f"over {transport}" in out
+    assert "the emulator stored 2 telemetry messages" in out
+    assert "[board]" in out and "telemetry 2 sent" in out
+    assert DEMO_SECRET not in out
+    assert watch.scans > 0 and watch.hits == []
+
+
+def test_deploy_to_a_port_copies_only_changes_and_never_shows_secrets(vboard: VirtualBoard, emulator: Server) -> None:
+    wifi_password = "wifi-" + secrets.token_hex(8)
+    stale = vboard.flash_dir / "lib" / "tbfleet" / "retired_module.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("raise ImportError('a module the firmware no longer has')\n")
+    env = {"PORT": vboard.port, "TB_HOST": "127.0.0.1", "TB_PORT": str(emulator.emu.ports["mqtt"]),
+           "PROVISION_KEY": emulator.key, "PROVISION_SECRET": emulator.secret, "INTERVAL": "0.3", "MONITOR": "0",
+           "WIFI_SSID": "lab", "WIFI_PASSWORD": wifi_password}
+    name = "unix-" + board_mac(vboard.flash_dir).hex()
+    with ArgvWatch([emulator.secret, wifi_password]) as watch:
+        first = run_tool(["deploy"], env, timeout=60)
+        assert first.returncode == 0, first.stdout + first.stderr
+        emulator.emu.wait_for_telemetry(name, 2, timeout=20)
+        before = deployed(vboard.flash_dir)
+        second = run_tool(["deploy"], env, timeout=60)
+        assert second.returncode == 0, second.stdout + second.stderr
+        count = len(emulator.emu.telemetry(name))
+        emulator.emu.wait_for_telemetry(name, count + 1, timeout=20)
+    assert "lib/tbfleet/config.mpy" in before and "main.py" in before and "config.json" in before
+    assert not stale.exists(), "a module the firmware no longer has must be removed"
+    assert "removing 1 stale" in first.stderr
+    assert "nothing copied" in second.stderr
+    assert deployed(vboard.flash_dir) == before, "the second deploy rewrote files that did not change"
+    for text in (first.stdout, first.stderr, second.stdout, second.stderr):
+        assert emulator.secret not in text and wifi_password not in text
+    assert watch.hits == []
+    devices = {d["name"] for d in emulator.emu.devices()}
+    assert name in devices
+
+
+def _ca_garbage(tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    path.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    return str(path)
+
+
+BAD_INPUTS = [
+    ({"BOARD": "esp33"}, "unknown board 'esp33'"),
+    ({"PROVISION_KEY": ""}, "PROVISION_KEY is not set"),
+    ({"PROVISION_SECRET": ""}, "PROVISION_SECRET is not set"),
+    ({"PROVISION_SECRET_FILE": "/nonexistent/secret"}, "PROVISION_SECRET and PROVISION_SECRET_FILE are both set"),
+    ({"PROVISION_SECRET": "", "PROVISION_SECRET_FILE": "/nonexistent/secret"},
+     "PROVISION_SECRET_FILE: cannot read /nonexistent/secret"),
+    ({"CA_FILE": _ca_garbage}, "is not a PEM or DER X.509 certificate"),
+    ({"TRANSPORT": "pigeon"}, "TRANSPORT='pigeon' is not one of mqtt, http, coap"),
+    ({"TB_PORT": "70000"}, "TB_PORT=70000 is outside 1..65535"),
+    ({"CREDENTIALS_TYPE": "ACCESS_TOKEN"}, "TOKEN (config.json token): required"),
+    ({"CREDENTIALS_TYPE": "MQTT_BASIC", "USERNAME": "u", "TRANSPORT": "http"},
+     "CREDENTIALS_TYPE (config.json credentials_type): MQTT_BASIC works only with transport mqtt"),
+    ({"DEVICE_NAME": "provision"}, "DEVICE_NAME (config.json device_name): 'provision' is reserved"),
+    ({"INTERVAL": "soon"}, "INTERVAL='soon' is not a number of seconds"),
+    ({"PORT": "/dev/ttyNOSUCH0"}, "PORT=/dev/ttyNOSUCH0: no such serial port"),
+    ({"BOARD": "esp32", "WIFI_SSID": "lab", "PORT": "/dev/ttyNOSUCH0"}, "PORT=/dev/ttyNOSUCH0: no such serial port"),
+    ({"BOARD": "esp32"}, "WIFI_SSID is not set"),
+    ({"COUNT": "2"}, "COUNT needs the local emulator"),
+    ({"FLASH": "maybe"}, "FLASH='maybe' is not a yes/no value"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_INPUTS, ids=[m.split(":")[0][:40] for _, m in BAD_INPUTS])
+def test_bad_input_gets_one_message_and_leaves_the_board_untouched(vboard: VirtualBoard, tmp_path: Path,
+                                                                   change: dict, message: str) -> None:
+    (vboard.flash_dir / "main.py").write_text("print('old firmware')\n")
+    before = snapshot(vboard.flash_dir)
+    env = {"PORT": vboard.port, "TB_HOST": "127.0.0.1", "TB_PORT": "1883", "PROVISION_KEY": "k",
+           "PROVISION_SECRET": "s3cret-value", "MONITOR": "0"}
+    env.update({k: v(tmp_path) if callable(v) else v for k, v in change.items()})
+    env = {k: v for k, v in env.items() if v}
+    proc = run_tool(["deploy"], env, timeout=30)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "ERROR" in errors[0], proc.stderr
+    assert message in errors[0]
+    assert "s3cret-value" not in proc.stderr + proc.stdout
+    assert snapshot(vboard.flash_dir) == before
+    assert vboard.restarts == 0, "nothing may have talked to the board"
+
+
+def test_board_that_cannot_load_our_mpy_gets_sources(tmp_path: Path) -> None:
+    files, sources = deploy.firmware_files(tmp_path, board_mpy=5)  # a MicroPython before 1.19 (.mpy v5)
+    assert sources and files["lib/tbfleet/config.py"] == build.FIRMWARE / "lib" / "tbfleet" / "config.py"
+    assert all(p.suffix == ".py" for p in files.values())
+    files, sources = deploy.firmware_files(tmp_path / "b", board_mpy=2822)  # the Unix port here: v6.3, x64
+    assert not sources and files["lib/tbfleet/config.mpy"].read_bytes()[:2] == b"M\x06"
+    assert files["main.py"].suffix == ".py"
+
+
+def test_mpy_compatibility_rules(tmp_path: Path) -> None:
+    assert deploy.board_accepts(2822, (6, None))  # bytecode-only v6 loads on any 6.x
+    assert deploy.board_accepts(0x306, (6, None))
+    assert not deploy.board_accepts(5, (6, None))
+    assert not deploy.board_accepts(None, (6, None))
+    assert deploy.board_accepts(0xB06, (6, 3)) and not deploy.board_accepts(0xB06, (6, 2))
+    bogus = tmp_path / "x.mpy"
+    bogus.write_bytes(b"#!/bin/sh\n")
+    with pytest.raises(deploy.DeployError, match="not a .mpy file"):
+        deploy.mpy_version_of(bogus)
+
+
+def test_console_scrubs_every_secret() -> None:
+    import io
+
+    out = io.StringIO()
+    console = deploy.Console(["abc", "abcdef", ""], out)
+    console.show("[board] ", "token abcdef and abc")
+    assert out.getvalue() == "[board] token *** and ***\n"
