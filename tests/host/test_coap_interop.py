@@ -41,37 +41,52 @@ def run_firmware(tmp_path: Path, body: str, port: int) -> dict:
 
 # --- libcoap -------------------------------------------------------------------------------------------------
 
+def start_libcoap(exe: str) -> tuple[int, subprocess.Popen] | None:
+    """Start coap-server-notls on a free port and wait until it answers a CoAP ping; None if the port was
+    taken meanwhile (another test's server may grab it between our probe and the server's bind)."""
+    port = free_udp_port()
+    proc = subprocess.Popen([exe, "-A", "127.0.0.1", "-p", str(port), "-d", "4", "-v", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ping = b"\x40\x00\x12\x34"  # an empty CON: a CoAP server answers RST
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.05)
+        until = time.monotonic() + 5
+        while proc.poll() is None and time.monotonic() < until:
+            s.sendto(ping, ("127.0.0.1", port))
+            try:
+                if s.recv(64)[:1] == b"\x70":
+                    return port, proc
+            except (socket.timeout, ConnectionRefusedError):
+                pass
+    stop(proc)
+    return None
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def libcoap_server():
     """(port, Popen) of a coap-server-notls on 127.0.0.1, stopped afterwards."""
     exe = shutil.which("coap-server-notls")
     if exe is None:
         pytest.fail("coap-server-notls is not installed (Debian package libcoap3-bin)")
-    port = free_udp_port()
-    proc = subprocess.Popen([exe, "-A", "127.0.0.1", "-p", str(port), "-d", "4", "-v", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(5):
+        started = start_libcoap(exe)
+        if started:
+            break
+    else:
+        pytest.fail("coap-server-notls did not come up")
     try:
-        ping = b"\x40\x00\x12\x34"  # an empty CON: a CoAP server answers RST
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(0.05)
-            until = time.monotonic() + 5
-            while True:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                s.sendto(ping, ("127.0.0.1", port))
-                try:
-                    if s.recv(64)[:1] == b"\x70":
-                        break
-                except (socket.timeout, ConnectionRefusedError):
-                    pass
-                assert time.monotonic() < until, "coap-server-notls did not come up"
-        yield port, proc
+        yield started
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(started[1])
 
 
 def test_libcoap_get_put_post_and_separate_response(libcoap_server, tmp_path):
@@ -171,22 +186,28 @@ def aiocoap_server():
     tb = ThingsBoardLike()
     site = aiocoap.resource.Site()
     site.add_resource(["api", "v1"], tb)
-    port = free_udp_port()
     loop = asyncio.new_event_loop()
-    ready = threading.Event()
     holder = {}
 
-    async def start():
+    async def start(port: int) -> None:
         holder["ctx"] = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
-        ready.set()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     try:
+        for _ in range(5):  # the probed port may be taken by a parallel test before aiocoap binds it
+            port = free_udp_port()
+            try:
+                asyncio.run_coroutine_threadsafe(start(port), loop).result(10)
+                break
+            except OSError:
+                continue
+        else:
+            pytest.fail("aiocoap could not bind a free port")
         yield port, tb
     finally:
-        asyncio.run_coroutine_threadsafe(holder["ctx"].shutdown(), loop).result(10)
+        if "ctx" in holder:
+            asyncio.run_coroutine_threadsafe(holder["ctx"].shutdown(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
