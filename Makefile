@@ -22,7 +22,7 @@ $(STAMP): requirements.txt
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m host_tools bench
