@@ -9,9 +9,9 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -55,7 +55,6 @@ class Handler(BaseHTTPRequestHandler):
             return
         parts = self.path.split("/")
         if len(parts) == 5 and parts[4] == "telemetry":
-            from urllib.parse import unquote
             if unquote(parts[3]) != TOKEN:
                 self._answer(401)
                 return
