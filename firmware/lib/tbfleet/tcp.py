@@ -4,7 +4,7 @@ import select
 import socket
 import time
 
-from tbfleet.errors import NoAnswer
+from tbfleet.errors import BadAnswer, NoAnswer
 
 
 def deadline(ms):
@@ -30,6 +30,10 @@ def connect(host, port, timeout_ms, ssl_ctx=None):
     except OSError as e:
         sock.close()
         raise NoAnswer("cannot connect to %s:%d: %s" % (host, port, e))
+    except ValueError as e:
+        # MicroPython's TLS raises ValueError when the server's certificate fails verification.
+        sock.close()
+        raise BadAnswer("TLS handshake with %s:%d failed: %s" % (host, port, e))
     return sock
 
 
