@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -177,24 +178,50 @@ def board_accepts(mpy: int | None, ours: tuple[int, int | None]) -> bool:
     return mpy & 0xFF == major and (sub is None or (mpy >> 8) & 3 == sub)
 
 
-def firmware_files(dest: Path, board_mpy: int | None) -> tuple[dict[str, Path], bool]:
-    """The files to put on the board (board path -> host file) built in `dest`, and whether they are sources.
+class FirmwareBuild:
+    """The firmware compiled once into a temporary directory, shared by every board deployed from it.
 
-    lib/ is compiled to .mpy, main.py stays source; when the board cannot import our .mpy version the .py
-    sources are deployed instead.
+    `files(board_mpy)` gives the board its files (board path -> host file) and whether they are sources: lib/
+    is compiled to .mpy and main.py stays source; a board that cannot import our .mpy version gets the .py
+    sources instead. Thread-safe, so that a fleet compiles once; `close()` removes the directory.
     """
-    try:
-        built = build.compile_firmware(dest / "mpy")
-    except build.BuildError as e:
-        raise DeployError(f"compiling the firmware failed: {e}") from None
-    compiled = {p.relative_to(dest / "mpy").as_posix(): p for p in built}
-    sample = next((p for p in compiled.values() if p.suffix == ".mpy"), None)
-    if sample is None or board_accepts(board_mpy, mpy_version_of(sample)):
-        return compiled, False
-    log.warning("the board's MicroPython loads .mpy version %s, mpy-cross makes version %d: deploying .py "
-                "sources instead", "(unknown)" if board_mpy is None else board_mpy & 0xFF, mpy_version_of(sample)[0])
-    sources = {p.relative_to(build.FIRMWARE).as_posix(): p for p in sorted(build.FIRMWARE.rglob("*.py"))}
-    return sources, True
+
+    def __init__(self, source: Path = build.FIRMWARE) -> None:
+        self.source = source
+        self._dir = Path(tempfile.mkdtemp(prefix="tbfleet-build-"))
+        self._compiled: dict[str, Path] | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "FirmwareBuild":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the build directory."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _compile(self) -> dict[str, Path]:
+        with self._lock:
+            if self._compiled is None:
+                try:
+                    built = build.compile_firmware(self._dir, self.source)
+                except build.BuildError as e:
+                    raise DeployError(f"compiling the firmware failed: {e}") from None
+                self._compiled = {p.relative_to(self._dir).as_posix(): p for p in built}
+            return self._compiled
+
+    def files(self, board_mpy: int | None) -> tuple[dict[str, Path], bool]:
+        """What to copy onto a board whose sys.implementation._mpy is `board_mpy`, and whether it is source."""
+        compiled = self._compile()
+        sample = next((p for p in compiled.values() if p.suffix == ".mpy"), None)
+        if sample is None or board_accepts(board_mpy, mpy_version_of(sample)):
+            return compiled, False
+        log.warning("the board's MicroPython loads .mpy version %s, mpy-cross makes version %d: deploying .py "
+                    "sources instead", "(unknown)" if board_mpy is None else board_mpy & 0xFF,
+                    mpy_version_of(sample)[0])
+        return {p.relative_to(self.source).as_posix(): p for p in sorted(self.source.rglob("*.py"))}, True
 
 
 def _sha256(data: bytes) -> str:
@@ -258,13 +285,24 @@ def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Calla
         image = flash.resolve_image(board, Path(firmware) if firmware else None, flash.default_cache_dir())
         progress(f"{port}: flashing {image.name} onto {board.name}")
         flash.flash(board, port, image, erase=board.flash.erase_default if erase is None else erase,
-                    esptool_args=shlex.split(env_value(env, "ESPTOOL_ARGS") or ""), progress=log.debug)
+                    esptool_args=esptool_args(env), progress=log.debug)
     except flash.FlashError as e:
         raise DeployError(str(e)) from None
 
 
-def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceConfig],
-                 env: Mapping[str, str], progress: Callable[[str], None] = log.info) -> Outcome:
+def flash_reason(board: Board, state: BoardState | None, force: bool) -> str | None:
+    """Why the board must be flashed before deploying (FLASH=1, no MicroPython, another version), or None."""
+    if force and not board.is_host:
+        return "FLASH=1"
+    if state is None:
+        return "no MicroPython answers"
+    if state.version != board.micropython.version:
+        return f"it runs MicroPython {state.version}, board {board.name} wants {board.micropython.version}"
+    return None
+
+
+def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceConfig], env: Mapping[str, str],
+                 firmware: FirmwareBuild, progress: Callable[[str], None] = log.info) -> Outcome:
     """Deploy onto the board at `port`: flash when needed, build, copy what changed, write config.json.
 
     `dc_for` makes the validated config once the board's identity is known. The board is left in its REPL,
@@ -273,23 +311,17 @@ def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceC
     progress(f"{port}: asking the board what it runs")
     state = probe(port)
     flashed = False
-    force = env_flag(env, "FLASH") and not board.is_host
-    wrong_version = state is not None and state.version != board.micropython.version
-    if force or state is None or wrong_version:
+    why = flash_reason(board, state, bool(env_flag(env, "FLASH")))
+    if why:
         if board.is_host:
-            raise DeployError(f"{port}: no MicroPython answers there" if state is None else
-                              f"{port}: the virtual board runs MicroPython {state.version}, "
-                              f"board {board.name} wants {board.micropython.version}")
-        why = ("FLASH=1" if force else "no MicroPython answers" if state is None else
-               f"it runs MicroPython {state.version}, board {board.name} wants {board.micropython.version}")
+            raise DeployError(f"{port}: {why}, and a virtual board cannot be flashed")
         progress(f"{port}: flashing because {why}")
         flash_board(board, port, env, progress)
         flashed = True
         state = _wait_for_micropython(port)
     dc = dc_for(state)
-    with tempfile.TemporaryDirectory(prefix="tbfleet-build-") as tmp:
-        files, source_only = firmware_files(Path(tmp), state.mpy)
-        copied, removed, unchanged = sync(port, state, files, dc, progress)
+    files, source_only = firmware.files(state.mpy)
+    copied, removed, unchanged = sync(port, state, files, dc, progress)
     return Outcome(port, state, flashed, copied, removed, unchanged, source_only)
 
 
@@ -319,6 +351,25 @@ def env_flag(env: Mapping[str, str], name: str) -> bool | None:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise DeployError(f"{name}={value!r} is not a yes/no value (use 1 or 0)")
+
+
+def esptool_args(env: Mapping[str, str]) -> list[str]:
+    """ESPTOOL_ARGS split as a shell would; DeployError naming it when it cannot be."""
+    try:
+        return shlex.split(env_value(env, "ESPTOOL_ARGS") or "")
+    except ValueError as e:
+        raise DeployError(f"ESPTOOL_ARGS: {e}") from None
+
+
+def check_flash_settings(env: Mapping[str, str], board: Board) -> None:
+    """FLASH, ERASE, FIRMWARE and ESPTOOL_ARGS make sense for `board`; DeployError naming the first that does not."""
+    if env_flag(env, "FLASH") and board.is_host:
+        raise DeployError(f"FLASH=1: board {board.name} runs the Unix port and is never flashed")
+    env_flag(env, "ERASE")
+    esptool_args(env)
+    firmware = env_value(env, "FIRMWARE")
+    if firmware and not Path(firmware).is_file():
+        raise DeployError(f"FIRMWARE={firmware}: no such file")
 
 
 def env_count(env: Mapping[str, str]) -> int | None:
@@ -404,9 +455,7 @@ def plan(env: Mapping[str, str]) -> Plan:
     if count is not None and not emulator:
         raise DeployError("COUNT needs the local emulator, which only runs with BOARD=unix and no TB_HOST")
     monitor = env_flag(env, "MONITOR")
-    if env_flag(env, "FLASH") and board.is_host:
-        raise DeployError(f"FLASH=1: board {board.name} runs the Unix port and is never flashed")
-    env_flag(env, "ERASE")
+    check_flash_settings(env, board)
     defaults: dict[str, object] = {}
     if emulator:
         key, secret = demo_profile()
@@ -448,7 +497,8 @@ def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
             vboard = VirtualBoard(flash_dir)
             port = vboard.start()
             log.info("virtual board on %s (flash %s)", port, flash_dir)
-        outcome = deploy_board(p.board, port, lambda state: p.dc, env)
+        with FirmwareBuild() as firmware:
+            outcome = deploy_board(p.board, port, lambda state: p.dc, env, firmware)
         name = _device_name(p.dc, outcome.state)
         log.info("%s: device %s, %d copied, %d unchanged; resetting the board", port, name,
                  len(outcome.copied), outcome.unchanged)

@@ -5,14 +5,20 @@ Every run is watched for secrets in the argv of any process and in the output.
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from host_tools import build, deploy
+from host_tools import boards, build, deploy
 from host_tools.vboard import VirtualBoard, board_mac
-from vboard_fixtures import ArgvWatch, Server, emulator, run_tool, snapshot, vboard  # noqa: F401 - fixtures
+from support import ROOT
+from vboard_fixtures import (MAKE_VARIABLES, ArgvWatch, Server, emulator, run_tool, snapshot,  # noqa: F401
+                             vboard)
 
 DEMO_SECRET = deploy.demo_profile()[1]
 
@@ -114,13 +120,17 @@ def test_bad_input_gets_one_message_and_leaves_the_board_untouched(vboard: Virtu
     assert vboard.restarts == 0, "nothing may have talked to the board"
 
 
-def test_board_that_cannot_load_our_mpy_gets_sources(tmp_path: Path) -> None:
-    files, sources = deploy.firmware_files(tmp_path, board_mpy=5)  # a MicroPython before 1.19 (.mpy v5)
-    assert sources and files["lib/tbfleet/config.py"] == build.FIRMWARE / "lib" / "tbfleet" / "config.py"
-    assert all(p.suffix == ".py" for p in files.values())
-    files, sources = deploy.firmware_files(tmp_path / "b", board_mpy=2822)  # the Unix port here: v6.3, x64
-    assert not sources and files["lib/tbfleet/config.mpy"].read_bytes()[:2] == b"M\x06"
-    assert files["main.py"].suffix == ".py"
+def test_board_that_cannot_load_our_mpy_gets_sources() -> None:
+    with deploy.FirmwareBuild() as firmware:
+        files, sources = firmware.files(board_mpy=5)  # a MicroPython before 1.19 (.mpy v5)
+        assert sources and files["lib/tbfleet/config.py"] == build.FIRMWARE / "lib" / "tbfleet" / "config.py"
+        assert all(p.suffix == ".py" for p in files.values())
+        files, sources = firmware.files(board_mpy=2822)  # the Unix port here: v6.3, x64
+        assert not sources and files["lib/tbfleet/config.mpy"].read_bytes()[:2] == b"M\x06"
+        assert files["main.py"].suffix == ".py"
+        assert firmware.files(board_mpy=2822)[0] is files, "the firmware is compiled once per build"
+        built = files["main.py"].parent
+    assert not built.exists()
 
 
 def test_mpy_compatibility_rules(tmp_path: Path) -> None:
@@ -142,3 +152,40 @@ def test_console_scrubs_every_secret() -> None:
     console = deploy.Console(["abc", "abcdef", ""], out)
     console.show("[board] ", "token abcdef and abc")
     assert out.getvalue() == "[board] token *** and ***\n"
+
+
+def test_flash_decision() -> None:
+    esp32, unix = boards.load("esp32"), boards.load("unix")
+    same = deploy.BoardState(esp32.micropython.version, 2822, "ESP32", "246f28a1b2c3", {})
+    older = deploy.BoardState("1.22.2", 2822, "ESP32", "246f28a1b2c3", {})
+    assert deploy.flash_reason(esp32, same, force=False) is None
+    assert deploy.flash_reason(esp32, same, force=True) == "FLASH=1"
+    assert deploy.flash_reason(esp32, None, force=False) == "no MicroPython answers"
+    assert deploy.flash_reason(esp32, older, force=False) == (
+        f"it runs MicroPython 1.22.2, board esp32 wants {esp32.micropython.version}")
+    assert deploy.flash_reason(unix, same, force=True) is None  # the host board is never flashed
+
+
+def test_monitor_follows_the_console_until_ctrl_c(vboard: VirtualBoard, emulator: Server) -> None:
+    env = {"PORT": vboard.port, "TB_HOST": "127.0.0.1", "TB_PORT": str(emulator.emu.ports["http"]),
+           "TRANSPORT": "http", "PROVISION_KEY": emulator.key, "PROVISION_SECRET": emulator.secret,
+           "INTERVAL": "0.2"}
+    full = {k: v for k, v in os.environ.items() if k not in MAKE_VARIABLES}
+    full.update(env)
+    proc = subprocess.Popen([sys.executable, "-m", "host_tools", "deploy"], cwd=ROOT, env=full, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "telemetry 3 sent" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert any(line.startswith("[board] ") and "provisioned" in line for line in seen), "".join(seen)
+    assert "telemetry 3 sent" in seen[-1]
