@@ -250,8 +250,8 @@ class Session:
         r = _Reader(body)
         protocol, level = r.text(), r.u8()
         if (protocol, level) == ("MQTT", 5):
-            self.send(packet(_CONNACK << 4, b"\x00\x84\x00"))
             self.state.event(f"mqtt: refused an MQTT 5 connection from {self.peer} (only 3.1.1 and 3.1)")
+            self.send(packet(_CONNACK << 4, b"\x00\x84\x00"))
             await self._end()
             return False
         if (protocol, level) not in (("MQTT", 4), ("MQIsdp", 3)):
@@ -271,19 +271,19 @@ class Session:
         present = b"\x00" if flags & 0x02 else b"\x01"  # sessionPresent = !cleanSession
         if username == PROVISION or client_id == PROVISION:
             self.provisioning = True
-            self.send(packet(_CONNACK << 4, present + b"\x00"))
             self.state.event(f"mqtt: provisioning session opened from {self.peer}")
+            self.send(packet(_CONNACK << 4, present + b"\x00"))
             return True
         device, code, how = self._authenticate(client_id, username, password)
         if device is None:
-            self.send(packet(_CONNACK << 4, b"\x00" + bytes([code])))
             self.state.event(f"mqtt: connection from {self.peer} refused with CONNACK {code} ({how})")
+            self.send(packet(_CONNACK << 4, b"\x00" + bytes([code])))
             await self._end()
             return False
         self.device = device
         self._listen_handle = self.state.listen(device.name, self._on_push)
-        self.send(packet(_CONNACK << 4, present + b"\x00"))
         self.state.event(f"mqtt: device {device.name!r} connected from {self.peer} ({how})")
+        self.send(packet(_CONNACK << 4, present + b"\x00"))
         return True
 
     def _authenticate(self, client_id: str, username: str | None, password: str | None
@@ -349,10 +349,10 @@ class Session:
                 codes.append(qos)
             else:
                 codes.append(_SUBSCRIBE_FAILURE)
-        self.send(packet(_SUBACK << 4, struct.pack("!H", packet_id) + bytes(codes)))
         if self.device is not None:
             granted = ", ".join(t for (t, _), code in zip(filters, codes) if code != _SUBSCRIBE_FAILURE)
             self.state.event(f"mqtt: device {self.device.name!r} subscribed to {granted or 'nothing'}")
+        self.send(packet(_SUBACK << 4, struct.pack("!H", packet_id) + bytes(codes)))
 
     def _qos_for(self, purpose: str, default: int = 1) -> int:
         """Granted QoS of the subscription serving `purpose`, `default` if there is none."""
