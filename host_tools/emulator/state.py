@@ -433,7 +433,7 @@ class EmulatorState:
                 raise RequestError(f"Can't parse the field {field} in JSON body {_json_text(obj)}: "
                                    "not a primitive value")
             req[field] = value
-        ctype = req["credentialsType"] or ACCESS_TOKEN
+        ctype = req["credentialsType"] if "credentialsType" in obj else ACCESS_TOKEN
         if ctype not in CREDENTIALS_TYPES + (LWM2M_CREDENTIALS,):
             raise RequestError(f"No enum constant {_ENUM_CLASS}.{ctype}")
         req["credentialsType"] = ctype

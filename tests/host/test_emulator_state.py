@@ -198,6 +198,8 @@ def test_other_provision_state_value_fails_in_every_version():
                                     '{"provisionDeviceKey":"k"}!'),
     (b'{"provisionDeviceKey":"k","provisionDeviceSecret":"s","credentialsType":"PSK"}',
      "No enum constant org.thingsboard.server.common.data.security.DeviceCredentialsType.PSK"),
+    (b'{"provisionDeviceKey":"k","provisionDeviceSecret":"s","credentialsType":""}',
+     "No enum constant org.thingsboard.server.common.data.security.DeviceCredentialsType."),
 ])
 def test_unparsable_requests_raise_with_the_server_message(body, message):
     state, _ = make()
