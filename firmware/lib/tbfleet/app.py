@@ -1,11 +1,13 @@
 # The device's life: load the config and the saved credentials, provision when there are none, connect, send
 # telemetry every interval, and act on each kind of failure.
+import gc
 import random
+import sys
 import time
 
 from micropython import const
 
-from tbfleet import board, config, log, net, provision, store, telemetry
+from tbfleet import log, net, telemetry
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
 # Module attributes rather than const() so that tests can shorten them.
@@ -33,6 +35,29 @@ class Backoff:
         return half + random.getrandbits(20) % (half + 1)
 
 
+def _unload(*names):
+    # Give a module's RAM back once its work is done (its strings stay interned); the next import reloads it.
+    package = sys.modules["tbfleet"].__dict__
+    for name in names:
+        sys.modules.pop("tbfleet." + name, None)
+        package.pop(name, None)
+    gc.collect()
+
+
+def _save(cfg, creds):
+    from tbfleet import store
+
+    store.save(store.stamp(creds, cfg))
+    _unload("store")
+
+
+def _discard(reason):
+    from tbfleet import store
+
+    store.discard(reason=reason)
+    _unload("store")
+
+
 def _link_class(transport):
     # Only the configured transport is imported: a board that speaks MQTT never loads the HTTP or CoAP client.
     if transport == "mqtt":
@@ -42,63 +67,6 @@ def _link_class(transport):
     else:
         from tbfleet.via_coap import Link
     return Link
-
-
-def configured_credentials(cfg):
-    # The credentials config.json supplies itself (None for a server-generated token).
-    ctype = cfg.credentials_type
-    if ctype == "ACCESS_TOKEN":
-        return {"type": ctype, "token": cfg.token}
-    if ctype == "MQTT_BASIC":
-        return {"type": ctype, "client_id": cfg.client_id or "", "username": cfg.username or "",
-                "password": cfg.password or ""}
-    if ctype == "X509_CERTIFICATE":
-        return {"type": ctype}
-    return None
-
-
-def saved_credentials(cfg):
-    record = store.load()
-    if record is None:
-        return None
-    if not store.matches(record, cfg):
-        log.warn("saved credentials belong to %s at %s, not to %s: provisioning again",
-                 record["device"], record["server"], cfg.device_name)
-        store.discard(reason="config.json names another device or server")
-        return None
-    return record
-
-
-def save_credentials(cfg, creds):
-    record = store.stamp(creds, cfg)
-    store.save(record)
-    return record
-
-
-def provision_once(link, cfg):
-    # Returns (credentials, whether they still need saving, ms to wait first when there are none).
-    log.info("provisioning %s over %s at %s:%d", cfg.device_name, cfg.transport, cfg.host, cfg.port)
-    outcome = provision.provision(link, cfg)
-    status = outcome.status
-    if status == provision.SUCCESS:
-        log.info("provisioned %s with %s credentials", cfg.device_name, outcome.creds["type"])
-        return save_credentials(cfg, outcome.creds), False, 0
-    if status == provision.NOT_FOUND:
-        log.error("provisioning refused (NOT_FOUND: %s): check provision_key and provision_secret, and that the "
-                  "device profile allows provisioning; nothing saved", outcome.message)
-        return None, False, LONG_WAIT_MS
-    if status == provision.FAILURE:
-        own = configured_credentials(cfg)
-        if own:
-            log.warn("provisioning answered FAILURE (%s): %s exists already; trying the credentials from "
-                     "config.json", outcome.message, cfg.device_name)
-            return own, True, 0
-        log.error("provisioning failed (FAILURE: %s): %s already exists on the server, or is not "
-                  "pre-provisioned there, or was provisioned before; delete it on the server or change "
-                  "device_name", outcome.message, cfg.device_name)
-        return None, False, LONG_WAIT_MS
-    log.warn("provisioning got %s: %s", status, outcome.message)
-    return None, False, None
 
 
 def _idle(link, ms):
@@ -123,7 +91,8 @@ class Device:
         self.sensors = telemetry.Sensors(cfg.sensors, net.rssi if net.has_wifi() else None)
         self.refusals = 0
         self.sent = 0
-        self.unsaved = None  # credentials from config.json, saved once the server accepts them
+        self.creds = None  # kept in RAM once known, so reconnects touch neither flash nor provisioning
+        self.unsaved = False  # creds came from config.json: saved once the server accepts them
 
     def send_loop(self, max_messages):
         # Sends every telemetry_interval seconds until max_messages were sent (None: for ever).
@@ -137,8 +106,8 @@ class Device:
             if first:
                 # Accepted telemetry is the proof that the credentials work (HTTP and CoAP have no connect step).
                 if self.unsaved:
-                    save_credentials(self.cfg, self.unsaved)
-                    self.unsaved = None
+                    _save(self.cfg, self.creds)
+                    self.unsaved = False
                 self.retry.reset()
                 self.refusals = 0
                 first = False
@@ -154,17 +123,17 @@ class Device:
         # One pass: credentials (saved or provisioned), connect, send. Returns ms to wait before the next pass,
         # or None when max_messages were sent.
         cfg = self.cfg
-        self.unsaved = None
         try:
             net.up(cfg)
-            creds = saved_credentials(cfg)
-            if creds is None:
-                creds, unsaved, wait_ms = provision_once(self.link, cfg)
+            if self.creds is None:
+                from tbfleet import onboard
+
+                creds, self.unsaved, wait_long = onboard.credentials(self.link, cfg)
+                _unload("onboard", "provision", "store")
                 if creds is None:
-                    return self.retry.next_ms() if wait_ms is None else wait_ms
-                if unsaved:
-                    self.unsaved = creds
-            self.link.open(creds)
+                    return LONG_WAIT_MS if wait_long else self.retry.next_ms()
+                self.creds = creds
+            self.link.open(self.creds)
             log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
             self.send_loop(max_messages)
             return None
@@ -174,10 +143,12 @@ class Device:
             if self.unsaved:
                 log.error("the server refused the credentials from config.json too; fix them or delete %s on "
                           "the server", cfg.device_name)
+                self.creds = None
                 self.refusals = 0
                 return LONG_WAIT_MS
             if self.refusals >= REFUSALS_BEFORE_REPROVISION:
-                store.discard(reason="refused %d times in a row" % self.refusals)
+                _discard("refused %d times in a row" % self.refusals)
+                self.creds = None
                 self.refusals = 0
         except (NoAnswer, BadAnswer, Rejected) as e:
             log.warn("%s: %s", type(e).__name__, e)
@@ -203,16 +174,21 @@ def run(cfg, max_messages=None, link=None):
 
 def main(path="config.json"):
     # Entry point of main.py. A bad config stops here with one message; it is not retried.
+    from tbfleet import config
+
     try:
         cfg = config.load(path)
     except config.ConfigError as e:
         log.error("%s", e)
         return 2
+    _unload("config", "board")
     log.level = {"debug": log.DEBUG, "info": log.INFO, "warn": log.WARN, "error": log.ERROR}[cfg.log_level]
     try:
         run(cfg)
     except Exception as e:  # noqa: BLE001 - a board must come back by itself, whatever went wrong
         log.error("unexpected %s: %s", type(e).__name__, e)
+        from tbfleet import board
+
         if not board.can_reset():
             raise
         time.sleep_ms(RETRY_FIRST_MS * 10)

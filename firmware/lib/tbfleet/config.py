@@ -168,7 +168,8 @@ def validate(data):
     for s in sensors:
         if s not in SENSORS:
             raise ConfigError("sensors", "unknown sensor %r (known: %s)" % (s, ", ".join(SENSORS)))
-    _text(cfg, "wifi_ssid")
+    if _text(cfg, "wifi_ssid") is None and _has_wifi():
+        raise ConfigError("wifi_ssid", "required on a board with Wi-Fi")
     if cfg.wifi_password is not None and not isinstance(cfg.wifi_password, str):
         raise ConfigError("wifi_password", "must be a string")
     if cfg.wifi_password and not cfg.wifi_ssid:
@@ -205,6 +206,14 @@ def _check_credentials(cfg, ctype):
             raise ConfigError("tls", "must be true with credentials_type X509_CERTIFICATE")
         _file(cfg, "cert_file", True)
         _file(cfg, "key_file", True)
+
+
+def _has_wifi():
+    try:
+        import network  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def load(path="config.json"):

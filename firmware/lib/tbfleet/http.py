@@ -175,9 +175,6 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
     req = encode(method, host, port, path, body, ssl_ctx is not None)
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
-        # Non-blocking: a stream readinto on a blocking socket waits until its buffer is full; here it
-        # returns what has arrived, and select.poll does the waiting.
-        sock.setblocking(False)
         return exchange(sock, req, tcp.deadline(timeout_ms), limit, method == "HEAD")
     finally:
         sock.close()

@@ -21,10 +21,6 @@ def up(cfg):
     global _wlan
     if network is None:
         return
-    if not cfg.wifi_ssid:
-        from tbfleet.config import ConfigError
-
-        raise ConfigError("wifi_ssid", "required on a board with Wi-Fi")
     if _wlan is None:
         _wlan = network.WLAN(network.STA_IF)
     _wlan.active(True)

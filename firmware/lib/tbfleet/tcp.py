@@ -34,6 +34,9 @@ def connect(host, port, timeout_ms, ssl_ctx=None):
         # MicroPython's TLS raises ValueError when the server's certificate fails verification.
         sock.close()
         raise BadAnswer("TLS handshake with %s:%d failed: %s" % (host, port, e))
+    # From here every wait is a poll with a deadline. Non-blocking also makes readinto return what has arrived:
+    # a blocking MicroPython stream read waits until the whole buffer is full.
+    sock.setblocking(False)
     return sock
 
 
