@@ -172,8 +172,9 @@ def run(cfg, max_messages=None, link=None):
         time.sleep_ms(wait_ms)
 
 
-def main(path="config.json"):
-    # Entry point of main.py. A bad config stops here with one message; it is not retried.
+def main(path="config.json", max_messages=None):
+    # Entry point of main.py (max_messages: stop after that many, for benchmarks). A bad config stops here with
+    # one message; it is not retried.
     from tbfleet import config
 
     try:
@@ -184,7 +185,7 @@ def main(path="config.json"):
     _unload("config", "board")
     log.level = {"debug": log.DEBUG, "info": log.INFO, "warn": log.WARN, "error": log.ERROR}[cfg.log_level]
     try:
-        run(cfg)
+        run(cfg, max_messages)
     except Exception as e:  # noqa: BLE001 - a board must come back by itself, whatever went wrong
         log.error("unexpected %s: %s", type(e).__name__, e)
         from tbfleet import board
