@@ -12,7 +12,6 @@ through a two-line wrapper that sets `app.RETRY_FIRST_MS` before calling `app.ma
 from __future__ import annotations
 
 import json
-import queue
 import re
 import subprocess
 import threading
@@ -23,41 +22,41 @@ from support import MICROPYTHON, install_firmware
 
 
 class BoardRun:
-    """One boot of a board: its console lines as they arrive."""
+    """One boot of a board: its console lines as they arrive, read in order like an `expect` script."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         self.lines: list[str] = []
-        self._new: queue.Queue[str | None] = queue.Queue()
+        self._cursor = 0  # wait_for looks only at lines after its previous match
+        self._done = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            self._new.put(line)
-        self._new.put(None)
+        self._done.set()
 
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
 
     def wait_for(self, pattern: str, timeout: float = 20) -> re.Match:
-        """Wait for a console line matching the regular expression; AssertionError with the console if none."""
+        """The next console line (after the previous match) matching the regular expression; AssertionError
+        with the whole console when none comes within `timeout` seconds."""
         rx = re.compile(pattern)
-        for line in self.lines:
-            if m := rx.search(line):
-                return m
         end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            try:
-                line = self._new.get(timeout=left)
-            except queue.Empty:
+        while True:
+            while self._cursor < len(self.lines):
+                line = self.lines[self._cursor]
+                self._cursor += 1
+                if m := rx.search(line):
+                    return m
+            if self._done.is_set() and self._cursor >= len(self.lines):
                 break
-            if line is None:
+            if time.monotonic() > end:
                 break
-            if m := rx.search(line):
-                return m
+            time.sleep(0.01)
         raise AssertionError(f"no console line matching {pattern!r} within {timeout} s:\n{self.output}")
 
     def power_off(self) -> None:
