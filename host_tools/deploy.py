@@ -31,12 +31,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import serial
 
 from host_tools import boards, build, devconfig
 from host_tools.boards import Board, BoardError
 from host_tools.devconfig import ConfigProblem, DeviceConfig
+
+if TYPE_CHECKING:
+    from host_tools.emulator.process import EmulatorProcess
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ _MPREMOTE_TIMEOUT = 60.0
 _BYTES_PER_SECOND = 4000  # raw-paste over 115200 baud with its base64-free repr() overhead, a safe floor
 _REBOOT_WAIT = 30.0  # a freshly flashed board's first boot formats its filesystem
 _BAUD = 115200
+_COUNT_GRACE = 60.0  # seconds beyond COUNT x interval before COUNT gives up (provisioning, retries)
 _DEMO_INTERVAL = "5"  # seconds between telemetry messages on the local demo, unless INTERVAL says otherwise
 
 # Runs on the board (any MicroPython): what it is, its chip id, and the sha256 of every file at / and under lib/.
@@ -276,7 +281,7 @@ def reset_into_main(port: str) -> serial.Serial:
 
 
 def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Callable[[str], None]) -> None:
-    """Write the board's MicroPython image with esptool (flash.py), then wait until MicroPython answers."""
+    """Write the board's MicroPython image with esptool (flash.py): FIRMWARE or the board's pinned image."""
     from host_tools import flash
 
     firmware = env_value(env, "FIRMWARE")
@@ -285,7 +290,7 @@ def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Calla
         image = flash.resolve_image(board, Path(firmware) if firmware else None, flash.default_cache_dir())
         progress(f"{port}: flashing {image.name} onto {board.name}")
         flash.flash(board, port, image, erase=board.flash.erase_default if erase is None else erase,
-                    esptool_args=esptool_args(env), progress=log.debug)
+                    esptool_args=esptool_args(env), progress=lambda line: progress(f"{port}: {line}"))
     except flash.FlashError as e:
         raise DeployError(str(e)) from None
 
@@ -464,6 +469,8 @@ def plan(env: Mapping[str, str]) -> Plan:
         if env_value(env, "TB_PORT"):
             raise DeployError("TB_PORT is set without TB_HOST: the local emulator picks its own free ports")
     dc = devconfig.from_env(env, board.device_name, board.sensors, defaults)
+    if emulator and dc.config["tls"]:
+        raise DeployError("TLS=1 (or CA_FILE) needs a server given with TB_HOST: the local demo runs without TLS")
     devconfig.firmware_check(dc)
     if port:
         check_port(port)
@@ -473,6 +480,16 @@ def plan(env: Mapping[str, str]) -> Plan:
 def _device_name(dc: DeviceConfig, state: BoardState) -> str:
     name = dc.config["device_name"]
     return name.replace("{uid}", state.uid) if state.uid else name
+
+
+def _counted(emulator: EmulatorProcess, name: str, count: int, deadline: float) -> bool:
+    stored = len(emulator.telemetry(name))
+    if stored >= count:
+        return True
+    if time.monotonic() > deadline:
+        raise DeployError(f"COUNT={count}: the emulator stored only {stored} telemetry messages from {name} in time; "
+                          "the board's console above says why")
+    return False
 
 
 def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
@@ -500,12 +517,15 @@ def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
         with FirmwareBuild() as firmware:
             outcome = deploy_board(p.board, port, lambda state: p.dc, env, firmware)
         name = _device_name(p.dc, outcome.state)
-        log.info("%s: device %s, %d copied, %d unchanged; resetting the board", port, name,
-                 len(outcome.copied), outcome.unchanged)
+        log.info("%s: device %s, %d files copied, %d unchanged, %d removed%s; resetting the board", port, name,
+                 len(outcome.copied), outcome.unchanged, len(outcome.removed),
+                 " (as .py sources)" if outcome.source_only else "")
         conn = reset_into_main(port)
+        interval = float(p.dc.config.get("telemetry_interval", 60))
+        deadline = time.monotonic() + _COUNT_GRACE + (p.count or 0) * interval
         if p.count is not None:
             log.info("waiting for %d telemetry messages from %s", p.count, name)
-            follow(conn, console, until=lambda: len(emulator.telemetry(name)) >= p.count)
+            follow(conn, console, until=lambda: _counted(emulator, name, p.count, deadline))
             log.info("the emulator stored %d telemetry messages from %s", len(emulator.telemetry(name)), name)
         elif p.monitor:
             log.info("following the board's console; Ctrl-C to stop")

@@ -163,8 +163,9 @@ def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tupl
     """Build the board's config from `env` (make variables); ConfigProblem names the first wrong variable.
 
     `device_name` and `sensors` are the board's defaults (DEVICE_NAME overrides the name). `defaults` may supply
-    host, port, provision_key, provision_secret and telemetry_interval (the emulator's, for the unix board). With `uid` (the chip MAC as
-    12 hex digits) the name's {uid} and {mac} are expanded here, so that the caller knows the final name.
+    host, port, provision_key, provision_secret and telemetry_interval (the emulator's, for the unix board).
+    With `uid` (the chip MAC as 12 hex digits) the name's {uid} and {mac} are expanded here, so that the caller
+    knows the final name.
     """
     defaults = defaults or {}
     cfg: dict[str, Any] = {}

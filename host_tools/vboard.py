@@ -299,18 +299,26 @@ class VirtualBoard:
             data = os.read(self._master, 4096)
         except (BlockingIOError, OSError):
             return
-        for byte in data:
+        start = 0
+        for i, byte in enumerate(data):
             if byte == _CTRL_C and self._busy:
+                self._to_child(data[start:i])
+                start = i
                 self._drain_child()
-            if byte == _CTRL_C and self._busy:
-                # Before the child can take SIGINT, the interrupt waits for its first sign of life.
-                if self._alive:
-                    os.kill(self._child.pid, signal.SIGINT)
-                else:
-                    self._interrupt = True
-                continue
+                if self._busy:
+                    start = i + 1
+                    self._interrupt_child()
+                    continue
+                # It went idle just now: this Ctrl-C goes to the REPL as a byte after all.
             self._note_input(byte)
-            self._to_child(bytes([byte]))
+        self._to_child(data[start:])
+
+    def _interrupt_child(self) -> None:
+        # Before the child can take SIGINT, the interrupt waits for its first sign of life.
+        if self._alive:
+            os.kill(self._child.pid, signal.SIGINT)
+        else:
+            self._interrupt = True
 
     def _drain_child(self) -> None:
         # Read what the child has already printed, so a prompt it printed just now marks it idle before SIGINT.
@@ -342,10 +350,17 @@ class VirtualBoard:
         self._tail = b""
 
     def _to_child(self, data: bytes) -> None:
-        try:
-            os.write(self._child_fd, data)
-        except OSError:
-            log.debug("input for %s lost: the board is restarting", self.port)
+        while data and self._child_fd >= 0:
+            try:
+                data = data[os.write(self._child_fd, data):]
+            except BlockingIOError:
+                # The board is not reading: keep taking its output meanwhile, or both sides would wait for ever.
+                readable, _, _ = select.select([self._child_fd], [self._child_fd], [], 0.05)
+                if readable and not self._from_child():
+                    return
+            except OSError:
+                log.debug("input for %s lost: the board is restarting", self.port)
+                return
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
