@@ -158,7 +158,7 @@ class Bench:
     def boots(self, board: Path, counts: list[int], heapsize: int | None = None,
               timeout: float = 60) -> tuple[bool, list[int], float]:
         """Run the boots; (exited 0, µs per boot, wall seconds)."""
-        cmd = [MICROPYTHON] + ([f"-X", f"heapsize={heapsize}"] if heapsize else []) + ["boots.py"]
+        cmd = [MICROPYTHON] + (["-X", f"heapsize={heapsize}"] if heapsize else []) + ["boots.py"]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd + [str(c) for c in counts], cwd=board, capture_output=True, text=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -110,6 +109,16 @@ class EmulatorProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def wait_event(self, text: str, timeout: float = 5.0) -> str:
+        """The first event line containing `text`, waiting up to `timeout` seconds for it."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for line in list(self.events):
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        raise EmulatorError(f"no event line containing {text!r}; got {self.events!r}")
 
     def api(self, method: str, path: str, body: Any = None, timeout: float = 5) -> Any:
         """Call the inspection API; returns the decoded JSON (None for an empty body)."""

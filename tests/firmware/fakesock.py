@@ -3,6 +3,8 @@
 import io
 import select
 
+from micropython import const
+
 _POLL = const(3)
 
 

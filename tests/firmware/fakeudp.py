@@ -4,6 +4,8 @@ import io
 import select
 import time
 
+from micropython import const
+
 _POLL = const(3)
 
 

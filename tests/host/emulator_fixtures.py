@@ -2,8 +2,8 @@
 
 - `emulator_process(config, *extra_args)`: a context manager that starts the real CLI,
   `python -m host_tools emulator --config F --mqtt-port 0 --http-port 0 --coap-port 0 --db :memory: ...`,
-  waits for its ready line and yields an `EmulatorProcess` (ports, the stderr event lines so far); it stops the
-  process by PID (SIGTERM, then SIGKILL) on exit. Use it for end-to-end tests of anything that talks to the
+  waits for its ready line and yields a `host_tools.emulator.process.EmulatorProcess` (ports, the event lines
+  so far, `wait_event`, the inspection API); it stops the process by PID (SIGTERM, then SIGKILL) on exit. Use it for end-to-end tests of anything that talks to the
   emulator:
 
       with emulator_process(DEMO_CONFIG, "--server-version", "3.8") as emu:
@@ -21,25 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import queue
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from support import ROOT
+from host_tools.emulator.process import EmulatorProcess
 
 ALLOW_KEY, ALLOW_SECRET = "allow-key", "allow-secret"
 CHECK_KEY, CHECK_SECRET = "check-key", "check-secret"
@@ -71,80 +63,15 @@ CONFIG: dict = {
 READY_TIMEOUT = 15.0
 
 
-@dataclass
-class EmulatorProcess:
-    """A running emulator subprocess."""
-
-    proc: subprocess.Popen
-    ports: dict[str, int]
-    events: list[str] = field(default_factory=list)
-
-    def wait_event(self, text: str, timeout: float = 5.0) -> str:
-        """The first stderr line containing `text`, waiting up to `timeout` seconds for it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.events):
-                if text in line:
-                    return line
-            time.sleep(0.02)
-        raise AssertionError(f"no event line containing {text!r}; got {self.events!r}")
-
-
 @contextlib.contextmanager
 def emulator_process(config: dict | Path, *extra_args: str, timeout: float = READY_TIMEOUT
                      ) -> Iterator[EmulatorProcess]:
     """Start `python -m host_tools emulator` on free ports; yield it once ready; stop it by PID."""
-    with tempfile.TemporaryDirectory(prefix="emulator-") as tmp:
-        if isinstance(config, dict):
-            path = Path(tmp) / "config.json"
-            path.write_text(json.dumps(config))
-        else:
-            path = Path(config)
-        cmd = [sys.executable, "-m", "host_tools", "emulator", "--config", str(path), "--mqtt-port", "0",
-               "--http-port", "0", "--coap-port", "0", *extra_args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        emu = EmulatorProcess(proc, {})
-        readers = [threading.Thread(target=_collect, args=(proc.stderr, emu.events), daemon=True)]
-        readers[0].start()
-        try:
-            line = _read_line(proc, timeout)
-            ready = json.loads(line)
-            if ready.get("event") != "ready":
-                raise AssertionError(f"first stdout line is not the ready event: {line!r}")
-            emu.ports = {k: v for k, v in ready.items() if k != "event"}
-            readers.append(threading.Thread(target=_collect, args=(proc.stdout, []), daemon=True))
-            readers[1].start()
-            yield emu
-        finally:
-            _stop(proc)
-            for reader in readers:
-                reader.join(timeout=5)
-
-
-def _collect(stream: Any, into: list[str]) -> None:
-    for line in stream:
-        into.append(line.rstrip("\n"))
-
-
-def _read_line(proc: subprocess.Popen, timeout: float) -> str:
-    result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not result or not result[0]:
-        raise AssertionError(f"emulator not ready within {timeout} s (exit code {proc.poll()})")
-    return result[0]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    emu = EmulatorProcess(config, extra_args=extra_args).start(timeout)
+    try:
+        yield emu
+    finally:
+        emu.stop()
 
 
 class InProcessMqtt:

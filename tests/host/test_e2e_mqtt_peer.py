@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from firmware_board import FirmwareBoard
-from mqtt_peer import (ACCESS_TOKEN_ANSWER, PINGRESP, REQUEST_TOPIC, TELEMETRY_TOPIC, MqttPeer,
+from mqtt_peer import (ACCESS_TOKEN_ANSWER, PINGRESP, REQUEST_TOPIC, MqttPeer,
                        publish_packet)
 
 KEY, SECRET = "fleet-key-4f2a", "fleet-secret-9c1e"
