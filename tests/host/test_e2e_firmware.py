@@ -2,7 +2,7 @@
 
 For each transport: first boot provisions and saves, second boot reuses the credentials; both strategies and each
 credentials type the transport can use; wrong key; device already there; emulator down at first boot; emulator
-restarted mid-run; credentials deleted on the server; the lifecycle against an older server version.
+restarted mid-run; credentials deleted on the server; the lifecycle against an older server version; X.509 over verified TLS.
 """
 
 from __future__ import annotations
@@ -198,3 +198,41 @@ def test_lifecycle_against_server_3_8(tmp_path: Path, transport: str) -> None:
         name = f"e2e-{transport}-v38"
         board = FirmwareBoard(tmp_path / "b", board_config(emu.ports[transport], transport, name))
         assert_lifecycle(emu, board, name, "ACCESS_TOKEN")
+
+
+@pytest.mark.parametrize("issuer", ["self-signed", "emulator-ca"])
+def test_x509_certificate_over_verified_tls(tmp_path: Path, issuer: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from host_tools.emulator import certs
+
+    tls_dir = tmp_path / "tls"
+    name = f"e2e-x509-{issuer}"
+    with EmulatorProcess(CONFIG, extra_args=("--mqtts-port", "0", "--tls-dir", str(tls_dir))) as emu:
+        ca = certs.ensure_server_files(tls_dir)
+        cert_pem, key_pem = certs.client_certificate(name, None if issuer == "self-signed" else ca)
+        board = FirmwareBoard(tmp_path / "b", board_config(
+            emu.ports["mqtts"], "mqtt", name, tls=True, ca_file="ca.der", credentials_type="X509_CERTIFICATE",
+            cert_file="device.der", key_file="device-key.der"))
+        (board.path / "ca.der").write_bytes((tls_dir / "ca.der").read_bytes())
+        (board.path / "device.der").write_bytes(
+            x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER))
+        (board.path / "device-key.der").write_bytes(serialization.load_pem_private_key(key_pem, None).private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()))
+        assert_lifecycle(emu, board, name, "X509_CERTIFICATE")
+
+
+def test_tls_server_not_signed_by_the_configured_ca(tmp_path: Path) -> None:
+    from host_tools.emulator import certs
+
+    with EmulatorProcess(CONFIG, extra_args=("--mqtts-port", "0", "--tls-dir", str(tmp_path / "tls"))) as emu:
+        other = certs.ensure_server_files(tmp_path / "other")
+        board = FirmwareBoard(tmp_path / "b", board_config(emu.ports["mqtts"], "mqtt", "e2e-wrong-ca", tls=True,
+                                                           ca_file="ca.der"))
+        (board.path / "ca.der").write_bytes(other.ca_der.read_bytes())
+        with board.boot() as run:
+            run.wait_for(r"provisioning got BAD_ANSWER: TLS handshake with 127.0.0.1:\d+ failed")
+        assert board.credentials is None
+        assert "e2e-wrong-ca" not in [d["name"] for d in emu.devices()]
