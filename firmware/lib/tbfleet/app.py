@@ -82,6 +82,30 @@ def _idle(link, ms):
         time.sleep_ms(min(left, _POLL_EVERY_MS))
 
 
+def _onboard(link, cfg):
+    # In a function of its own: a module bound to a local of a long-running frame would stay alive (with
+    # everything it imported) until that frame returns, however it is unloaded.
+    from tbfleet import onboard
+
+    try:
+        return onboard.credentials(link, cfg)
+    finally:
+        _unload("onboard", "provision", "store")
+
+
+def _config(path):
+    # The validated config, or None after logging what is wrong with it.
+    from tbfleet import config
+
+    try:
+        return config.load(path)
+    except config.ConfigError as e:
+        log.error("%s", e)
+        return None
+    finally:
+        _unload("config", "board")
+
+
 class Device:
     # The loop's state across reconnects: messages sent, refusals in a row, the retry delay.
     def __init__(self, cfg, link):
@@ -126,10 +150,7 @@ class Device:
         try:
             net.up(cfg)
             if self.creds is None:
-                from tbfleet import onboard
-
-                creds, self.unsaved, wait_long = onboard.credentials(self.link, cfg)
-                _unload("onboard", "provision", "store")
+                creds, self.unsaved, wait_long = _onboard(self.link, cfg)
                 if creds is None:
                     return LONG_WAIT_MS if wait_long else self.retry.next_ms()
                 self.creds = creds
@@ -175,14 +196,9 @@ def run(cfg, max_messages=None, link=None):
 def main(path="config.json", max_messages=None):
     # Entry point of main.py (max_messages: stop after that many, for benchmarks). A bad config stops here with
     # one message; it is not retried.
-    from tbfleet import config
-
-    try:
-        cfg = config.load(path)
-    except config.ConfigError as e:
-        log.error("%s", e)
+    cfg = _config(path)
+    if cfg is None:
         return 2
-    _unload("config", "board")
     log.level = {"debug": log.DEBUG, "info": log.INFO, "warn": log.WARN, "error": log.ERROR}[cfg.log_level]
     try:
         run(cfg, max_messages)
