@@ -28,9 +28,10 @@ _SLIP_END = 0xC0
 class FakeEsp32:
     """socket://127.0.0.1:<port> leading to the ROM bootloader (SLIP) or the MicroPython REPL (anything else)."""
 
-    def __init__(self, rom: FakeRom, board: VirtualBoard) -> None:
+    def __init__(self, rom: FakeRom, board: VirtualBoard, blank: bool = False) -> None:
         self.rom = rom
         self.board = board
+        self.blank = blank  # no MicroPython until something is flashed: REPL bytes go unanswered
         self.routes: list[str] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
@@ -75,6 +76,10 @@ class FakeEsp32:
                 self.routes.append("rom")
                 with socket.create_connection(("127.0.0.1", self.rom.port)) as rom:
                     self._relay(conn, rom.fileno())
+            elif self.blank and not self.rom.wrote_flash():
+                self.routes.append("silence")
+                while not self._stop.is_set() and conn.recv(4096):
+                    pass
             else:
                 self.routes.append("repl")
                 fd = os.open(self.board.port, os.O_RDWR | os.O_NOCTTY)
@@ -135,6 +140,25 @@ def test_flash_then_deploy_a_real_board_over_one_port(esp32: FakeEsp32, emulator
     emulator.emu.wait_for_telemetry(name, 1, timeout=30)
     assert watch.hits == []
     assert emulator.secret not in proc.stdout + proc.stderr and wifi_password not in proc.stdout + proc.stderr
+
+
+def test_blank_board_is_flashed_first(vboard: VirtualBoard, emulator: Server, tmp_path: Path) -> None:
+    build_image("esp32", tmp_path / "micropython.bin")
+    rom = FakeRom(chip="esp32").start()
+    board = FakeEsp32(rom, vboard, blank=True)
+    board.start()
+    env = {"BOARD": "esp32", "PORT": board.url, "FIRMWARE": str(tmp_path / "micropython.bin"),
+           "ESPTOOL_ARGS": "--no-stub --before no-reset --after no-reset", "TB_HOST": "127.0.0.1",
+           "TB_PORT": str(emulator.emu.ports["mqtt"]), "PROVISION_KEY": emulator.key,
+           "PROVISION_SECRET": emulator.secret, "WIFI_SSID": "lab", "MONITOR": "0"}
+    try:
+        proc = run_tool(["deploy"], env, timeout=90)
+    finally:
+        board.stop()
+        rom.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "flashing because no MicroPython answers" in proc.stderr
+    assert board.routes[0] == "silence" and "rom" in board.routes and board.routes[-1] == "repl"
 
 
 def test_board_with_the_wanted_micropython_is_not_flashed(esp32: FakeEsp32, emulator: Server) -> None:
