@@ -106,7 +106,7 @@ class VirtualBoard:
     """A pty at `.port` whose other side is a MicroPython Unix-port board with `flash_dir` as its flash.
 
     `start()` powers it on (boot.py and main.py run); `stop()` powers it off. `console_log` receives a copy of
-    everything the board prints.
+    everything the board prints. `restarts` counts the resets since power-on (0: nothing reset the board).
     """
 
     def __init__(self, flash_dir: os.PathLike | str, console_log: os.PathLike | str | None = None,
@@ -133,7 +133,6 @@ class VirtualBoard:
         self._log_file = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     def __enter__(self) -> "VirtualBoard":
         self.start()
@@ -213,7 +212,10 @@ class VirtualBoard:
             self._child_fd = -1
 
     def _restart(self) -> None:
-        status = self._child.wait() if self._child else None
+        try:
+            status = self._child.wait(timeout=2) if self._child else None
+        except subprocess.TimeoutExpired:
+            status = None  # its console closed but it lingers: _kill_child ends it
         lived = time.monotonic() - self._child_started
         run_main = status == HARD_RESET_EXIT or not self._raw
         self._kill_child()
