@@ -7,7 +7,7 @@ import time
 
 from micropython import const
 
-from tbfleet import log, net, telemetry
+from tbfleet import log, net, telemetry, unload
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
 # Module attributes rather than const() so that tests can shorten them.
@@ -35,27 +35,18 @@ class Backoff:
         return half + random.getrandbits(20) % (half + 1)
 
 
-def _unload(*names):
-    # Give a module's RAM back once its work is done (its strings stay interned); the next import reloads it.
-    package = sys.modules["tbfleet"].__dict__
-    for name in names:
-        sys.modules.pop("tbfleet." + name, None)
-        package.pop(name, None)
-    gc.collect()
-
-
 def _save(cfg, creds):
     from tbfleet import store
 
     store.save(store.stamp(creds, cfg))
-    _unload("store")
+    unload("store")
 
 
 def _discard(reason):
     from tbfleet import store
 
     store.discard(reason=reason)
-    _unload("store")
+    unload("store")
 
 
 def _link_class(transport):
@@ -90,7 +81,7 @@ def _onboard(link, cfg):
     try:
         return onboard.credentials(link, cfg)
     finally:
-        _unload("onboard", "provision", "store")
+        unload("onboard", "provision", "store")
 
 
 def _config(path):
@@ -103,7 +94,7 @@ def _config(path):
         log.error("%s", e)
         return None
     finally:
-        _unload("config", "board")
+        unload("config", "board")
 
 
 class Device:

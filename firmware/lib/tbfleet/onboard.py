@@ -1,6 +1,7 @@
 # Getting the board its credentials: the saved ones, or new ones by provisioning. app imports this module only
-# while the board has no credentials in RAM and unloads it (with provision and store) afterwards.
-from tbfleet import log, provision, store
+# while the board has no credentials in RAM and unloads it afterwards. Each step imports the module it needs and
+# unloads it when done, so store and provision never take RAM at the same time.
+from tbfleet import log, unload
 
 def configured_credentials(cfg):
     # The credentials config.json supplies itself (None for a server-generated token).
@@ -16,46 +17,66 @@ def configured_credentials(cfg):
 
 
 def saved_credentials(cfg):
-    record = store.load()
-    if record is None:
-        return None
-    if not store.matches(record, cfg):
-        log.warn("saved credentials belong to %s at %s, not to %s: provisioning again",
-                 record["device"], record["server"], cfg.device_name)
-        store.discard(reason="config.json names another device or server")
-        return None
-    return record
+    from tbfleet import store
+
+    try:
+        record = store.load()
+        if record is None:
+            return None
+        if not store.matches(record, cfg):
+            log.warn("saved credentials belong to %s at %s, not to %s: provisioning again",
+                     record["device"], record["server"], cfg.device_name)
+            store.discard(reason="config.json names another device or server")
+            return None
+        return record
+    finally:
+        unload("store")
 
 
 def save_credentials(cfg, creds):
-    record = store.stamp(creds, cfg)
-    store.save(record)
-    return record
+    from tbfleet import store
+
+    try:
+        record = store.stamp(creds, cfg)
+        store.save(record)
+        return record
+    finally:
+        unload("store")
+
+
+def _provision(link, cfg):
+    # (status, credentials, message) of one provisioning attempt.
+    from tbfleet import provision
+
+    try:
+        outcome = provision.provision(link, cfg)
+        return outcome.status, outcome.creds, outcome.message
+    finally:
+        unload("provision")
 
 
 def provision_once(link, cfg):
     # Returns (credentials, whether they still need saving, whether to wait long when there are none).
     log.info("provisioning %s over %s at %s:%d", cfg.device_name, cfg.transport, cfg.host, cfg.port)
-    outcome = provision.provision(link, cfg)
-    status = outcome.status
-    if status == provision.SUCCESS:
-        log.info("provisioned %s with %s credentials", cfg.device_name, outcome.creds["type"])
-        return save_credentials(cfg, outcome.creds), False, False
-    if status == provision.NOT_FOUND:
+    status, creds, message = _provision(link, cfg)
+    if status == "SUCCESS":
+        log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
+        return save_credentials(cfg, creds), False, False
+    if status == "NOT_FOUND":
         log.error("provisioning refused (NOT_FOUND: %s): check provision_key and provision_secret, and that the "
-                  "device profile allows provisioning; nothing saved", outcome.message)
+                  "device profile allows provisioning; nothing saved", message)
         return None, False, True
-    if status == provision.FAILURE:
+    if status == "FAILURE":
         own = configured_credentials(cfg)
         if own:
             log.warn("provisioning answered FAILURE (%s): %s exists already; trying the credentials from "
-                     "config.json", outcome.message, cfg.device_name)
+                     "config.json", message, cfg.device_name)
             return own, True, False
         log.error("provisioning failed (FAILURE: %s): %s already exists on the server, or is not "
                   "pre-provisioned there, or was provisioned before; delete it on the server or change "
-                  "device_name", outcome.message, cfg.device_name)
+                  "device_name", message, cfg.device_name)
         return None, False, True
-    log.warn("provisioning got %s: %s", status, outcome.message)
+    log.warn("provisioning got %s: %s", status, message)
     return None, False, False
 
 
