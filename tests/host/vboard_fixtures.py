@@ -57,8 +57,29 @@ def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` is `ancestor` or one of its descendants."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
+
+
 class ArgvWatch:
-    """While running, records every process whose command line holds one of `secrets`."""
+    """While running, records every process started from this one whose command line holds one of `secrets`.
+
+    Only descendants count, so that other tests running at the same time cannot make this one fail.
+    """
 
     def __init__(self, secret_values: list[str]) -> None:
         self.secrets = [s.encode() for s in secret_values if s]
@@ -85,8 +106,10 @@ class ArgvWatch:
                         cmdline = f.read()
                 except OSError:
                     continue
-                if any(s in cmdline for s in self.secrets):
-                    self.hits.append((int(entry.name), cmdline.split(b"\0")[0].decode(errors="replace")))
+                if any(s in cmdline for s in self.secrets) and descends_from(int(entry.name), os.getpid()):
+                    hit = (int(entry.name), cmdline.split(b"\0")[0].decode(errors="replace"))
+                    if hit not in self.hits:
+                        self.hits.append(hit)
             self.scans += 1
 
 
