@@ -42,7 +42,8 @@ def test_unix_board_deploys_provisions_and_sends_telemetry(transport: str) -> No
     assert watch.scans > 0 and watch.hits == []
 
 
-def test_deploy_to_a_port_copies_only_changes_and_never_shows_secrets(vboard: VirtualBoard, emulator: Server) -> None:
+def test_deploy_to_a_port_copies_only_changes_and_never_shows_secrets(vboard: VirtualBoard, emulator: Server,
+                                                                      tmp_path: Path) -> None:
     wifi_password = "wifi-" + secrets.token_hex(8)
     stale = vboard.flash_dir / "lib" / "tbfleet" / "retired_module.py"
     stale.parent.mkdir(parents=True)
@@ -65,11 +66,20 @@ def test_deploy_to_a_port_copies_only_changes_and_never_shows_secrets(vboard: Vi
     assert "removing 1 stale" in first.stderr
     assert "nothing copied" in second.stderr
     assert deployed(vboard.flash_dir) == before, "the second deploy rewrote files that did not change"
-    for text in (first.stdout, first.stderr, second.stdout, second.stderr):
+    console = (tmp_path / "console.log").read_bytes().decode(errors="replace")
+    assert "telemetry" in console
+    for text in (first.stdout, first.stderr, second.stdout, second.stderr, console):
         assert emulator.secret not in text and wifi_password not in text
     assert watch.hits == []
     devices = {d["name"] for d in emulator.emu.devices()}
     assert name in devices
+
+
+def test_argv_watch_sees_a_secret_passed_to_a_child() -> None:
+    needle = "needle-" + secrets.token_hex(6)
+    with ArgvWatch([needle]) as watch:
+        subprocess.run(["sh", "-c", f"sleep 0.2; : {needle}"], check=True)
+    assert [name for _, name in watch.hits] == ["sh"]
 
 
 def _ca_garbage(tmp_path: Path) -> str:
