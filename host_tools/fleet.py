@@ -137,6 +137,10 @@ def validate(env: Mapping[str, str]) -> tuple[Board, DeviceConfig]:
     if not board.is_host and not deploy.env_value(env, "WIFI_SSID"):
         raise DeployError(f"WIFI_SSID is not set: board {board.name} needs a Wi-Fi network to reach the server")
     deploy.check_flash_settings(env, board)
+    template = deploy.env_value(env, "DEVICE_NAME") or board.device_name
+    if "{uid}" not in template and "{mac}" not in template:
+        raise DeployError(f"DEVICE_NAME={template!r} has neither {{uid}} nor {{mac}}: every board of a fleet "
+                          "needs its own name (ThingsBoard refuses a second device with the same name)")
     dc = devconfig.from_env(env, board.device_name, board.sensors, uid="000000000000")
     devconfig.firmware_check(dc)
     return board, dc

@@ -93,6 +93,7 @@ def test_fleet_picks_up_ports_as_they_appear(tmp_path: Path, emulator: Server) -
     ({"PROVISION_KEY": ""}, "PROVISION_KEY is not set"),
     ({"CREDENTIALS_TYPE": "ACCESS_TOKEN"}, "TOKEN (config.json token): required"),
     ({"ESPTOOL_ARGS": "--before 'no-reset"}, "ESPTOOL_ARGS: No closing quotation"),
+    ({"DEVICE_NAME": "sensor"}, "DEVICE_NAME='sensor' has neither {uid} nor {mac}"),
 ])
 def test_fleet_refuses_bad_input_before_touching_boards(tmp_path: Path, change: dict, message: str) -> None:
     env = {"BOARD": "unix", "TB_HOST": "127.0.0.1", "PROVISION_KEY": "k", "PROVISION_SECRET": "s",
