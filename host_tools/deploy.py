@@ -417,7 +417,18 @@ class Console:
 
 def follow(conn: serial.Serial, console: Console, until: Callable[[], bool] | None = None,
            poll_every: float = 0.5) -> None:
-    """Show the board's console line by line until `until()` is true (checked every `poll_every` s) or Ctrl-C."""
+    """Show the board's console line by line until `until()` is true (checked every `poll_every` s).
+
+    Without `until`, following ends at Ctrl-C, which is then the normal way out; with it, Ctrl-C aborts.
+    """
+    try:
+        _follow(conn, console, until, poll_every)
+    except KeyboardInterrupt:
+        if until:
+            raise
+
+
+def _follow(conn: serial.Serial, console: Console, until: Callable[[], bool] | None, poll_every: float) -> None:
     pending = b""
     next_check = time.monotonic()
     while True:
@@ -530,8 +541,6 @@ def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
         elif p.monitor:
             log.info("following the board's console; Ctrl-C to stop")
             follow(conn, console)
-        return 0
-    except KeyboardInterrupt:
         return 0
     finally:
         if conn:
