@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import serial
 
@@ -399,7 +399,7 @@ def demo_profile() -> tuple[str, str]:
 class Console:
     """Shows board console and emulator lines, with every secret value replaced by ***."""
 
-    def __init__(self, secrets: list[str], out=None) -> None:
+    def __init__(self, secrets: list[str], out: TextIO | None = None) -> None:
         self.secrets = sorted((s for s in secrets if s), key=len, reverse=True)
         self.out = out or sys.stdout
 
