@@ -49,7 +49,7 @@ DEMO_CONFIG = ROOT / "host_tools" / "emulator" / "demo.json"
 PACKAGE_DIR = "lib/tbfleet/"
 _PROBE_MARK = "TBFLEET-PROBE"
 _MPREMOTE_TIMEOUT = 60.0
-_BYTES_PER_SECOND = 4000  # raw-paste over 115200 baud with its base64-free repr() overhead, a safe floor
+_BYTES_PER_SECOND = 4000  # mpremote sends files as repr() literals in 256-byte chunks at 115200 baud: a safe floor
 _REBOOT_WAIT = 30.0  # a freshly flashed board's first boot formats its filesystem
 _BAUD = 115200
 _COUNT_GRACE = 60.0  # seconds beyond COUNT x interval before COUNT gives up (provisioning, retries)
@@ -337,7 +337,8 @@ def _wait_for_micropython(port: str) -> BoardState:
         if state is not None:
             return state
         time.sleep(1)
-    raise DeployError(f"{port}: MicroPython does not answer after flashing")
+    raise DeployError(f"{port}: MicroPython does not answer after flashing (press the board's reset button and "
+                      "deploy again; with ESPTOOL_ARGS --after no-reset the chip stays in its bootloader)")
 
 
 def env_value(env: Mapping[str, str], name: str) -> str | None:
