@@ -1,6 +1,5 @@
 # The device's life: load the config and the saved credentials, provision when there are none, connect, send
 # telemetry every interval, and act on each kind of failure.
-import gc
 import random
 import sys
 import time
@@ -51,13 +50,10 @@ def _discard(reason):
 
 def _link_class(transport):
     # Only the configured transport is imported: a board that speaks MQTT never loads the HTTP or CoAP client.
-    if transport == "mqtt":
-        from tbfleet.via_mqtt import Link
-    elif transport == "http":
-        from tbfleet.via_http import Link
-    else:
-        from tbfleet.via_coap import Link
-    return Link
+    # The name is built at run time: literal module names would intern all three on every board.
+    name = "tbfleet.via_" + transport
+    __import__(name)
+    return sys.modules[name].Link
 
 
 def _idle(link, ms):

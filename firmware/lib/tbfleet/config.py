@@ -7,44 +7,7 @@ TRANSPORTS = ("mqtt", "http", "coap")
 CREDENTIALS_TYPES = ("ACCESS_TOKEN", "MQTT_BASIC", "X509_CERTIFICATE")
 SENSORS = ("uptime", "free_heap", "heap_used", "rssi", "mcu_temp")
 LOG_LEVELS = ("debug", "info", "warn", "error")
-_DEFAULT_PORTS = {"mqtt": (1883, 8883), "http": (8080, 443), "coap": (5683, 5684)}
 _MAX_TEXT = const(256)
-
-# Every field the file may hold, with its default; required fields default to None and are checked below.
-_DEFAULTS = {
-    "host": None,
-    "port": None,
-    "transport": "mqtt",
-    "tls": False,
-    "ca_file": None,
-    "provision_key": None,
-    "provision_secret": None,
-    "device_name": "esp32-{uid}",
-    "credentials_type": None,
-    "token": None,
-    "client_id": None,
-    "username": None,
-    "password": None,
-    "cert_file": None,
-    "key_file": None,
-    "telemetry_interval": 60,
-    "qos": 1,
-    "timeout": 10,
-    "keepalive": 60,
-    "sensors": ("uptime", "free_heap", "rssi", "mcu_temp"),
-    "wifi_ssid": None,
-    "wifi_password": None,
-    "log_level": "info",
-}
-# Fields that belong to one credentials type only.
-_OWNER = {
-    "token": "ACCESS_TOKEN",
-    "client_id": "MQTT_BASIC",
-    "username": "MQTT_BASIC",
-    "password": "MQTT_BASIC",
-    "cert_file": "X509_CERTIFICATE",
-    "key_file": "X509_CERTIFICATE",
-}
 
 
 class ConfigError(ValueError):
@@ -113,11 +76,47 @@ def validate(data):
     # Returns a Config with every field set (defaults filled in, device_name expanded).
     if not isinstance(data, dict):
         raise ConfigError(None, "must hold a JSON object")
+    # The tables are built here, not at module level: a module-level name stays interned after config is unloaded.
+    # Every field the file may hold, with its default; required fields default to None and are checked below.
+    defaults = {
+        "host": None,
+        "port": None,
+        "transport": "mqtt",
+        "tls": False,
+        "ca_file": None,
+        "provision_key": None,
+        "provision_secret": None,
+        "device_name": "esp32-{uid}",
+        "credentials_type": None,
+        "token": None,
+        "client_id": None,
+        "username": None,
+        "password": None,
+        "cert_file": None,
+        "key_file": None,
+        "telemetry_interval": 60,
+        "qos": 1,
+        "timeout": 10,
+        "keepalive": 60,
+        "sensors": ("uptime", "free_heap", "rssi", "mcu_temp"),
+        "wifi_ssid": None,
+        "wifi_password": None,
+        "log_level": "info",
+    }
+    # Fields that belong to one credentials type only.
+    owners = {
+        "token": "ACCESS_TOKEN",
+        "client_id": "MQTT_BASIC",
+        "username": "MQTT_BASIC",
+        "password": "MQTT_BASIC",
+        "cert_file": "X509_CERTIFICATE",
+        "key_file": "X509_CERTIFICATE",
+    }
     for name in data:
-        if name not in _DEFAULTS:
+        if name not in defaults:
             raise ConfigError(name, "unknown field")
     cfg = Config()
-    for name, default in _DEFAULTS.items():
+    for name, default in defaults.items():
         value = data.get(name)
         setattr(cfg, name, default if value is None else value)
 
@@ -128,7 +127,8 @@ def validate(data):
     if cfg.tls and cfg.transport == "coap":
         raise ConfigError("tls", "CoAP over DTLS is not supported; use mqtt or http for TLS")
     if cfg.port is None:
-        cfg.port = _DEFAULT_PORTS[cfg.transport][cfg.tls]
+        ports = {"mqtt": (1883, 8883), "http": (8080, 443), "coap": (5683, 5684)}  # (plain, TLS)
+        cfg.port = ports[cfg.transport][cfg.tls]
     _number(cfg, "port", 1, 65535, True)
     _file(cfg, "ca_file", False)
     if cfg.ca_file and not cfg.tls:
@@ -153,7 +153,7 @@ def validate(data):
         ctype = cfg.credentials_type = None
     if ctype is not None:
         _choice(cfg, "credentials_type", CREDENTIALS_TYPES)
-    for field, owner in _OWNER.items():
+    for field, owner in owners.items():
         if data.get(field) not in (None, "") and owner != ctype:
             raise ConfigError(field, "only used with credentials_type %s" % owner)
     _check_credentials(cfg, ctype)

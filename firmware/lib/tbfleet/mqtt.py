@@ -22,20 +22,9 @@ _T_SUBACK = const(9)
 _T_UNSUBACK = const(11)
 _T_PINGRESP = const(13)
 
-_PINGREQ_PKT = b"\xc0\x00"
-_DISCONNECT_PKT = b"\xe0\x00"
-
 _MAX_REMAINING = const(268435455)  # the largest remaining length four bytes can carry
 _FIRST_READ_SIZE = const(64)
 
-# CONNACK return codes 1..5 (MQTT 3.1.1 section 3.2.2.3).
-_REFUSALS = (
-    "unacceptable protocol version",
-    "identifier rejected",
-    "server unavailable",
-    "bad user name or password",
-    "not authorized",
-)
 
 
 class Closed(NoAnswer):
@@ -147,15 +136,17 @@ class MQTTClient:
             raise
         if code:
             self.close()
-            if code <= len(_REFUSALS):
-                raise Refused(code, _REFUSALS[code - 1])
+            if code <= 5:
+                # CONNACK return codes 1..5 (MQTT 3.1.1 section 3.2.2.3).
+                raise Refused(code, ("unacceptable protocol version", "identifier rejected", "server unavailable",
+                                     "bad user name or password", "not authorized")[code - 1])
             raise BadAnswer("CONNACK code %d" % code)
 
     def disconnect(self):
         # Clean DISCONNECT, then close; never raises.
         if self.sock is not None:
             try:
-                tcp.write_all(self.sock, _DISCONNECT_PKT, tcp.deadline(self.timeout_ms))
+                tcp.write_all(self.sock, b"\xe0\x00", tcp.deadline(self.timeout_ms))  # DISCONNECT
             except Exception:
                 pass
         self.close()
@@ -235,7 +226,7 @@ class MQTTClient:
     def ping(self):
         # PINGREQ, then wait for the PINGRESP (other packets handled meanwhile).
         at = tcp.deadline(self.timeout_ms)
-        self._send(_PINGREQ_PKT, at)
+        self._send(b"\xc0\x00", at)  # PINGREQ
         self._await(_T_PINGRESP, None, at)
         self._ping_due = None
 
@@ -258,7 +249,7 @@ class MQTTClient:
                 self.close()
                 raise NoAnswer("no answer in time")
         elif self.keepalive and time.ticks_diff(time.ticks_ms(), self._last_tx) >= self.keepalive * 500:
-            self._send(_PINGREQ_PKT, tcp.deadline(self.timeout_ms))
+            self._send(b"\xc0\x00", tcp.deadline(self.timeout_ms))  # PINGREQ
             self._ping_due = tcp.deadline(self.timeout_ms)
 
     def wait_msg(self, at):

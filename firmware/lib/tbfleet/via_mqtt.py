@@ -2,10 +2,8 @@
 from tbfleet import mqtt, tcp, tls
 from tbfleet.errors import NoAnswer, Refused, Rejected
 
-_PROVISION = "provision"
-_REQUEST_TOPIC = b"/provision/request"
-_RESPONSE_TOPIC = b"/provision/response"
-_TELEMETRY_TOPIC = b"v1/devices/me/telemetry"
+# Topics and the provisioning user name are literals where they are used: a module-level name for each would be
+# one more interned string for good.
 
 
 class Link:
@@ -25,7 +23,7 @@ class Link:
         # the answer unasked, so we only publish and then read whatever comes until the answer is there.
         cfg = self._cfg
         self._answer = None
-        c = self._new_client(cfg.device_name, _PROVISION, tls.context(cfg), None, self._on_provision)
+        c = self._new_client(cfg.device_name, "provision", tls.context(cfg), None, self._on_provision)
         try:
             try:
                 c.connect()
@@ -33,7 +31,7 @@ class Link:
                 # ThingsBoard accepts every provisioning session; a refusal means it cannot serve us now.
                 raise NoAnswer("provisioning refused: %s" % e.args[1])
             at = tcp.deadline(cfg.timeout * 1000)
-            c.publish(_REQUEST_TOPIC, request, 1)
+            c.publish(b"/provision/request", request, 1)
             while self._answer is None:
                 c.wait_msg(at)
             return self._answer
@@ -41,7 +39,7 @@ class Link:
             c.disconnect()
 
     def _on_provision(self, topic, payload):
-        if topic == _RESPONSE_TOPIC:
+        if topic == b"/provision/response":
             self._answer = payload
 
     def open(self, creds):
@@ -54,7 +52,7 @@ class Link:
             # Empty means absent: ThingsBoard picks its lookup by which fields are present (reference 3.4).
             c = self._new_client(creds.get("client_id") or "", creds.get("username") or None, tls.context(cfg),
                                  creds.get("password") or None)
-        elif name == _PROVISION:
+        elif name == "provision":
             raise ValueError("device_name 'provision' opens a provisioning session")
         elif kind == "ACCESS_TOKEN":
             c = self._new_client(name, creds["token"], tls.context(cfg))
@@ -83,7 +81,7 @@ class Link:
         try:
             c.poll()  # a connection the server already closed is NoAnswer here, before we blame this message
             try:
-                c.publish(_TELEMETRY_TOPIC, payload, self._cfg.qos)
+                c.publish(b"v1/devices/me/telemetry", payload, self._cfg.qos)
             except mqtt.Closed:
                 if self._cfg.qos:
                     raise Rejected(None, "closed instead of PUBACK")
