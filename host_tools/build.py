@@ -1,4 +1,10 @@
-"""Building what goes onto a board: the firmware compiled to .mpy with mpy-cross (main.py stays source)."""
+"""Building what goes onto a board: the firmware compiled to .mpy with mpy-cross (main.py stays source).
+
+Compiled with -O3: no asserts and no line-number tables. A traceback from a board then names the module and the
+chain of functions, each at "line 1"; in exchange each module is ~6 % smaller in flash and the heap holds
+~1 KB less code (tests run the firmware from source, with line numbers). The firmware validates with explicit
+checks and error messages, never with assert, so no check is lost.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ def compile_firmware(dest: Path, source: Path = FIRMWARE) -> list[Path]:
         else:
             out = (dest / rel).with_suffix(".mpy")
             out.parent.mkdir(parents=True, exist_ok=True)
-            proc = subprocess.run([mpy_cross(), "-O2", "-o", str(out), "-s", module_name(rel), str(src)],
+            proc = subprocess.run([mpy_cross(), "-O3", "-o", str(out), "-s", module_name(rel), str(src)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise BuildError(f"mpy-cross {rel}: {proc.stderr.strip()}")
