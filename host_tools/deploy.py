@@ -37,7 +37,7 @@ import serial
 
 from host_tools import boards, build, devconfig
 from host_tools.boards import Board, BoardError
-from host_tools.devconfig import ConfigProblem, DeviceConfig
+from host_tools.devconfig import ConfigProblem, DeviceConfig, env_flag, env_value
 
 if TYPE_CHECKING:
     from host_tools.emulator.process import EmulatorProcess
@@ -339,24 +339,6 @@ def _wait_for_micropython(port: str) -> BoardState:
         time.sleep(1)
     raise DeployError(f"{port}: MicroPython does not answer after flashing (press the board's reset button and "
                       "deploy again; with ESPTOOL_ARGS --after no-reset the chip stays in its bootloader)")
-
-
-def env_value(env: Mapping[str, str], name: str) -> str | None:
-    """The variable `name`, None when unset or empty (make exports unset variables as empty)."""
-    value = env.get(name)
-    return value if value not in (None, "") else None
-
-
-def env_flag(env: Mapping[str, str], name: str) -> bool | None:
-    """A yes/no variable: True, False, or None when unset; DeployError naming it otherwise."""
-    value = env_value(env, name)
-    if value is None:
-        return None
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise DeployError(f"{name}={value!r} is not a yes/no value (use 1 or 0)")
 
 
 def esptool_args(env: Mapping[str, str]) -> list[str]:

@@ -79,14 +79,15 @@ class DeviceConfig:
         return {k: ("***" if k in _SECRET_FIELDS and v else v) for k, v in self.config.items()}
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    # make exports unset variables as empty strings: empty means unset.
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable `name`, None when unset or empty (make exports unset variables as empty)."""
     value = env.get(name)
     return value if value not in (None, "") else None
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool | None:
-    value = _get(env, name)
+def env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    """A yes/no variable: True, False, or None when unset; ConfigProblem naming it otherwise."""
+    value = env_value(env, name)
     if value is None:
         return None
     if value.lower() in ("1", "true", "yes", "on"):
@@ -128,7 +129,7 @@ def private_key_der(name: str, path: str) -> bytes:
 
 
 def _provision_secret(env: Mapping[str, str], default: str | None) -> str:
-    secret, secret_file = _get(env, "PROVISION_SECRET"), _get(env, "PROVISION_SECRET_FILE")
+    secret, secret_file = env_value(env, "PROVISION_SECRET"), env_value(env, "PROVISION_SECRET_FILE")
     if secret and secret_file:
         raise ConfigProblem("PROVISION_SECRET and PROVISION_SECRET_FILE are both set: give only one")
     if secret_file:
@@ -146,7 +147,7 @@ def _provision_secret(env: Mapping[str, str], default: str | None) -> str:
 
 
 def _port(env: Mapping[str, str], default: int | None) -> int | None:
-    text = _get(env, "TB_PORT")
+    text = env_value(env, "TB_PORT")
     if text is None:
         return default
     try:
@@ -169,7 +170,7 @@ def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tupl
     """
     defaults = defaults or {}
     cfg: dict[str, Any] = {}
-    host = _get(env, "TB_HOST") or defaults.get("host")
+    host = env_value(env, "TB_HOST") or defaults.get("host")
     if not host:
         raise ConfigProblem("TB_HOST is not set: give the ThingsBoard server's host name or address")
     if any(c.isspace() for c in host) or "/" in host:
@@ -178,17 +179,17 @@ def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tupl
     port = _port(env, defaults.get("port"))
     if port is not None:
         cfg["port"] = port
-    transport = (_get(env, "TRANSPORT") or defaults.get("transport") or "mqtt").lower()
+    transport = (env_value(env, "TRANSPORT") or defaults.get("transport") or "mqtt").lower()
     if transport not in TRANSPORTS:
         raise ConfigProblem(f"TRANSPORT={transport!r} is not one of {', '.join(TRANSPORTS)}")
     cfg["transport"] = transport
-    key = _get(env, "PROVISION_KEY") or defaults.get("provision_key")
+    key = env_value(env, "PROVISION_KEY") or defaults.get("provision_key")
     if not key:
         raise ConfigProblem("PROVISION_KEY is not set: give the device profile's provisioning key")
     cfg["provision_key"] = key
     cfg["provision_secret"] = _provision_secret(env, defaults.get("provision_secret"))
 
-    name = _get(env, "DEVICE_NAME") or device_name
+    name = env_value(env, "DEVICE_NAME") or device_name
     if uid is not None:
         name = name.replace("{uid}", uid).replace("{mac}", uid)
     elif "{mac}" in name:
@@ -196,7 +197,7 @@ def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tupl
         name = name.replace("{mac}", "{uid}")
     cfg["device_name"] = name
 
-    ctype = _get(env, "CREDENTIALS_TYPE")
+    ctype = env_value(env, "CREDENTIALS_TYPE")
     if ctype is not None:
         ctype = ctype.upper()
         if ctype not in CREDENTIALS_TYPES:
@@ -206,27 +207,27 @@ def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tupl
     for var, key_ in (("TOKEN", "token"), ("CLIENT_ID", "client_id"), ("USERNAME", "username"),
                       ("PASSWORD", "password"), ("WIFI_SSID", "wifi_ssid"), ("WIFI_PASSWORD", "wifi_password"),
                       ("LOG_LEVEL", "log_level")):
-        value = _get(env, var)
+        value = env_value(env, var)
         if value is not None:
             cfg[key_] = value
 
     files: dict[str, bytes] = {}
-    if _get(env, "CA_FILE"):
+    if env_value(env, "CA_FILE"):
         files[BOARD_FILES["CA_FILE"]] = certificate_der("CA_FILE", env["CA_FILE"])
         cfg["ca_file"] = BOARD_FILES["CA_FILE"]
-    if _get(env, "CERT_FILE"):
+    if env_value(env, "CERT_FILE"):
         files[BOARD_FILES["CERT_FILE"]] = certificate_der("CERT_FILE", env["CERT_FILE"])
         cfg["cert_file"] = BOARD_FILES["CERT_FILE"]
-    if _get(env, "KEY_FILE"):
+    if env_value(env, "KEY_FILE"):
         files[BOARD_FILES["KEY_FILE"]] = private_key_der("KEY_FILE", env["KEY_FILE"])
         cfg["key_file"] = BOARD_FILES["KEY_FILE"]
-    tls = _flag(env, "TLS")
+    tls = env_flag(env, "TLS")
     if tls is None:
         # A CA or a client certificate only makes sense over TLS.
         tls = bool(files)
     cfg["tls"] = tls
 
-    interval = _get(env, "INTERVAL") or defaults.get("telemetry_interval")
+    interval = env_value(env, "INTERVAL") or defaults.get("telemetry_interval")
     if interval is not None:
         try:
             seconds = float(interval)

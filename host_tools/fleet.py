@@ -131,13 +131,13 @@ def deploy_one(board: Board, port: str, env: Mapping[str, str], firmware: Firmwa
 
 def validate(env: Mapping[str, str]) -> tuple[Board, DeviceConfig]:
     """Check everything shared by all boards before any is touched; errors name the variable."""
-    board = boards.load(deploy.env_value(env, "BOARD") or "esp32")
-    if not deploy.env_value(env, "TB_HOST"):
+    board = boards.load(devconfig.env_value(env, "BOARD") or "esp32")
+    if not devconfig.env_value(env, "TB_HOST"):
         raise DeployError("TB_HOST is not set: a fleet needs the ThingsBoard server the boards will use")
-    if not board.is_host and not deploy.env_value(env, "WIFI_SSID"):
+    if not board.is_host and not devconfig.env_value(env, "WIFI_SSID"):
         raise DeployError(f"WIFI_SSID is not set: board {board.name} needs a Wi-Fi network to reach the server")
     deploy.check_flash_settings(env, board)
-    template = deploy.env_value(env, "DEVICE_NAME") or board.device_name
+    template = devconfig.env_value(env, "DEVICE_NAME") or board.device_name
     if "{uid}" not in template and "{mac}" not in template:
         raise DeployError(f"DEVICE_NAME={template!r} has neither {{uid}} nor {{mac}}: every board of a fleet "
                           "needs its own name (ThingsBoard refuses a second device with the same name)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import queue
 import socket
 import struct
@@ -30,6 +31,11 @@ from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from host_tools.emulator.process import EmulatorProcess
 
@@ -62,6 +68,46 @@ CONFIG: dict = {
 
 READY_TIMEOUT = 15.0
 
+
+
+def make_cert_pem(name: str) -> str:
+    """A throwaway self-signed certificate, PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def one_line(pem: str) -> str:
+    """The certificate's base64 body on one line, as ThingsBoard stores X.509 credentials."""
+    return "".join(line for line in pem.splitlines() if not line.startswith("-----"))
+
+
+def strategy_config(secret: str, cert_pem: str, *more_devices: dict) -> dict:
+    """One profile per provisioning strategy, all with `secret`, and a pre-provisioned device per credentials type
+    (token preTokenValue0000001, MQTT_BASIC pre-client/pre-user/pre-pass, X.509 `cert_pem`)."""
+    return {
+        "profiles": [
+            {"name": "allow", "provisionDeviceKey": "allow-key", "provisionDeviceSecret": secret,
+             "provisionType": "ALLOW_CREATE_NEW_DEVICES"},
+            {"name": "check", "provisionDeviceKey": "check-key", "provisionDeviceSecret": secret,
+             "provisionType": "CHECK_PRE_PROVISIONED_DEVICES"},
+            {"name": "off", "provisionDeviceKey": "off-key", "provisionDeviceSecret": secret,
+             "provisionType": "DISABLED"},
+        ],
+        "devices": [
+            {"name": "pre-token", "profile": "check", "credentialsType": "ACCESS_TOKEN",
+             "credentialsValue": "preTokenValue0000001"},
+            {"name": "pre-basic", "profile": "check", "credentialsType": "MQTT_BASIC",
+             "credentialsValue": {"clientId": "pre-client", "userName": "pre-user", "password": "pre-pass"}},
+            {"name": "pre-x509", "profile": "check", "credentialsType": "X509_CERTIFICATE",
+             "credentialsValue": cert_pem},
+            *more_devices,
+        ],
+    }
 
 @contextlib.contextmanager
 def emulator_process(config: dict | Path, *extra_args: str, timeout: float = READY_TIMEOUT

@@ -8,7 +8,6 @@ inspected on that loop thread, where its SQLite connection lives.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import random
 import re
@@ -23,12 +22,8 @@ from typing import Any, Callable
 import aiocoap
 import pytest
 from aiocoap import numbers
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from emulator_fixtures import emulator_process
+from emulator_fixtures import emulator_process, make_cert_pem, one_line, strategy_config
 from host_tools.emulator import coap
 from host_tools.emulator.state import EmulatorState
 
@@ -38,21 +33,6 @@ BAD_OPTION, NOT_FOUND = numbers.codes.Code.BAD_OPTION, numbers.codes.Code.NOT_FO
 NOT_FOUND_JSON = '{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}'
 FAILURE_JSON = '{"errorMsg":"Failed to provision device!","status":"FAILURE"}'
 TOKEN = "preTokenValue0000001"
-
-
-def make_cert_pem(name: str) -> str:
-    """A throwaway self-signed certificate, PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def one_line(pem: str) -> str:
-    return "".join(line for line in pem.splitlines() if not line.startswith("-----"))
 
 
 class Emulator:
@@ -101,23 +81,7 @@ def cert_pem() -> str:
 
 @pytest.fixture
 def config(secret: str, cert_pem: str) -> dict:
-    return {
-        "profiles": [
-            {"name": "allow", "provisionDeviceKey": "allow-key", "provisionDeviceSecret": secret,
-             "provisionType": "ALLOW_CREATE_NEW_DEVICES"},
-            {"name": "check", "provisionDeviceKey": "check-key", "provisionDeviceSecret": secret,
-             "provisionType": "CHECK_PRE_PROVISIONED_DEVICES"},
-            {"name": "off", "provisionDeviceKey": "off-key", "provisionDeviceSecret": secret,
-             "provisionType": "DISABLED"},
-        ],
-        "devices": [
-            {"name": "pre-token", "profile": "check", "credentialsType": "ACCESS_TOKEN", "credentialsValue": TOKEN},
-            {"name": "pre-basic", "profile": "check", "credentialsType": "MQTT_BASIC",
-             "credentialsValue": {"clientId": "pre-client", "userName": "pre-user", "password": "pre-pass"}},
-            {"name": "pre-x509", "profile": "check", "credentialsType": "X509_CERTIFICATE",
-             "credentialsValue": cert_pem},
-        ],
-    }
+    return strategy_config(secret, cert_pem)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import http.client
 import json
 import secrets
@@ -22,32 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from emulator_fixtures import emulator_process
+from emulator_fixtures import emulator_process, make_cert_pem, one_line, strategy_config
 from host_tools.emulator import http as tbhttp
 from host_tools.emulator.state import EmulatorState
 
 NOT_FOUND = {"errorMsg": "Provision data was not found!", "status": "NOT_FOUND"}
 FAILURE = {"errorMsg": "Failed to provision device!", "status": "FAILURE"}
-
-
-def make_cert_pem(name: str) -> str:
-    """A throwaway self-signed certificate, PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def one_line(pem: str) -> str:
-    return "".join(line for line in pem.splitlines() if not line.startswith("-----"))
 
 
 class Emulator:
@@ -119,26 +99,9 @@ def cert_pem() -> str:
 
 @pytest.fixture
 def config(secret: str, cert_pem: str) -> dict:
-    return {
-        "profiles": [
-            {"name": "allow", "provisionDeviceKey": "allow-key", "provisionDeviceSecret": secret,
-             "provisionType": "ALLOW_CREATE_NEW_DEVICES"},
-            {"name": "check", "provisionDeviceKey": "check-key", "provisionDeviceSecret": secret,
-             "provisionType": "CHECK_PRE_PROVISIONED_DEVICES"},
-            {"name": "off", "provisionDeviceKey": "off-key", "provisionDeviceSecret": secret,
-             "provisionType": "DISABLED"},
-        ],
-        "devices": [
-            {"name": "pre-token", "profile": "check", "credentialsType": "ACCESS_TOKEN",
-             "credentialsValue": "preTokenValue0000001"},
-            {"name": "pre-basic", "profile": "check", "credentialsType": "MQTT_BASIC",
-             "credentialsValue": {"clientId": "pre-client", "userName": "pre-user", "password": "pre-pass"}},
-            {"name": "pre-x509", "profile": "check", "credentialsType": "X509_CERTIFICATE",
-             "credentialsValue": cert_pem},
-            {"name": "elsewhere", "profile": "allow", "credentialsType": "ACCESS_TOKEN",
-             "credentialsValue": "elsewhereToken000001"},
-        ],
-    }
+    return strategy_config(secret, cert_pem,
+                           {"name": "elsewhere", "profile": "allow", "credentialsType": "ACCESS_TOKEN",
+                            "credentialsValue": "elsewhereToken000001"})
 
 
 @pytest.fixture
