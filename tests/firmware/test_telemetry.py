@@ -43,3 +43,10 @@ def test_uptime_survives_tick_wraparound():
     eq(u.seconds(), 5)
     u._last = time.ticks_add(time.ticks_ms(), -3000)
     eq(u.seconds(), 8)
+
+
+def test_uptime_counts_from_a_given_tick():
+    # The app makes its sensors only when it starts sending, but uptime counts from the boot.
+    eq(telemetry.Uptime(time.ticks_add(time.ticks_ms(), -2500)).seconds(), 2)
+    s = telemetry.Sensors(["uptime"], None, time.ticks_add(time.ticks_ms(), -7200))
+    eq(s.read(), {"uptime": 7})

@@ -6,7 +6,7 @@ import time
 
 from micropython import const
 
-from tbfleet import log, net, telemetry, unload
+from tbfleet import log, net, unload
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
 # Module attributes rather than const() so that tests can shorten them.
@@ -99,7 +99,8 @@ class Device:
         self.cfg = cfg
         self.link = link
         self.retry = Backoff(RETRY_FIRST_MS, RETRY_CAP_MS)
-        self.sensors = telemetry.Sensors(cfg.sensors, net.rssi if net.has_wifi() else None)
+        self.booted = time.ticks_ms()  # uptime counts from here, though the sensors are made only to send
+        self.sensors = None
         self.refusals = 0
         self.sent = 0
         self.creds = None  # kept in RAM once known, so reconnects touch neither flash nor provisioning
@@ -107,7 +108,12 @@ class Device:
 
     def send_loop(self, max_messages):
         # Sends every telemetry_interval seconds until max_messages were sent (None: for ever).
+        # telemetry is imported only now: while onboarding, its RAM is better spent on store and provision.
+        from tbfleet import telemetry
+
         link = self.link
+        if self.sensors is None:
+            self.sensors = telemetry.Sensors(self.cfg.sensors, net.rssi if net.has_wifi() else None, self.booted)
         interval_ms = int(self.cfg.telemetry_interval * 1000)
         next_at = time.ticks_ms()
         first = True

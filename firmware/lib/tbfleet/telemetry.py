@@ -25,8 +25,9 @@ def now_ms():
 
 class Uptime:
     # ticks_ms wraps (about 12.4 days on ESP32): accumulate differences instead of trusting one reading.
-    def __init__(self):
-        self._last = time.ticks_ms()
+    # since: the ticks_ms value to count from (default now).
+    def __init__(self, since=None):
+        self._last = time.ticks_ms() if since is None else since
         self._total_ms = 0
 
     def seconds(self):
@@ -51,9 +52,9 @@ def _mcu_temp():
 
 
 class Sensors:
-    def __init__(self, names, rssi=None):
+    def __init__(self, names, rssi=None, since=None):
         self.names = names
-        self.uptime = Uptime()
+        self.uptime = Uptime(since)
         self._rssi = rssi  # a function giving the Wi-Fi RSSI, or None where there is no Wi-Fi
 
     def read(self):
