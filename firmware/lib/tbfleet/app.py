@@ -69,13 +69,13 @@ def _idle(link, ms):
         time.sleep_ms(min(left, _POLL_EVERY_MS))
 
 
-def _onboard(link, cfg):
+def _onboard(get_link, cfg):
     # In a function of its own: a module bound to a local of a long-running frame would stay alive (with
     # everything it imported) until that frame returns, however it is unloaded.
     from tbfleet import onboard
 
     try:
-        return onboard.credentials(link, cfg)
+        return onboard.credentials(get_link, cfg)
     finally:
         unload("onboard", "provision", "store")
 
@@ -95,9 +95,9 @@ def _config(path):
 
 class Device:
     # The loop's state across reconnects: messages sent, refusals in a row, the retry delay.
-    def __init__(self, cfg, link):
+    def __init__(self, cfg, link=None):
         self.cfg = cfg
-        self.link = link
+        self.link = link  # made on first use: a board with saved credentials checks them before the transport loads
         self.retry = Backoff(RETRY_FIRST_MS, RETRY_CAP_MS)
         self.booted = time.ticks_ms()  # uptime counts from here, though the sensors are made only to send
         self.sensors = None
@@ -105,6 +105,11 @@ class Device:
         self.sent = 0
         self.creds = None  # kept in RAM once known, so reconnects touch neither flash nor provisioning
         self.unsaved = False  # creds came from config.json: saved once the server accepts them
+
+    def get_link(self):
+        if self.link is None:
+            self.link = _link_class(self.cfg.transport)(self.cfg)
+        return self.link
 
     def send_loop(self, max_messages):
         # Sends every telemetry_interval seconds until max_messages were sent (None: for ever).
@@ -143,11 +148,11 @@ class Device:
         try:
             net.up(cfg)
             if self.creds is None:
-                creds, self.unsaved, wait_long = _onboard(self.link, cfg)
+                creds, self.unsaved, wait_long = _onboard(self.get_link, cfg)
                 if creds is None:
                     return LONG_WAIT_MS if wait_long else self.retry.next_ms()
                 self.creds = creds
-            self.link.open(self.creds)
+            self.get_link().open(self.creds)
             log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
             self.send_loop(max_messages)
             return None
@@ -169,14 +174,13 @@ class Device:
         except OSError as e:
             log.warn("network error: %s", e)
         finally:
-            self.link.close()
+            if self.link:
+                self.link.close()
         return self.retry.next_ms()
 
 
 def run(cfg, max_messages=None, link=None):
     # The device loop; returns the number of telemetry messages sent once max_messages were sent.
-    if link is None:
-        link = _link_class(cfg.transport)(cfg)
     device = Device(cfg, link)
     while True:
         wait_ms = device.attempt(max_messages)

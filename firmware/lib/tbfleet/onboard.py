@@ -44,8 +44,9 @@ def save_credentials(cfg, creds):
         unload("store")
 
 
-def _provision(link, cfg):
+def _provision(get_link, cfg):
     # (status, credentials, message) of one provisioning attempt.
+    link = get_link()
     from tbfleet import provision
 
     try:
@@ -55,10 +56,10 @@ def _provision(link, cfg):
         unload("provision")
 
 
-def provision_once(link, cfg):
+def provision_once(get_link, cfg):
     # Returns (credentials, whether they still need saving, whether to wait long when there are none).
     log.info("provisioning %s over %s at %s:%d", cfg.device_name, cfg.transport, cfg.host, cfg.port)
-    status, creds, message = _provision(link, cfg)
+    status, creds, message = _provision(get_link, cfg)
     if status == "SUCCESS":
         log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
         return save_credentials(cfg, creds), False, False
@@ -80,9 +81,10 @@ def provision_once(link, cfg):
     return None, False, False
 
 
-def credentials(link, cfg):
-    # (credentials, unsaved, wait long): the saved ones when they fit this config, else one provisioning attempt.
+def credentials(get_link, cfg):
+    # (credentials, unsaved, wait long): the saved ones when they fit this config, else one provisioning attempt
+    # over get_link(), which imports the transport only when it is needed.
     saved = saved_credentials(cfg)
     if saved is not None:
         return saved, False, False
-    return provision_once(link, cfg)
+    return provision_once(get_link, cfg)
