@@ -189,3 +189,28 @@ def test_main_stops_on_a_bad_config_with_one_message():
         json.dump({"host": "127.0.0.1", "provision_key": "k", "provision_secret": SECRET, "port": "1883"}, f)
     eq(app.main(), 2)
     eq([line for line in LINES if line.startswith("E ")], ["E config.json: port: must be an integer"])
+
+
+def test_main_gives_back_the_modules_its_run_loaded():
+    # Calling main again (as the benchmark's boots do) starts from the heap a reboot would give.
+    links = []
+
+    class Transport:
+        # Stands in for tbfleet.via_coap in sys.modules, so main runs over a scripted link.
+        @staticmethod
+        def Link(cfg):
+            links.append(Link(provisions=[OK]))
+            return links[-1]
+
+    sys.modules["tbfleet.via_coap"] = Transport
+    with open("config.json", "w") as f:
+        json.dump({"host": "127.0.0.1", "transport": "coap", "provision_key": "u7i8k9l0p1o2",
+                   "provision_secret": SECRET, "device_name": "greenhouse-7", "telemetry_interval": 0}, f)
+    assert "tbfleet.telemetry" not in sys.modules
+    eq(app.main(max_messages=2), 0)
+    eq(len(links[0].payloads), 2)
+    assert "tbfleet.telemetry" not in sys.modules and "tbfleet.onboard" not in sys.modules
+    assert sys.modules["tbfleet.via_coap"] is Transport  # there before main: not main's to unload
+    eq(app.main(max_messages=1), 0)  # saved credentials, telemetry imported again
+    eq(len(links[1].payloads), 1)
+    eq(links[1].requests, [])

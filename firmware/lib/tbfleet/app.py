@@ -193,6 +193,7 @@ def run(cfg, max_messages=None, link=None):
 def main(path="config.json", max_messages=None):
     # Entry point of main.py (max_messages: stop after that many, for benchmarks). A bad config stops here with
     # one message; it is not retried.
+    loaded = list(sys.modules)
     cfg = _config(path)
     if cfg is None:
         return 2
@@ -207,4 +208,8 @@ def main(path="config.json", max_messages=None):
             raise
         time.sleep_ms(RETRY_FIRST_MS * 10)
         board.reset()
+    finally:
+        # What the run imported (transport, telemetry) goes when main returns, so that calling main again starts
+        # from the heap a reboot would give, not from one fragmented by the last run.
+        unload(*[n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded])
     return 0
