@@ -6,7 +6,7 @@ import time
 
 from micropython import const
 
-from tbfleet import log, net, unload
+from tbfleet import log, unload
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
 # Module attributes rather than const() so that tests can shorten them.
@@ -93,6 +93,27 @@ def _config(path):
         unload("config", "board")
 
 
+def _network_up(cfg):
+    # Wi-Fi and the clock before each attempt. net is loaded only for this (and for the RSSI sensor), so its RAM
+    # serves onboarding; a joined Wi-Fi stays joined, as the interface belongs to the network module.
+    from tbfleet import net
+
+    try:
+        net.up(cfg)
+    finally:
+        unload("net")
+
+
+def _rssi_source():
+    # net.rssi on a board with Wi-Fi (net then stays loaded while sending), else None.
+    from tbfleet import net
+
+    if net.has_wifi():
+        return net.rssi
+    unload("net")
+    return None
+
+
 class Device:
     # The loop's state across reconnects: messages sent, refusals in a row, the retry delay.
     def __init__(self, cfg, link=None):
@@ -118,7 +139,7 @@ class Device:
 
         link = self.link
         if self.sensors is None:
-            self.sensors = telemetry.Sensors(self.cfg.sensors, net.rssi if net.has_wifi() else None, self.booted)
+            self.sensors = telemetry.Sensors(self.cfg.sensors, _rssi_source(), self.booted)
         interval_ms = int(self.cfg.telemetry_interval * 1000)
         next_at = time.ticks_ms()
         first = True
@@ -146,7 +167,7 @@ class Device:
         # or None when max_messages were sent.
         cfg = self.cfg
         try:
-            net.up(cfg)
+            _network_up(cfg)
             if self.creds is None:
                 creds, self.unsaved, wait_long = _onboard(self.get_link, cfg)
                 if creds is None:

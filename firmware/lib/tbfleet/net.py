@@ -1,4 +1,6 @@
-# Network bring-up: Wi-Fi and the clock on boards that have them; nothing to do on the Unix port.
+# Network bring-up: Wi-Fi and the clock on boards that have them; nothing to do on the Unix port. app loads this
+# module only around each bring-up (and for the RSSI sensor), so nothing here may rely on staying loaded: the
+# interface is asked of the network module again after a reload.
 import time
 
 from tbfleet import log
@@ -18,23 +20,28 @@ def has_wifi():
 
 def up(cfg):
     # Join the configured Wi-Fi (within cfg.timeout) and set the clock; NoAnswer when the network is not there.
-    global _wlan
     if network is None:
         return
-    if _wlan is None:
-        _wlan = network.WLAN(network.STA_IF)
-    _wlan.active(True)
-    if not _wlan.isconnected():
+    wlan = _iface()
+    wlan.active(True)
+    if not wlan.isconnected():
         log.info("joining Wi-Fi %s", cfg.wifi_ssid)
-        _wlan.connect(cfg.wifi_ssid, cfg.wifi_password or "")
+        wlan.connect(cfg.wifi_ssid, cfg.wifi_password or "")
         start = time.ticks_ms()
-        while not _wlan.isconnected():
+        while not wlan.isconnected():
             if time.ticks_diff(time.ticks_ms(), start) > cfg.timeout * 3000:
-                _wlan.disconnect()
+                wlan.disconnect()
                 raise NoAnswer("Wi-Fi %s not joined" % cfg.wifi_ssid)
             time.sleep_ms(100)
-        log.info("Wi-Fi up, address %s", _wlan.ifconfig()[0])
+        log.info("Wi-Fi up, address %s", wlan.ifconfig()[0])
         _sync_clock()
+
+
+def _iface():
+    global _wlan
+    if _wlan is None:
+        _wlan = network.WLAN(network.STA_IF)
+    return _wlan
 
 
 def _sync_clock():
@@ -48,6 +55,9 @@ def _sync_clock():
 
 
 def rssi():
-    if _wlan is None or not _wlan.isconnected():
+    if network is None:
         return None
-    return _wlan.status("rssi")
+    wlan = _iface()
+    if not wlan.isconnected():
+        return None
+    return wlan.status("rssi")

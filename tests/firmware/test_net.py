@@ -1,0 +1,88 @@
+# Wi-Fi bring-up against a scripted network module (the Unix port has none), including a reload of tbfleet.net
+# between bring-up and the RSSI sensor, as app does.
+import sys
+
+from mptest import eq, raises
+from tbfleet import unload
+from tbfleet.errors import NoAnswer
+
+
+class WLAN:
+    # Like ESP32's: network.WLAN(STA_IF) always answers the same interface.
+    the = None
+
+    def __new__(cls, kind):
+        if cls.the is None:
+            cls.the = object.__new__(cls)
+            cls.the.connected = False
+            cls.the.joins = []
+            cls.the.joins_after = 0  # isconnected() polls before a join takes effect; None: never
+            cls.the.polls = 0
+        return cls.the
+
+    def __init__(self, kind):
+        pass
+
+    def active(self, on):
+        pass
+
+    def connect(self, ssid, password):
+        self.joins.append(ssid)
+
+    def disconnect(self):
+        self.connected = False
+
+    def isconnected(self):
+        if self.joins and not self.connected and self.joins_after is not None:
+            self.polls += 1
+            self.connected = self.polls > self.joins_after
+        return self.connected
+
+    def ifconfig(self):
+        return ("192.168.4.2", "255.255.255.0", "192.168.4.1", "192.168.4.1")
+
+    def status(self, what):
+        eq(what, "rssi")
+        return -58
+
+
+class network:
+    STA_IF = 0
+    WLAN = WLAN
+
+
+class Cfg:
+    wifi_ssid = "greenhouse"
+    wifi_password = "w1f1-pa55"
+    timeout = 0.1  # 300 ms to join: the bring-up polls every 100 ms
+
+
+def fresh_net():
+    unload("net")
+    from tbfleet import net
+
+    return net
+
+
+sys.modules["network"] = network
+
+
+def test_rssi_after_a_reload_comes_from_the_joined_interface():
+    net = fresh_net()
+    assert net.has_wifi()
+    eq(net.rssi(), None)  # not joined yet
+    WLAN(0).joins_after = 1
+    net.up(Cfg)
+    eq(WLAN(0).joins, ["greenhouse"])
+    net = fresh_net()
+    eq(net.rssi(), -58)
+    net.up(Cfg)  # still joined: no second join
+    eq(WLAN(0).joins, ["greenhouse"])
+
+
+def test_a_wifi_that_never_joins_is_no_answer_within_the_deadline():
+    WLAN(0).joins_after = None
+    net = fresh_net()
+    e = raises(NoAnswer, net.up, Cfg)
+    assert "greenhouse" in str(e) and "w1f1" not in str(e)
+    eq(WLAN(0).connected, False)
