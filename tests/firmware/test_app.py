@@ -208,9 +208,24 @@ def test_main_gives_back_the_modules_its_run_loaded():
                    "provision_secret": SECRET, "device_name": "greenhouse-7", "telemetry_interval": 0}, f)
     assert "tbfleet.telemetry" not in sys.modules
     eq(app.main(max_messages=2), 0)
-    eq(len(links[0].payloads), 2)
+    # The provisioning link is dropped once the answer is in; connecting makes a new one.
+    eq((len(links), len(links[0].requests), len(links[1].payloads)), (2, 1, 2))
     assert "tbfleet.telemetry" not in sys.modules and "tbfleet.onboard" not in sys.modules
     assert sys.modules["tbfleet.via_coap"] is Transport  # there before main: not main's to unload
     eq(app.main(max_messages=1), 0)  # saved credentials, telemetry imported again
-    eq(len(links[1].payloads), 1)
-    eq(links[1].requests, [])
+    eq((len(links), len(links[2].payloads), links[2].requests), (3, 1, []))
+
+
+def test_a_link_the_device_made_goes_with_its_modules_when_dropped():
+    device = app.Device(cfg_with(transport="http"))
+    link = device.get_link()
+    assert "tbfleet.via_http" in sys.modules and "tbfleet.http" in sys.modules
+    assert device.get_link() is link
+    device.drop_link()
+    assert device.link is None
+    assert "tbfleet.via_http" not in sys.modules and "tbfleet.http" not in sys.modules
+    assert device.get_link() is not link and "tbfleet.via_http" in sys.modules
+    passed_in = Link()
+    device = app.Device(cfg_with(), passed_in)
+    device.drop_link()
+    assert device.get_link() is passed_in  # not the device's to drop

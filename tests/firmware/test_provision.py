@@ -145,13 +145,46 @@ class Link:
         self.closed = True
 
 
+class Device:
+    # What onboard asks of app.Device: the link, and dropping it once the exchange is over.
+    def __init__(self, link):
+        self.link = link
+        self.dropped = 0
+
+    def get_link(self):
+        return self.link
+
+    def drop_link(self):
+        self.dropped += 1
+        self.link.close()
+
+
+OK = b'{"credentialsValue":"T0k3n","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'
+
+
 def test_provision_turns_every_ending_into_an_outcome():
-    link = Link(b'{"credentialsValue":"T0k3n","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}')
-    o = provision.provision(link, cfg_with())
-    eq(o.status, provision.SUCCESS)
-    assert link.closed and json.loads(link.sent)["deviceName"] == "greenhouse-7"
-    link = Link(error=NoAnswer("no answer in time"))
-    eq(provision.provision(link, cfg_with()).status, provision.NO_ANSWER)
+    o = provision.outcome(OK, cfg_with())
+    eq((o.status, o.creds), (provision.SUCCESS, {"type": "ACCESS_TOKEN", "token": "T0k3n"}))
+    o = provision.outcome(None, cfg_with(), NoAnswer("no answer in time"))
+    eq((o.status, o.message), (provision.NO_ANSWER, "no answer in time"))
+    eq(provision.outcome(b"\x00\xff", cfg_with()).status, provision.BAD_ANSWER)
+    eq(provision.outcome(None, cfg_with(), BadAnswer("junk")).status, provision.BAD_ANSWER)
+
+
+def test_one_exchange_per_attempt_and_the_link_dropped_however_it_ended():
+    from tbfleet import onboard, store
+
+    link = Link(OK)
+    device = Device(link)
+    creds, unsaved, wait_long = onboard.provision_once(device, cfg_with())
+    eq((creds["token"], unsaved, wait_long), ("T0k3n", False, False))
+    eq(store.load()["token"], "T0k3n")  # saved before it is used
+    assert link.closed and device.dropped == 1 and json.loads(link.sent)["deviceName"] == "greenhouse-7"
+    for error in (NoAnswer("no answer in time"), BadAnswer("junk")):
+        link = Link(error=error)
+        device = Device(link)
+        eq(onboard.provision_once(device, cfg_with()), (None, False, False))
+        assert link.closed and device.dropped == 1
+    link = Link(b"\x00\xff")
+    eq(onboard.provision_once(Device(link), cfg_with()), (None, False, False))
     assert link.closed
-    eq(provision.provision(Link(b"\x00\xff"), cfg_with()).status, provision.BAD_ANSWER)
-    eq(provision.provision(Link(error=BadAnswer("junk")), cfg_with()).status, provision.BAD_ANSWER)

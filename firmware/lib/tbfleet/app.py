@@ -69,15 +69,20 @@ def _idle(link, ms):
         time.sleep_ms(min(left, _POLL_EVERY_MS))
 
 
-def _onboard(get_link, cfg):
+def _onboard(device, cfg):
     # In a function of its own: a module bound to a local of a long-running frame would stay alive (with
     # everything it imported) until that frame returns, however it is unloaded.
     from tbfleet import onboard
 
     try:
-        return onboard.credentials(get_link, cfg)
+        return onboard.credentials(device, cfg)
     finally:
         unload("onboard", "provision", "store")
+
+
+def _imported_since(loaded):
+    # The tbfleet modules (short names) imported since sys.modules held the names in loaded.
+    return [n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded]
 
 
 def _config(path):
@@ -119,6 +124,7 @@ class Device:
     def __init__(self, cfg, link=None):
         self.cfg = cfg
         self.link = link  # made on first use: a board with saved credentials checks them before the transport loads
+        self.link_modules = None  # what making the link imported; None for a link passed in
         self.retry = Backoff(RETRY_FIRST_MS, RETRY_CAP_MS)
         self.booted = time.ticks_ms()  # uptime counts from here, though the sensors are made only to send
         self.sensors = None
@@ -129,8 +135,19 @@ class Device:
 
     def get_link(self):
         if self.link is None:
+            loaded = list(sys.modules)
             self.link = _link_class(self.cfg.transport)(self.cfg)
+            self.link_modules = _imported_since(loaded)
         return self.link
+
+    def drop_link(self):
+        # Closes the link; one this device made goes, with the modules it imported, so that parsing and saving a
+        # provisioning answer get the transport's RAM. get_link makes it again to connect.
+        if self.link is not None:
+            self.link.close()
+            if self.link_modules is not None:
+                self.link = None
+                unload(*self.link_modules)
 
     def send_loop(self, max_messages):
         # Sends every telemetry_interval seconds until max_messages were sent (None: for ever).
@@ -169,7 +186,7 @@ class Device:
         try:
             _network_up(cfg)
             if self.creds is None:
-                creds, self.unsaved, wait_long = _onboard(self.get_link, cfg)
+                creds, self.unsaved, wait_long = _onboard(self, cfg)
                 if creds is None:
                     return LONG_WAIT_MS if wait_long else self.retry.next_ms()
                 self.creds = creds
@@ -232,5 +249,5 @@ def main(path="config.json", max_messages=None):
     finally:
         # What the run imported (transport, telemetry) goes when main returns, so that calling main again starts
         # from the heap a reboot would give, not from one fragmented by the last run.
-        unload(*[n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded])
+        unload(*_imported_since(loaded))
     return 0

@@ -3,6 +3,7 @@
 # unloads it when done, so store and provision never take RAM at the same time. A step's module is deleted from
 # the frame too: a local would keep it alive through the next step.
 from tbfleet import log, unload
+from tbfleet.errors import BadAnswer, NoAnswer
 
 
 def configured_credentials(cfg):
@@ -18,14 +19,29 @@ def configured_credentials(cfg):
     return None
 
 
-def provision_once(get_link, cfg):
+def provision_once(device, cfg):
     # Returns (credentials, whether they still need saving, whether to wait long when there are none).
+    # device: get_link() makes the link (importing the transport), drop_link() closes it and lets the transport
+    # go, so that provision and the transport are never in RAM together.
     log.info("provisioning %s over %s at %s:%d", cfg.device_name, cfg.transport, cfg.host, cfg.port)
-    link = get_link()
     from tbfleet import provision
 
     try:
-        outcome = provision.provision(link, cfg)
+        request = provision.request(cfg)
+    finally:
+        unload("provision")
+    del provision
+    body = error = None
+    try:
+        body = device.get_link().provision(request)
+    except (NoAnswer, BadAnswer) as e:
+        error = e
+    finally:
+        device.drop_link()
+    from tbfleet import provision
+
+    try:
+        outcome = provision.outcome(body, cfg, error)
     finally:
         unload("provision")
     # The outcome's class would keep provision alive: only its fields are kept.
@@ -59,9 +75,9 @@ def provision_once(get_link, cfg):
     return None, False, False
 
 
-def credentials(get_link, cfg):
+def credentials(device, cfg):
     # (credentials, unsaved, wait long): the saved ones when they fit this config, else one provisioning attempt
-    # over get_link(), which imports the transport only when it is needed.
+    # over the device's link.
     from tbfleet import store
 
     try:
@@ -76,4 +92,4 @@ def credentials(get_link, cfg):
     del store
     if record is not None:
         return record, False, False
-    return provision_once(get_link, cfg)
+    return provision_once(device, cfg)

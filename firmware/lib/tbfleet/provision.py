@@ -117,13 +117,13 @@ def parse(body, cfg):
     raise BadAnswer("provisioning answer has no known status")
 
 
-def provision(link, cfg):
-    # One provisioning attempt over link; every way it can end is an Outcome.
+def outcome(body, cfg, error=None):
+    # The Outcome of one provisioning exchange, whichever way it ended: body is the answer, or error the NoAnswer or
+    # BadAnswer the link raised instead. (The exchange itself is onboard's, so that this module is not in RAM
+    # together with the transport.)
+    if error is not None:
+        return Outcome(NO_ANSWER if isinstance(error, NoAnswer) else BAD_ANSWER, None, str(error))
     try:
-        return parse(link.provision(request(cfg)), cfg)
-    except NoAnswer as e:
-        return Outcome(NO_ANSWER, None, str(e))
+        return parse(body, cfg)
     except BadAnswer as e:
         return Outcome(BAD_ANSWER, None, str(e))
-    finally:
-        link.close()
