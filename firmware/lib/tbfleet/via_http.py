@@ -1,5 +1,5 @@
 # ThingsBoard's device API over HTTP(S): provisioning and telemetry, one connection per request.
-from tbfleet import http, tls
+from tbfleet import http
 from tbfleet.errors import BadAnswer, Refused, Rejected
 
 _SAFE = b"-._~"
@@ -33,6 +33,8 @@ class Link:
     def _post(self, path, body):
         cfg = self._cfg
         if cfg.tls and self._ctx is None:
+            from tbfleet import tls  # only a board configured for TLS spends RAM on it
+
             self._ctx = tls.context(cfg)
         return http.request("POST", cfg.host, cfg.port, path, body, self._ctx, int(cfg.timeout * 1000))
 

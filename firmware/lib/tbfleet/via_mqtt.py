@@ -1,5 +1,5 @@
 # ThingsBoard over MQTT: the provisioning session and the authenticated telemetry session.
-from tbfleet import mqtt, tcp, tls
+from tbfleet import mqtt, tcp
 from tbfleet.errors import NoAnswer, Refused, Rejected
 
 # Topics and the provisioning user name are literals where they are used: a module-level name for each would be
@@ -12,9 +12,16 @@ class Link:
         self._client = None
         self._answer = None
 
-    def _new_client(self, client_id, username, ssl_ctx, password=None, on_message=None):
+    def _new_client(self, client_id, username, password=None, on_message=None, client_cert=False):
         # Without on_message, pushes (shared attributes, RPC) are consumed and acknowledged, not acted on.
         cfg = self._cfg
+        ssl_ctx = None
+        if cfg.tls:
+            from tbfleet import tls  # only a board configured for TLS spends RAM on it
+
+            ssl_ctx = tls.context(cfg, client_cert)
+        elif client_cert:
+            raise ValueError("X509_CERTIFICATE needs tls")
         return mqtt.MQTTClient(cfg.host, cfg.port, client_id, username, password, cfg.keepalive,
                                int(cfg.timeout * 1000), ssl_ctx, on_message)
 
@@ -23,7 +30,7 @@ class Link:
         # the answer unasked, so we only publish and then read whatever comes until the answer is there.
         cfg = self._cfg
         self._answer = None
-        c = self._new_client(cfg.device_name, "provision", tls.context(cfg), None, self._on_provision)
+        c = self._new_client(cfg.device_name, "provision", None, self._on_provision)
         try:
             try:
                 c.connect()
@@ -50,17 +57,14 @@ class Link:
         name = cfg.device_name
         if kind == "MQTT_BASIC":
             # Empty means absent: ThingsBoard picks its lookup by which fields are present (reference 3.4).
-            c = self._new_client(creds.get("client_id") or "", creds.get("username") or None, tls.context(cfg),
+            c = self._new_client(creds.get("client_id") or "", creds.get("username") or None,
                                  creds.get("password") or None)
         elif name == "provision":
             raise ValueError("device_name 'provision' opens a provisioning session")
         elif kind == "ACCESS_TOKEN":
-            c = self._new_client(name, creds["token"], tls.context(cfg))
+            c = self._new_client(name, creds["token"])
         elif kind == "X509_CERTIFICATE":
-            ctx = tls.context(cfg, True)
-            if ctx is None:
-                raise ValueError("X509_CERTIFICATE needs tls")
-            c = self._new_client(name, None, ctx)
+            c = self._new_client(name, None, client_cert=True)
         else:
             raise ValueError("unknown credentials type %r" % (kind,))
         c.connect()
