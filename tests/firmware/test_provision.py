@@ -172,19 +172,21 @@ def test_provision_turns_every_ending_into_an_outcome():
 
 
 def test_one_exchange_per_attempt_and_the_link_dropped_however_it_ended():
-    from tbfleet import onboard, store
+    from tbfleet import app, store
 
     link = Link(OK)
     device = Device(link)
-    creds, unsaved, wait_long = onboard.provision_once(device, cfg_with())
+    creds, unsaved, wait_long = app._onboard(device, cfg_with())
     eq((creds["token"], unsaved, wait_long), ("T0k3n", False, False))
     eq(store.load()["token"], "T0k3n")  # saved before it is used
     assert link.closed and device.dropped == 1 and json.loads(link.sent)["deviceName"] == "greenhouse-7"
+    eq(app._onboard(Device(Link(error=AssertionError("no exchange"))), cfg_with())[0]["token"], "T0k3n")  # saved
+    store.discard()
     for error in (NoAnswer("no answer in time"), BadAnswer("junk")):
         link = Link(error=error)
         device = Device(link)
-        eq(onboard.provision_once(device, cfg_with()), (None, False, False))
+        eq(app._onboard(device, cfg_with()), (None, False, False))
         assert link.closed and device.dropped == 1
     link = Link(b"\x00\xff")
-    eq(onboard.provision_once(Device(link), cfg_with()), (None, False, False))
+    eq(app._onboard(Device(link), cfg_with()), (None, False, False))
     assert link.closed

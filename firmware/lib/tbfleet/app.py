@@ -70,12 +70,40 @@ def _idle(link, ms):
 
 
 def _onboard(device, cfg):
-    # In a function of its own: a module bound to a local of a long-running frame would stay alive (with
-    # everything it imported) until that frame returns, however it is unloaded.
+    # (credentials, unsaved, wait long): the saved ones, else one provisioning exchange over the device's link.
+    # onboard is unloaded during the exchange and the link (with its transport) dropped after it, so that the
+    # transport shares RAM with neither onboard nor provision nor store.
+    creds, request = _saved_or_request(cfg)
+    if creds is not None:
+        return creds, False, False
+    body = error = None
+    try:
+        body = device.get_link().provision(request)
+    except (NoAnswer, BadAnswer) as e:
+        error = e
+    finally:
+        device.drop_link()
+    return _settle(body, error, cfg)
+
+
+# Each onboarding step imports onboard in a function of its own: a module bound to a local of a long-running frame
+# would stay alive (with everything it imported) until that frame returns, however it is unloaded.
+def _saved_or_request(cfg):
+    # (saved credentials, None), or (None, the provisioning request) when there are none that fit.
     from tbfleet import onboard
 
     try:
-        return onboard.credentials(device, cfg)
+        creds = onboard.saved(cfg)
+        return creds, None if creds is not None else onboard.request(cfg)
+    finally:
+        unload("onboard", "provision", "store")
+
+
+def _settle(body, error, cfg):
+    from tbfleet import onboard
+
+    try:
+        return onboard.settle(body, error, cfg)
     finally:
         unload("onboard", "provision", "store")
 

@@ -1,9 +1,9 @@
-# Getting the board its credentials: the saved ones, or new ones by provisioning. app imports this module only
-# while the board has no credentials in RAM and unloads it afterwards. Each step imports the module it needs and
-# unloads it when done, so store and provision never take RAM at the same time. A step's module is deleted from
-# the frame too: a local would keep it alive through the next step.
+# Getting the board its credentials: the saved ones, or new ones by provisioning. app imports this module for each
+# onboarding step (the saved check and the request; then settling the answer) and unloads it in between, while the
+# transport exchanges the request. Each step imports the module it needs and unloads it when done, so store and
+# provision never take RAM at the same time. A step's module is deleted from the frame too: a local would keep
+# it alive through the next step.
 from tbfleet import log, unload
-from tbfleet.errors import BadAnswer, NoAnswer
 
 
 def configured_credentials(cfg):
@@ -19,25 +19,19 @@ def configured_credentials(cfg):
     return None
 
 
-def provision_once(device, cfg):
-    # Returns (credentials, whether they still need saving, whether to wait long when there are none).
-    # device: get_link() makes the link (importing the transport), drop_link() closes it and lets the transport
-    # go, so that provision and the transport are never in RAM together.
+def request(cfg):
+    # The provisioning request for this config.
     log.info("provisioning %s over %s at %s:%d", cfg.device_name, cfg.transport, cfg.host, cfg.port)
     from tbfleet import provision
 
     try:
-        request = provision.request(cfg)
+        return provision.request(cfg)
     finally:
         unload("provision")
-    del provision
-    body = error = None
-    try:
-        body = device.get_link().provision(request)
-    except (NoAnswer, BadAnswer) as e:
-        error = e
-    finally:
-        device.drop_link()
+
+
+def settle(body, error, cfg):
+    # (credentials, unsaved, wait long) from the answer body, or from the NoAnswer/BadAnswer the exchange raised.
     from tbfleet import provision
 
     try:
@@ -75,9 +69,8 @@ def provision_once(device, cfg):
     return None, False, False
 
 
-def credentials(device, cfg):
-    # (credentials, unsaved, wait long): the saved ones when they fit this config, else one provisioning attempt
-    # over the device's link.
+def saved(cfg):
+    # The saved credentials when they fit this config, else None.
     from tbfleet import store
 
     try:
@@ -87,9 +80,6 @@ def credentials(device, cfg):
                      record["device"], record["server"], cfg.device_name)
             store.discard(reason="config.json names another device or server")
             record = None
+        return record
     finally:
         unload("store")
-    del store
-    if record is not None:
-        return record, False, False
-    return provision_once(device, cfg)
