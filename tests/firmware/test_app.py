@@ -165,20 +165,23 @@ def test_secrets_never_reach_the_log():
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap():
-    b = app.Backoff(1000, 8000)
+    app.RETRY_FIRST_MS = 1000
+    app.RETRY_CAP_MS = 8000
+    d = app.Device(cfg_with())
     for ceiling in (1000, 2000, 4000, 8000, 8000):
-        d = b.next_ms()
-        assert ceiling // 2 <= d <= ceiling, (d, ceiling)
-    b.reset()
-    assert b.next_ms() <= 1000
-    delays = set(app.Backoff(1000, 8000).next_ms() for _ in range(20))
+        ms = d.retry_ms()
+        assert ceiling // 2 <= ms <= ceiling, (ms, ceiling)
+    d.link = Link()
+    d.send_loop(1)  # the first message sent resets the delay
+    assert d.retry_ms() <= 1000
+    delays = set(app.Device(cfg_with()).retry_ms() for _ in range(20))
     assert len(delays) > 1  # jitter: a fleet does not retry in step
 
 
 def test_only_the_configured_transport_is_loaded():
     for name in ("http", "coap", "mqtt"):
         assert "tbfleet.via_" + name not in sys.modules
-    app._link_class("coap")
+    app.Device(cfg_with(transport="coap")).get_link()
     assert "tbfleet.via_coap" in sys.modules
     assert "tbfleet.via_mqtt" not in sys.modules and "tbfleet.via_http" not in sys.modules
     assert "tbfleet.mqtt" not in sys.modules and "tbfleet.http" not in sys.modules

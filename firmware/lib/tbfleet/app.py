@@ -17,23 +17,6 @@ REFUSALS_BEFORE_REPROVISION = 3
 _POLL_EVERY_MS = const(1000)
 
 
-class Backoff:
-    def __init__(self, first_ms, cap_ms):
-        self.first_ms = first_ms
-        self.cap_ms = cap_ms
-        self.reset()
-
-    def reset(self):
-        self.delay_ms = self.first_ms
-
-    def next_ms(self):
-        # Between half and all of the current delay, so that a fleet that lost its server does not return in step.
-        delay = self.delay_ms
-        self.delay_ms = min(delay * 2, self.cap_ms)
-        half = delay // 2
-        return half + random.getrandbits(20) % (half + 1)
-
-
 def _save(cfg, creds):
     from tbfleet import store
 
@@ -41,19 +24,27 @@ def _save(cfg, creds):
     unload("store")
 
 
-def _discard(reason):
-    from tbfleet import store
-
-    store.discard(reason=reason)
-    unload("store")
-
-
-def _link_class(transport):
-    # Only the configured transport is imported: a board that speaks MQTT never loads the HTTP or CoAP client.
-    # The name is built at run time: literal module names would intern all three on every board.
-    name = "tbfleet.via_" + transport
+def _load(name):
+    # tbfleet.<name>, imported by a name built at run time: literal module names would intern every transport's
+    # on every board.
+    name = "tbfleet." + name
     __import__(name)
-    return sys.modules[name].Link
+    return sys.modules[name]
+
+
+def _imported_since(loaded):
+    # The tbfleet modules (short names) imported since sys.modules held the names in loaded.
+    return [n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded]
+
+
+def _step(name, fn, *args):
+    # tbfleet.<name>.<fn>(*args), with that module and whatever it imports loaded only for the call. A module bound
+    # to a local of a long-running frame would stay alive (with everything it imported) until that frame returns.
+    loaded = list(sys.modules)
+    try:
+        return getattr(_load(name), fn)(*args)
+    finally:
+        unload(*_imported_since(loaded))
 
 
 def _idle(link, ms):
@@ -73,9 +64,10 @@ def _onboard(device, cfg):
     # (credentials, unsaved, wait long): the saved ones, else one provisioning exchange over the device's link.
     # onboard is unloaded during the exchange and the link (with its transport) dropped after it, so that the
     # transport shares RAM with neither onboard nor provision nor store.
-    creds, request = _saved_or_request(cfg)
+    creds = _step("onboard", "saved", cfg)
     if creds is not None:
         return creds, False, False
+    request = _step("onboard", "request", cfg)
     body = error = None
     try:
         body = device.get_link().provision(request)
@@ -83,34 +75,7 @@ def _onboard(device, cfg):
         error = e
     finally:
         device.drop_link()
-    return _settle(body, error, cfg)
-
-
-# Each onboarding step imports onboard in a function of its own: a module bound to a local of a long-running frame
-# would stay alive (with everything it imported) until that frame returns, however it is unloaded.
-def _saved_or_request(cfg):
-    # (saved credentials, None), or (None, the provisioning request) when there are none that fit.
-    from tbfleet import onboard
-
-    try:
-        creds = onboard.saved(cfg)
-        return creds, None if creds is not None else onboard.request(cfg)
-    finally:
-        unload("onboard", "provision", "store")
-
-
-def _settle(body, error, cfg):
-    from tbfleet import onboard
-
-    try:
-        return onboard.settle(body, error, cfg)
-    finally:
-        unload("onboard", "provision", "store")
-
-
-def _imported_since(loaded):
-    # The tbfleet modules (short names) imported since sys.modules held the names in loaded.
-    return [n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded]
+    return _step("onboard", "settle", body, error, cfg)
 
 
 def _config(path):
@@ -124,17 +89,6 @@ def _config(path):
         return None
     finally:
         unload("config", "board")
-
-
-def _network_up(cfg):
-    # Wi-Fi and the clock before each attempt. net is loaded only for this (and for the RSSI sensor), so its RAM
-    # serves onboarding; a joined Wi-Fi stays joined, as the interface belongs to the network module.
-    from tbfleet import net
-
-    try:
-        net.up(cfg)
-    finally:
-        unload("net")
 
 
 def _rssi_source():
@@ -153,7 +107,7 @@ class Device:
         self.cfg = cfg
         self.link = link  # made on first use: a board with saved credentials checks them before the transport loads
         self.link_modules = None  # what making the link imported; None for a link passed in
-        self.retry = Backoff(RETRY_FIRST_MS, RETRY_CAP_MS)
+        self.delay_ms = RETRY_FIRST_MS  # the next retry's wait; doubles per failure up to RETRY_CAP_MS
         self.booted = time.ticks_ms()  # uptime counts from here, though the sensors are made only to send
         self.sensors = None
         self.refusals = 0
@@ -164,7 +118,8 @@ class Device:
     def get_link(self):
         if self.link is None:
             loaded = list(sys.modules)
-            self.link = _link_class(self.cfg.transport)(self.cfg)
+            # Only the configured transport is imported: a board that speaks MQTT never loads HTTP or CoAP.
+            self.link = _load("via_" + self.cfg.transport).Link(self.cfg)
             self.link_modules = _imported_since(loaded)
         return self.link
 
@@ -196,7 +151,7 @@ class Device:
                 if self.unsaved:
                     _save(self.cfg, self.creds)
                     self.unsaved = False
-                self.retry.reset()
+                self.delay_ms = RETRY_FIRST_MS
                 self.refusals = 0
                 first = False
             log.info("telemetry %d sent", self.sent)
@@ -207,16 +162,24 @@ class Device:
             else:
                 _idle(link, wait)
 
+    def retry_ms(self):
+        # Between half and all of the current delay, so that a fleet that lost its server does not return in step.
+        delay = self.delay_ms
+        self.delay_ms = min(delay * 2, RETRY_CAP_MS)
+        half = delay // 2
+        return half + random.getrandbits(20) % (half + 1)
+
     def attempt(self, max_messages):
         # One pass: credentials (saved or provisioned), connect, send. Returns ms to wait before the next pass,
         # or None when max_messages were sent.
         cfg = self.cfg
         try:
-            _network_up(cfg)
+            # Wi-Fi and the clock; a joined Wi-Fi stays joined, as the interface belongs to the network module.
+            _step("net", "up", cfg)
             if self.creds is None:
                 creds, self.unsaved, wait_long = _onboard(self, cfg)
                 if creds is None:
-                    return LONG_WAIT_MS if wait_long else self.retry.next_ms()
+                    return LONG_WAIT_MS if wait_long else self.retry_ms()
                 self.creds = creds
             self.get_link().open(self.creds)
             log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
@@ -232,7 +195,7 @@ class Device:
                 self.refusals = 0
                 return LONG_WAIT_MS
             if self.refusals >= REFUSALS_BEFORE_REPROVISION:
-                _discard("refused %d times in a row" % self.refusals)
+                _step("store", "discard", "refused %d times in a row" % self.refusals)
                 self.creds = None
                 self.refusals = 0
         except (NoAnswer, BadAnswer, Rejected) as e:
@@ -242,7 +205,7 @@ class Device:
         finally:
             if self.link:
                 self.link.close()
-        return self.retry.next_ms()
+        return self.retry_ms()
 
 
 def run(cfg, max_messages=None, link=None):

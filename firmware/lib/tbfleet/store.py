@@ -160,7 +160,7 @@ def load(path=PATH):
         return None
 
 
-def discard(path=PATH, reason="discarded"):
+def discard(reason="discarded", path=PATH):
     # Set the saved record aside (<path>.bad, replacing an older one), e.g. when the server revoked it.
     _settle(path)
     if _exists(path):
