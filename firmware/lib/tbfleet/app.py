@@ -4,8 +4,6 @@ import random
 import sys
 import time
 
-from micropython import const
-
 from tbfleet import log, unload
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
@@ -14,7 +12,6 @@ RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with j
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
 REFUSALS_BEFORE_REPROVISION = 3
-_POLL_EVERY_MS = const(1000)
 
 
 def _save(cfg, creds):
@@ -45,19 +42,6 @@ def _step(name, fn, *args):
         return getattr(_load(name), fn)(*args)
     finally:
         unload(*_imported_since(loaded))
-
-
-def _idle(link, ms):
-    # Wait ms while keeping the connection alive: MQTT answers pings and takes server pushes meanwhile.
-    poll = getattr(link, "poll", None)
-    end = time.ticks_add(time.ticks_ms(), ms)
-    while True:
-        if poll:
-            poll()
-        left = time.ticks_diff(end, time.ticks_ms())
-        if left <= 0:
-            return
-        time.sleep_ms(min(left, _POLL_EVERY_MS))
 
 
 def _onboard(device, cfg):
@@ -91,16 +75,6 @@ def _config(path):
         unload("config", "board")
 
 
-def _rssi_source():
-    # net.rssi on a board with Wi-Fi (net then stays loaded while sending), else None.
-    from tbfleet import net
-
-    if net.has_wifi():
-        return net.rssi
-    unload("net")
-    return None
-
-
 class Device:
     # The loop's state across reconnects: messages sent, refusals in a row, the retry delay.
     def __init__(self, cfg, link=None):
@@ -132,35 +106,14 @@ class Device:
                 self.link = None
                 unload(*self.link_modules)
 
-    def send_loop(self, max_messages):
-        # Sends every telemetry_interval seconds until max_messages were sent (None: for ever).
-        # telemetry is imported only now: while onboarding, its RAM is better spent on store and provision.
-        from tbfleet import telemetry
-
-        link = self.link
-        if self.sensors is None:
-            self.sensors = telemetry.Sensors(self.cfg.sensors, _rssi_source(), self.booted)
-        interval_ms = int(self.cfg.telemetry_interval * 1000)
-        next_at = time.ticks_ms()
-        first = True
-        while max_messages is None or self.sent < max_messages:
-            link.send_telemetry(telemetry.payload(self.sensors.read(), telemetry.now_ms()))
-            self.sent += 1
-            if first:
-                # Accepted telemetry is the proof that the credentials work (HTTP and CoAP have no connect step).
-                if self.unsaved:
-                    _save(self.cfg, self.creds)
-                    self.unsaved = False
-                self.delay_ms = RETRY_FIRST_MS
-                self.refusals = 0
-                first = False
-            log.info("telemetry %d sent", self.sent)
-            next_at = time.ticks_add(next_at, interval_ms)
-            wait = time.ticks_diff(next_at, time.ticks_ms())
-            if wait < 0:
-                next_at = time.ticks_ms()
-            else:
-                _idle(link, wait)
+    def accepted(self):
+        # Called on the first telemetry a connection sent: the proof that the credentials work (HTTP and CoAP have
+        # no connect step).
+        if self.unsaved:
+            _save(self.cfg, self.creds)
+            self.unsaved = False
+        self.delay_ms = RETRY_FIRST_MS
+        self.refusals = 0
 
     def retry_ms(self):
         # Between half and all of the current delay, so that a fleet that lost its server does not return in step.
@@ -183,7 +136,10 @@ class Device:
                 self.creds = creds
             self.get_link().open(self.creds)
             log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
-            self.send_loop(max_messages)
+            # telemetry is imported only now: while onboarding, its RAM is better spent on store and provision.
+            from tbfleet import telemetry
+
+            telemetry.send(self, max_messages)
             return None
         except Refused as e:
             self.refusals += 1

@@ -4,10 +4,13 @@ import time
 
 from micropython import const
 
+from tbfleet import log, unload
+
 # ESP32 counts time from 2000, ThingsBoard from 1970.
 _EPOCH_OFFSET_S = const(946684800)
 # Before this (2024-01-01) the clock has not been set: let the server stamp the data instead of sending 2000-01-01.
 _CLOCK_SET_AFTER_S = const(1704067200)
+_POLL_EVERY_MS = const(1000)
 
 
 def epoch_offset_s(first_year):
@@ -83,3 +86,51 @@ def payload(values, ts=None):
     if ts is None:
         return json.dumps(values).encode()
     return json.dumps({"ts": ts, "values": values}).encode()
+
+
+def _idle(link, ms):
+    # Wait ms while keeping the connection alive: MQTT answers pings and takes server pushes meanwhile.
+    poll = getattr(link, "poll", None)
+    end = time.ticks_add(time.ticks_ms(), ms)
+    while True:
+        if poll:
+            poll()
+        left = time.ticks_diff(end, time.ticks_ms())
+        if left <= 0:
+            return
+        time.sleep_ms(min(left, _POLL_EVERY_MS))
+
+
+def _rssi_source():
+    # net.rssi on a board with Wi-Fi (net then stays loaded while sending), else None.
+    from tbfleet import net
+
+    if net.has_wifi():
+        return net.rssi
+    unload("net")
+    return None
+
+
+def send(dev, max_messages):
+    # app's loop once connected (here, so that it takes no RAM while provisioning): sends over dev.link every
+    # telemetry_interval seconds until dev.sent reaches max_messages (None: for ever).
+    link = dev.link
+    cfg = dev.cfg
+    if dev.sensors is None:
+        dev.sensors = Sensors(cfg.sensors, _rssi_source(), dev.booted)
+    interval_ms = int(cfg.telemetry_interval * 1000)
+    next_at = time.ticks_ms()
+    first = True
+    while max_messages is None or dev.sent < max_messages:
+        link.send_telemetry(payload(dev.sensors.read(), now_ms()))
+        dev.sent += 1
+        if first:
+            dev.accepted()
+            first = False
+        log.info("telemetry %d sent", dev.sent)
+        next_at = time.ticks_add(next_at, interval_ms)
+        wait = time.ticks_diff(next_at, time.ticks_ms())
+        if wait < 0:
+            next_at = time.ticks_ms()
+        else:
+            _idle(link, wait)
