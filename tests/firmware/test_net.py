@@ -86,3 +86,16 @@ def test_a_wifi_that_never_joins_is_no_answer_within_the_deadline():
     e = raises(NoAnswer, net.up, Cfg)
     assert "greenhouse" in str(e) and "w1f1" not in str(e)
     eq(WLAN(0).connected, False)
+
+
+def test_net_is_loaded_for_sending_only_when_rssi_is_configured():
+    from tbfleet import telemetry
+
+    unload("net")
+    eq(telemetry._rssi_source(["uptime", "free_heap"]), None)
+    assert "tbfleet.net" not in sys.modules
+    WLAN(0).joins_after = 0
+    WLAN(0).connect("greenhouse", "w1f1-pa55")
+    rssi = telemetry._rssi_source(["uptime", "rssi"])
+    assert "tbfleet.net" in sys.modules  # a board with Wi-Fi keeps net while sending
+    eq(rssi(), -58)

@@ -101,8 +101,11 @@ def _idle(link, ms):
         time.sleep_ms(min(left, _POLL_EVERY_MS))
 
 
-def _rssi_source():
-    # net.rssi on a board with Wi-Fi (net then stays loaded while sending), else None.
+def _rssi_source(names):
+    # net.rssi when the rssi sensor is configured on a board with Wi-Fi (net then stays loaded while sending),
+    # else None: without it, net is not loaded at all.
+    if "rssi" not in names:
+        return None
     from tbfleet import net
 
     if net.has_wifi():
@@ -117,7 +120,7 @@ def send(dev, max_messages):
     link = dev.link
     cfg = dev.cfg
     if dev.sensors is None:
-        dev.sensors = Sensors(cfg.sensors, _rssi_source(), dev.booted)
+        dev.sensors = Sensors(cfg.sensors, _rssi_source(cfg.sensors), dev.booted)
     interval_ms = int(cfg.telemetry_interval * 1000)
     next_at = time.ticks_ms()
     first = True
