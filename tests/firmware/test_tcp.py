@@ -32,6 +32,17 @@ def test_peer_close_is_no_answer():
     assert "closed" in str(e)
 
 
+def test_end_of_stream_is_zero_when_the_caller_takes_it():
+    s = FakeSocket()
+    s.feed(b"ab")
+    s.hang_up()
+    buf = memoryview(bytearray(4))
+    at = tcp.deadline(1000)
+    assert tcp.read_some(s, buf, at, True) == 2
+    assert tcp.read_some(s, buf, at, True) == 0
+    raises(NoAnswer, tcp.read_some, s, buf, at)
+
+
 def test_write_all_is_one_write():
     s = FakeSocket()
     tcp.write_all(s, b"\x10\x0c" + b"x" * 12, tcp.deadline(100))

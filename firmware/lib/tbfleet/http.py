@@ -1,7 +1,5 @@
 # A compact HTTP/1.1 client: one request per connection (Connection: close), TLS through an ssl.SSLContext,
 # and one deadline that bounds every wait of the exchange (the frozen requests module has neither).
-import select
-
 from micropython import const
 
 from tbfleet import tcp
@@ -25,19 +23,9 @@ class _Reader:
 
     def fill(self):
         # Returns the number of bytes now buffered; 0 at end of stream.
-        while True:
-            tcp.wait(self.sock, select.POLLIN, self.at)
-            try:
-                n = self.sock.readinto(self.mv)
-            except OSError as e:
-                if e.errno == 11:  # EAGAIN: a TLS record is not complete yet
-                    continue
-                raise NoAnswer("read failed: %s" % e)
-            if n is None:
-                continue
-            self.i = 0
-            self.n = n
-            return n
+        self.i = 0
+        self.n = tcp.read_some(self.sock, self.mv, self.at, True)
+        return self.n
 
     def line(self):
         # One CRLF-terminated line without its CRLF (a bare LF is tolerated).

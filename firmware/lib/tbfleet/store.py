@@ -31,23 +31,24 @@ def _fields(kind):
     raise StoreError("unknown credentials type")
 
 
+def _str(rec, k):
+    v = rec.get(k)
+    if not isinstance(v, str):
+        raise StoreError("field '%s' missing or not a string" % k)
+    return v
+
+
 def _check(rec):
     if not isinstance(rec, dict):
         raise StoreError("record is not a JSON object")
-    kind = rec.get("type")
-    if not isinstance(kind, str):
-        raise StoreError("field 'type' missing or not a string")
+    kind = _str(rec, "type")
     fields = _fields(kind)
     for k in rec:
         if k not in fields and k not in ("type", "device", "server"):
             # Not named: in a damaged file a "field" may well be a shifted value, such as the token.
             raise StoreError("a field that %s does not have" % kind)
-    if not isinstance(rec.get("device"), str):
-        raise StoreError("field 'device' missing or not a string")
-    server = rec.get("server")
-    if not isinstance(server, str):
-        raise StoreError("field 'server' missing or not a string")
-    host, _, port = server.rpartition(":")
+    _str(rec, "device")
+    host, _, port = _str(rec, "server").rpartition(":")
     if not host or not port.isdigit():
         raise StoreError("field 'server' is not host:port")
     for k in fields:

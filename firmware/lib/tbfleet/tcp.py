@@ -54,8 +54,9 @@ def wait(sock, event, at):
             raise NoAnswer("no answer in time")
 
 
-def read_some(sock, buf, at):
-    # Read at least one byte into the memoryview buf; returns the count. NoAnswer on EOF or deadline.
+def read_some(sock, buf, at, eof_ok=False):
+    # Read at least one byte into the memoryview buf; returns the count. NoAnswer at the deadline, and on EOF
+    # unless eof_ok (0 is returned then).
     while True:
         wait(sock, select.POLLIN, at)
         try:
@@ -66,7 +67,7 @@ def read_some(sock, buf, at):
             raise NoAnswer("read failed: %s" % e)
         if n is None:
             continue
-        if n == 0:
+        if n == 0 and not eof_ok:
             raise NoAnswer("connection closed")
         return n
 
