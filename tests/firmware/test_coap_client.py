@@ -207,3 +207,15 @@ def test_real_udp_port_unreachable():
     c.close()
     c.close()
     eq(c.sock, None)
+
+
+def test_one_poller_per_socket():
+    # Made once with the socket and reused by every wait, so a message leaves no poller behind.
+    c = client(piggyback(coap.CREATED))
+    c.request(coap.POST, "/api/v1/T1/telemetry", b"{}")
+    p = c._poller
+    assert p is not None
+    c.request(coap.POST, "/api/v1/T1/telemetry", b"{}")
+    assert c._poller is p
+    c.close()
+    assert c._poller is None and c.sock is None

@@ -141,6 +141,7 @@ class Client:
         self.random_factor = random_factor
         self.max_retransmit = max_retransmit
         self.sock = None
+        self._poller = None
         self._mid = _rand(2)
         self._seen = []
 
@@ -157,6 +158,11 @@ class Client:
                 s.close()
                 raise NoAnswer("cannot reach %s:%d: %s" % (self.host, self.port, e))
             self.sock = s
+        if self._poller is None:
+            # One per socket, made before any message's buffers: a poller per wait is garbage for every message,
+            # and a long-lived object made among a message's buffers splits the free heap.
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN)
         return self.sock
 
     def close(self):
@@ -166,6 +172,7 @@ class Client:
             except OSError:
                 pass
             self.sock = None
+            self._poller = None
 
     def _send(self, data):
         try:
@@ -176,8 +183,7 @@ class Client:
     def _recv(self, at):
         # One datagram before the deadline, or None at the deadline. recv, not readinto: a stream readinto
         # keeps reading until its buffer is full, which on UDP would block or join datagrams together.
-        p = select.poll()
-        p.register(self.sock, select.POLLIN)
+        p = self._poller
         while True:
             left = max(0, time.ticks_diff(at, time.ticks_ms()))
             if not p.poll(left):
