@@ -67,6 +67,18 @@ def test_body_to_end_of_stream():
     eq(run(s), (500, b"part one, part two"))
 
 
+def test_a_caller_buffer_is_read_through_and_reused():
+    # A buffer smaller than the head: lines and body are gathered over many fills of the same bytearray.
+    buf = bytearray(7)
+    req = http.encode("POST", "tb", 80, "/p", b"{}")
+    for body in (b"hello world", b"again"):
+        buf[:] = bytes(7)
+        s = answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        eq(http.exchange(s, req, tcp.deadline(200), http.MAX_BODY, False, buf), (200, body))
+        assert any(buf), "the answer was not read through the caller's buffer"
+    eq(len(buf), 7)
+
+
 def test_status_without_reason_and_informational_skipped():
     s = answer(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 401\r\nContent-Length: 0\r\n\r\n", close=False)
     eq(run(s), (401, b""))

@@ -8,15 +8,15 @@ from tbfleet.errors import BadAnswer, NoAnswer
 MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
 _LINE_MAX = const(512)  # status line, header line or chunk-size line
 _HEAD_MAX = const(4096)  # all header lines together
-_RX = const(256)
+RX = const(256)  # the default read buffer
 
 
 class _Reader:
     # Buffered reads from the socket into one reused buffer, each bounded by the exchange's deadline.
-    def __init__(self, sock, at):
+    def __init__(self, sock, at, buf):
         self.sock = sock
         self.at = at
-        self.buf = bytearray(_RX)
+        self.buf = buf
         self.mv = memoryview(self.buf)
         self.i = 0
         self.n = 0
@@ -139,10 +139,11 @@ def _chunks(r, out, limit):
             raise BadAnswer("chunk not followed by CRLF")
 
 
-def exchange(sock, request, at, limit=MAX_BODY, head_only=False):
-    # Send the encoded request in one write and read the answer; returns (status, body bytes).
+def exchange(sock, request, at, limit=MAX_BODY, head_only=False, buf=None):
+    # Send the encoded request in one write and read the answer; returns (status, body bytes). buf: a bytearray
+    # to read through (a caller making many requests passes the same one; default a new one of 256 bytes).
     tcp.write_all(sock, request, at)
-    r = _Reader(sock, at)
+    r = _Reader(sock, at, buf or bytearray(RX))
     status, length, chunked = _head(r)
     out = bytearray()
     if head_only or status in (204, 304):
@@ -158,11 +159,11 @@ def exchange(sock, request, at, limit=MAX_BODY, head_only=False):
     return status, bytes(out)
 
 
-def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, limit=MAX_BODY):
+def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, limit=MAX_BODY, buf=None):
     # Connect (bounded by timeout_ms), then one deadline of timeout_ms for sending and the whole answer.
     req = encode(method, host, port, path, body, ssl_ctx is not None)
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
-        return exchange(sock, req, tcp.deadline(timeout_ms), limit, method == "HEAD")
+        return exchange(sock, req, tcp.deadline(timeout_ms), limit, method == "HEAD", buf)
     finally:
         sock.close()

@@ -29,6 +29,7 @@ class Link:
         self._cfg = cfg
         self._ctx = None
         self._path = None
+        self._rx = bytearray(http.RX)  # every request reads through it: a buffer per request splits the free heap
 
     def _post(self, path, body):
         cfg = self._cfg
@@ -36,7 +37,8 @@ class Link:
             from tbfleet import tls  # only a board configured for TLS spends RAM on it
 
             self._ctx = tls.context(cfg)
-        return http.request("POST", cfg.host, cfg.port, path, body, self._ctx, int(cfg.timeout * 1000))
+        return http.request("POST", cfg.host, cfg.port, path, body, self._ctx, int(cfg.timeout * 1000),
+                            http.MAX_BODY, self._rx)
 
     def provision(self, request):
         # ThingsBoard answers 200 for SUCCESS, NOT_FOUND and FAILURE alike: the caller reads "status".
