@@ -78,3 +78,13 @@ class FakeSocket(io.IOBase):
 
     def settimeout(self, t):
         pass
+
+
+def scripted(*replies):
+    # A FakeSocket that feeds replies[k] after the k-th write (None: no reply to that write).
+    def on_write(sock, data):
+        k = len(sock.writes) - 1
+        if k < len(replies) and replies[k] is not None:
+            sock.feed(replies[k])
+
+    return FakeSocket(on_write)

@@ -1,7 +1,7 @@
 # The MQTT 3.1.1 client, byte for byte against a scripted socket.
 import time
 
-from fakesock import FakeSocket
+from fakesock import scripted
 from mptest import eq, raises
 from tbfleet import mqtt, tcp
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
@@ -9,14 +9,6 @@ from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 CONNACK_OK = b"\x20\x02\x00\x00"
 
 
-def scripted(*replies):
-    # A socket that feeds replies[k] after the k-th write (None: no reply to that write).
-    def on_write(sock, data):
-        k = len(sock.writes) - 1
-        if k < len(replies) and replies[k] is not None:
-            sock.feed(replies[k])
-
-    return FakeSocket(on_write)
 
 
 def client(sock, cid="dev-1", user=None, pw=None, **kw):

@@ -1,7 +1,7 @@
 # ThingsBoard over MQTT: the provisioning session and the telemetry session, against a scripted socket.
 import time
 
-from fakesock import FakeSocket
+from fakesock import FakeSocket, scripted
 from mptest import eq, raises
 from tbfleet import mqtt, tcp, tls, via_mqtt
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
@@ -38,13 +38,6 @@ def publish(topic, payload, pid=None):
     return bytes([head, len(body)]) + body
 
 
-def scripted(*replies):
-    def on_write(sock, data):
-        k = len(sock.writes) - 1
-        if k < len(replies) and replies[k] is not None:
-            sock.feed(replies[k])
-
-    return FakeSocket(on_write)
 
 
 def link(sock, **kw):

@@ -35,7 +35,7 @@ def test_unix_board_deploys_provisions_and_sends_telemetry(transport: str) -> No
         proc = run_tool(["deploy"], env, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
-    assert f"provisioned device 'unix-" in out and f"over {transport}" in out
+    assert "provisioned device 'unix-" in out and f"over {transport}" in out
     assert "the emulator stored 2 telemetry messages" in out
     assert "[board]" in out and "telemetry 2 sent" in out
     assert DEMO_SECRET not in out

@@ -70,16 +70,6 @@ class Emulator:
 
 
 @pytest.fixture
-def secret() -> str:
-    return secrets.token_hex(10)
-
-
-@pytest.fixture
-def cert_pem() -> str:
-    return make_cert_pem("pre-x509")
-
-
-@pytest.fixture
 def config(secret: str, cert_pem: str) -> dict:
     return strategy_config(secret, cert_pem)
 

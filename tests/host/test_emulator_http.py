@@ -10,7 +10,6 @@ import asyncio
 import base64
 import http.client
 import json
-import secrets
 import socket
 import threading
 import time
@@ -84,17 +83,6 @@ class Emulator:
         status, _, body = self.request("GET", "/emulator/devices" + path)
         assert status == 200, (status, body)
         return json.loads(body)
-
-
-@pytest.fixture
-def secret() -> str:
-    """The profiles' provision secret, made up for this test."""
-    return secrets.token_hex(10)
-
-
-@pytest.fixture
-def cert_pem() -> str:
-    return make_cert_pem("pre-x509")
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_fleet_deploys_boards_in_parallel_and_writes_inventory(tmp_path: Path, e
     assert failed["chip_mac"] == board_mac(broken.flash_dir).hex(":")
     assert emulator.secret not in inventory.read_text() + proc.stdout + proc.stderr
     assert watch.hits == []
-    assert f"[fleet 3/3]" in proc.stdout
+    assert "[fleet 3/3]" in proc.stdout
     assert elapsed < 60
 
 
