@@ -59,7 +59,7 @@ class EmulatorProcess:
         root = Path(__file__).resolve().parents[2]
         self.proc = subprocess.Popen(cmd, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
-        threading.Thread(target=self._pump_events, daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True).start()
         ready: list[str] = []
         reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
         reader.start()
@@ -72,20 +72,12 @@ class EmulatorProcess:
             self.stop()
             raise EmulatorError(f"unexpected first line from the emulator: {ready[0].strip()}")
         self.ports = {k: v for k, v in message.items() if k != "event"}
-        threading.Thread(target=self._drain_stdout, daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
         return self
 
-    def _pump_events(self) -> None:
-        assert self.proc is not None
-        for line in self.proc.stderr:
-            line = line.rstrip("\n")
-            self.events.append(line)
-            if self._on_event:
-                self._on_event(line)
-
-    def _drain_stdout(self) -> None:
-        assert self.proc is not None
-        for line in self.proc.stdout:
+    def _pump(self, stream) -> None:
+        # Every line the child writes after its ready line is an event (stderr: the readable event lines).
+        for line in stream:
             line = line.rstrip("\n")
             self.events.append(line)
             if self._on_event:
