@@ -15,9 +15,24 @@ def test_now_ms_is_milliseconds_since_1970():
 
 def test_esp32_epoch_offset():
     eq(time.gmtime(0)[0], 1970)
-    eq(telemetry.epoch_offset_s(1970), 0)
-    # 2000-01-01 on an ESP32 clock is 946684800 s after 1970-01-01.
-    eq(telemetry.epoch_offset_s(2000), 946684800)
+    # The same clock reading counting from 2000 (ESP32) is 946684800 s later in Unix time.
+    offset = telemetry.now_ms(2000) - telemetry.now_ms(1970)
+    assert abs(offset - 946684800000) < 1000, offset
+
+
+def test_no_timestamp_while_the_clock_is_unset():
+    # An ESP32 that never got the time reads about 2000-01-01 plus its uptime: before 2024, so no "ts".
+    class UnsetClock:
+        @staticmethod
+        def time_ns():
+            return 3600 * 10**9  # one hour after the port's epoch
+
+    telemetry.time = UnsetClock
+    try:
+        eq(telemetry.now_ms(2000), None)
+        eq(telemetry.now_ms(1970), None)
+    finally:
+        telemetry.time = time
 
 
 def test_payload_shapes():
@@ -38,15 +53,15 @@ def test_rssi_when_there_is_wifi():
 
 
 def test_uptime_survives_tick_wraparound():
-    u = telemetry.Uptime()
-    u._last = time.ticks_add(time.ticks_ms(), -5500)
-    eq(u.seconds(), 5)
-    u._last = time.ticks_add(time.ticks_ms(), -3000)
-    eq(u.seconds(), 8)
+    # Each reading adds the ticks since the last one, so a counter that wrapped in between still adds up.
+    s = telemetry.Sensors(["uptime"])
+    s._last = time.ticks_add(time.ticks_ms(), -5500)
+    eq(s.read(), {"uptime": 5})
+    s._last = time.ticks_add(time.ticks_ms(), -3000)
+    eq(s.read(), {"uptime": 8})
 
 
 def test_uptime_counts_from_a_given_tick():
     # The app makes its sensors only when it starts sending, but uptime counts from the boot.
-    eq(telemetry.Uptime(time.ticks_add(time.ticks_ms(), -2500)).seconds(), 2)
     s = telemetry.Sensors(["uptime"], None, time.ticks_add(time.ticks_ms(), -7200))
     eq(s.read(), {"uptime": 7})

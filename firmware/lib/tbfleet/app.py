@@ -4,6 +4,8 @@ import random
 import sys
 import time
 
+from micropython import const
+
 from tbfleet import log, unload
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
@@ -11,17 +13,10 @@ from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with jitter
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
-REFUSALS_BEFORE_REPROVISION = 3
+_REFUSALS_BEFORE_REPROVISION = const(3)
 
 
-def _save(cfg, creds):
-    from tbfleet import store
-
-    store.save(store.stamp(creds, cfg))
-    unload("store")
-
-
-def _load(name):
+def _import(name):
     # tbfleet.<name>, imported by a name built at run time: literal module names would intern every transport's
     # on every board.
     name = "tbfleet." + name
@@ -39,7 +34,7 @@ def _step(name, fn, *args):
     # to a local of a long-running frame would stay alive (with everything it imported) until that frame returns.
     loaded = list(sys.modules)
     try:
-        return getattr(_load(name), fn)(*args)
+        return getattr(_import(name), fn)(*args)
     finally:
         unload(*_imported_since(loaded))
 
@@ -62,19 +57,6 @@ def _onboard(device, cfg):
     return _step("onboard", "settle", body, error, cfg)
 
 
-def _config(path):
-    # The validated config, or None after logging what is wrong with it.
-    from tbfleet import config
-
-    try:
-        return config.load(path)
-    except config.ConfigError as e:
-        log.error("%s", e)
-        return None
-    finally:
-        unload("config", "board")
-
-
 class Device:
     # The loop's state across reconnects: messages sent, refusals in a row, the retry delay.
     def __init__(self, cfg, link=None):
@@ -93,7 +75,7 @@ class Device:
         if self.link is None:
             loaded = list(sys.modules)
             # Only the configured transport is imported: a board that speaks MQTT never loads HTTP or CoAP.
-            self.link = _load("via_" + self.cfg.transport).Link(self.cfg)
+            self.link = _import("via_" + self.cfg.transport).Link(self.cfg)
             self.link_modules = _imported_since(loaded)
         return self.link
 
@@ -110,7 +92,10 @@ class Device:
         # Called on the first telemetry a connection sent: the proof that the credentials work (HTTP and CoAP have
         # no connect step).
         if self.unsaved:
-            _save(self.cfg, self.creds)
+            from tbfleet import store
+
+            store.save(store.stamp(self.creds, self.cfg))
+            unload("store")
             self.unsaved = False
         self.delay_ms = RETRY_FIRST_MS
         self.refusals = 0
@@ -150,7 +135,7 @@ class Device:
                 self.creds = None
                 self.refusals = 0
                 return LONG_WAIT_MS
-            if self.refusals >= REFUSALS_BEFORE_REPROVISION:
+            if self.refusals >= _REFUSALS_BEFORE_REPROVISION:
                 _step("store", "discard", "refused %d times in a row" % self.refusals)
                 self.creds = None
                 self.refusals = 0
@@ -179,10 +164,17 @@ def main(path="config.json", max_messages=None):
     # Entry point of main.py (max_messages: stop after that many, for benchmarks). A bad config stops here with
     # one message; it is not retried.
     loaded = list(sys.modules)
-    cfg = _config(path)
-    if cfg is None:
+    from tbfleet import config
+
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as e:
+        log.error("%s", e)
         return 2
-    log.level = {"debug": log.DEBUG, "info": log.INFO, "warn": log.WARN, "error": log.ERROR}[cfg.log_level]
+    finally:
+        del config
+        unload("config", "board")
+    log.level = getattr(log, cfg.log_level.upper())
     try:
         run(cfg, max_messages)
     except Exception as e:  # noqa: BLE001 - a board must come back by itself, whatever went wrong
