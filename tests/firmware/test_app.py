@@ -16,7 +16,7 @@ app.RETRY_FIRST_MS = 2
 app.RETRY_CAP_MS = 8
 app.LONG_WAIT_MS = 5
 LINES = []
-log._emit = lambda tag, msg, args: LINES.append(tag + " " + (msg % args if args else msg))
+log._emit = lambda severity, msg, args: LINES.append("DIWE"[severity] + " " + (msg % args if args else msg))
 
 
 def cfg_with(**fields):

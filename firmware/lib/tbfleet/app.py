@@ -174,7 +174,7 @@ def main(path="config.json", max_messages=None):
     finally:
         del config
         unload("config", "board")
-    log.level = getattr(log, cfg.log_level.upper())
+    log.level = ("debug", "info", "warn", "error").index(cfg.log_level)
     try:
         run(cfg, max_messages)
     except Exception as e:  # noqa: BLE001 - a board must come back by itself, whatever went wrong

@@ -1,37 +1,25 @@
 # Level-gated console logging; callers never pass secrets here.
 import time
-from micropython import const
 
-DEBUG = const(10)
-INFO = const(20)
-WARN = const(30)
-ERROR = const(40)
-
-level = INFO
+# The least severe message printed: 0 debug, 1 info, 2 warn, 3 error (config.json's log_level, in that order).
+level = 1
 _t0 = time.ticks_ms()
 
 
-def _emit(tag, msg, args):
-    if args:
-        msg = msg % args
-    print("%9.3f %s %s" % (time.ticks_diff(time.ticks_ms(), _t0) / 1000, tag, msg))
-
-
-def debug(msg, *args):
-    if level <= DEBUG:
-        _emit("D", msg, args)
+def _emit(severity, msg, args):
+    if severity >= level:
+        if args:
+            msg = msg % args
+        print("%9.3f %s %s" % (time.ticks_diff(time.ticks_ms(), _t0) / 1000, "DIWE"[severity], msg))
 
 
 def info(msg, *args):
-    if level <= INFO:
-        _emit("I", msg, args)
+    _emit(1, msg, args)
 
 
 def warn(msg, *args):
-    if level <= WARN:
-        _emit("W", msg, args)
+    _emit(2, msg, args)
 
 
 def error(msg, *args):
-    if level <= ERROR:
-        _emit("E", msg, args)
+    _emit(3, msg, args)
