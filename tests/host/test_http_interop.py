@@ -158,7 +158,7 @@ print(json.dumps(out))
     assert got["wrong"]["status"] == "NOT_FOUND"
     assert got["ok"] == {"credentialsValue": TOKEN, "credentialsType": "ACCESS_TOKEN", "status": "SUCCESS"}
     assert http_server.telemetry == [{"n": 0}, {"n": 1}, {"n": 2}]
-    assert got["big"] == [413, "payload too large"]
+    assert got["big"] == [413, '"Payload size exceeds the limit of %d bytes"' % LIMIT]
     assert got["bad"][0] == 500 and got["bad"][1]
     assert got["revoked"] == [401, "unauthorized"]
     path, headers, length = http_server.requests[2]

@@ -1,169 +1,120 @@
 # A compact HTTP/1.1 client: one request per connection (Connection: close), TLS through an ssl.SSLContext,
 # and one deadline that bounds every wait of the exchange (the frozen requests module has neither).
+# One function on purpose: each function a module holds costs RAM for as long as the module is loaded.
 from micropython import const
 
 from tbfleet import tcp
-from tbfleet.errors import BadAnswer, NoAnswer
+from tbfleet.errors import BadAnswer
 
-MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
+_MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
 _LINE_MAX = const(512)  # status line, header line or chunk-size line
 _HEAD_MAX = const(4096)  # all header lines together
-RX = const(256)  # the default read buffer
+# What the parser of the answer waits for next: a line (the status line, a header, a chunk's size, the empty line
+# after a chunk's data, a trailer) or bytes (a chunk's data; a body framed by Content-Length or by the close).
+_STATUS = const(0)
+_HEADER = const(1)
+_SIZE = const(2)
+_CRLF = const(3)
+_TRAILER = const(4)
+_CHUNK = const(5)
+_BODY = const(6)
 
 
-class _Reader:
-    # Buffered reads from the socket into one reused buffer, each bounded by the exchange's deadline.
-    def __init__(self, sock, at, buf):
-        self.sock = sock
-        self.at = at
-        self.buf = buf
-        self.mv = memoryview(self.buf)
-        self.i = 0
-        self.n = 0
-
-    def fill(self):
-        # Returns the number of bytes now buffered; 0 at end of stream.
-        self.i = 0
-        self.n = tcp.read_some(self.sock, self.mv, self.at, True)
-        return self.n
-
-    def line(self):
-        # One CRLF-terminated line without its CRLF (a bare LF is tolerated).
-        out = bytearray()
-        while True:
-            if self.i == self.n and not self.fill():
-                raise NoAnswer("connection closed inside the response head")
-            j = self.buf.find(b"\n", self.i, self.n)
-            end = self.n if j < 0 else j
-            out += self.mv[self.i:end]
-            self.i = end if j < 0 else j + 1
-            if len(out) > _LINE_MAX:
-                raise BadAnswer("HTTP line longer than %d bytes" % _LINE_MAX)
-            if j >= 0:
-                return out[:-1] if out[-1:] == b"\r" else out
-
-    def take(self, size, out):
-        # Append exactly size bytes to out.
-        while size:
-            if self.i == self.n and not self.fill():
-                raise NoAnswer("connection closed inside the body")
-            k = min(size, self.n - self.i)
-            out += self.mv[self.i:self.i + k]
-            self.i += k
-            size -= k
-
-    def rest(self, out, limit):
-        # Append everything up to the end of the stream (a body framed by the close).
-        while True:
-            if self.i < self.n:
-                out += self.mv[self.i:self.n]
-                self.i = self.n
-                if len(out) > limit:
-                    raise BadAnswer("HTTP body larger than %d bytes" % limit)
-            if not self.fill():
-                return
-
-
-def encode(method, host, port, path, body=None, tls=False):
-    # The whole request (head and body) as one bytes object, so that it leaves in one write.
+def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, buf=None, limit=_MAX_BODY):
+    # Sends method path (body: JSON bytes, or None for none) to host:port and returns (status, body bytes) of the
+    # final answer. Connecting is bounded by timeout_ms, then one deadline of timeout_ms bounds sending and the
+    # whole answer. buf: a bytearray to read through; a caller making many requests passes the same one, as a
+    # buffer per request splits the free heap.
     for s in (method, host, path):
         if not s or " " in s or "\r" in s or "\n" in s:
-            raise ValueError("bad HTTP request field %r" % s)
-    if port != (443 if tls else 80):
-        host = "%s:%d" % (host, port)
-    head = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, host)
-    if body is not None:
-        head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
-    head += "Connection: close\r\n\r\n"
-    return head.encode() + body if body else head.encode()
-
-
-def _status(line):
-    # "HTTP/1.1 200 OK" -> 200
-    if line[:7] != b"HTTP/1." or len(line) < 12 or line[8:9] != b" " or line[12:13] not in (b"", b" "):
-        raise BadAnswer("not an HTTP status line: %r" % bytes(line[:40]))
-    code = line[9:12]
-    if not all(48 <= c <= 57 for c in code):
-        raise BadAnswer("not an HTTP status code: %r" % bytes(code))
-    return int(code)
-
-
-def _head(r):
-    # Status code, Content-Length (None when absent) and whether the body is chunked; 1xx answers are skipped.
-    while True:
-        status = _status(r.line())
-        length = None
-        chunked = False
-        total = 0
-        while True:
-            h = r.line()
-            if not h:
-                break
-            total += len(h)
-            if total > _HEAD_MAX:
-                raise BadAnswer("HTTP header larger than %d bytes" % _HEAD_MAX)
-            c = h.find(b":")
-            if c <= 0:
-                raise BadAnswer("bad HTTP header line: %r" % bytes(h[:40]))
-            name = bytes(h[:c]).lower()
-            value = bytes(h[c + 1:]).strip()
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = -1
-                if length < 0:
-                    raise BadAnswer("bad Content-Length: %r" % value)
-            elif name == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
-        if status >= 200:
-            return status, length, chunked
-
-
-def _chunks(r, out, limit):
-    while True:
-        line = r.line()
-        semi = line.find(b";")  # chunk extensions are ignored
-        try:
-            size = int(bytes(line if semi < 0 else line[:semi]).strip(), 16)
-        except ValueError:
-            raise BadAnswer("bad chunk size line: %r" % bytes(line[:40]))
-        if size < 0 or len(out) + size > limit:
-            raise BadAnswer("HTTP body larger than %d bytes" % limit)
-        if size == 0:
-            while r.line():  # trailer fields, up to the empty line
-                pass
-            return
-        r.take(size, out)
-        if r.line():
-            raise BadAnswer("chunk not followed by CRLF")
-
-
-def exchange(sock, request, at, limit=MAX_BODY, head_only=False, buf=None):
-    # Send the encoded request in one write and read the answer; returns (status, body bytes). buf: a bytearray
-    # to read through (a caller making many requests passes the same one; default a new one of 256 bytes).
-    tcp.write_all(sock, request, at)
-    r = _Reader(sock, at, buf or bytearray(RX))
-    status, length, chunked = _head(r)
-    out = bytearray()
-    if head_only or status in (204, 304):
-        pass
-    elif chunked:
-        _chunks(r, out, limit)
-    elif length is not None:
-        if length > limit:
-            raise BadAnswer("HTTP body of %d bytes, larger than %d" % (length, limit))
-        r.take(length, out)
-    else:
-        r.rest(out, limit)
-    return status, bytes(out)
-
-
-def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, limit=MAX_BODY, buf=None):
-    # Connect (bounded by timeout_ms), then one deadline of timeout_ms for sending and the whole answer.
-    req = encode(method, host, port, path, body, ssl_ctx is not None)
+            raise ValueError("bad HTTP %s: %r" % ("request", s))
+    # One bytes object, so that the request leaves in one write. Host names the port unless it is the default.
+    req = ("%s %s HTTP/1.1\r\nHost: %s%s\r\n%sConnection: close\r\n\r\n" % (
+        method, path, host, "" if port == (80 if ssl_ctx is None else 443) else ":%d" % port,
+        "" if body is None else "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))).encode()
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
-        return exchange(sock, req, tcp.deadline(timeout_ms), limit, method == "HEAD", buf)
+        at = tcp.deadline(timeout_ms)
+        tcp.write_all(sock, req + body if body else req, at)
+        mv = memoryview(buf or bytearray(256))
+        data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
+        out = bytearray()  # a chunked body, decoded
+        state = _STATUS
+        while True:
+            if state == _BODY:
+                if length > limit or length < 0 and len(data) > limit:
+                    raise BadAnswer("HTTP %s larger than %d bytes" % ("body", limit))
+                if 0 <= length <= len(data):
+                    return status, bytes(data[:length])  # bytes past Content-Length are not ours
+            elif state == _CHUNK:
+                n = min(size, len(data))
+                out += data[:n]
+                data = data[n:]
+                size -= n
+                if not size:
+                    state = _CRLF
+                    continue
+            else:
+                j = data.find(10)  # LF
+                if j > _LINE_MAX or j < 0 and len(data) > _LINE_MAX:
+                    raise BadAnswer("HTTP %s larger than %d bytes" % ("line", _LINE_MAX))
+                if j >= 0:
+                    try:
+                        line = str(data[:j - 1 if j and data[j - 1] == 13 else j], "utf-8")  # CRLF, or a bare LF
+                    except UnicodeError:
+                        raise BadAnswer("bad HTTP %s: %r" % ("line", bytes(data[:j])))
+                    data = data[j + 1:]
+                    if state == _STATUS:
+                        # "HTTP/1.1 200 OK" or "HTTP/1.1 200": the code ends the line or a space follows it
+                        if (len(line) < 12 or line[:7] != "HTTP/1." or line[8] != " " or line[12:13] not in " "
+                                or not line[9:12].isdigit()):
+                            raise BadAnswer("bad HTTP %s: %r" % ("status", line))
+                        status = int(line[9:12])
+                        length = -1  # no Content-Length
+                        chunked = False
+                        head = 0
+                        state = _HEADER
+                    elif state == _HEADER:
+                        if line:
+                            head += len(line)
+                            if head > _HEAD_MAX:
+                                raise BadAnswer("HTTP %s larger than %d bytes" % ("head", _HEAD_MAX))
+                            n = line.find(":")
+                            name = line[:n].lower()
+                            value = line[n + 1:].strip()
+                            if n <= 0 or name == "content-length" and not value.isdigit():
+                                raise BadAnswer("bad HTTP %s: %r" % ("header", line))
+                            if name == "content-length":
+                                length = int(value)
+                            elif name == "transfer-encoding":
+                                chunked = value.lower().endswith("chunked")
+                        elif status < 200:
+                            state = _STATUS  # 1xx: the answer's head follows
+                        elif method == "HEAD" or status == 204 or status == 304:
+                            return status, bytes(out)  # none
+                        else:
+                            state = _SIZE if chunked else _BODY
+                    elif state == _SIZE:
+                        try:
+                            size = int(line.split(";")[0], 16)  # chunk extensions are ignored
+                        except ValueError:
+                            size = -1
+                        if size < 0:
+                            raise BadAnswer("bad HTTP %s: %r" % ("chunk", line))
+                        if len(out) + size > limit:
+                            raise BadAnswer("HTTP %s larger than %d bytes" % ("body", limit))
+                        state = _CHUNK if size else _TRAILER
+                    elif state == _CRLF:
+                        if line:
+                            raise BadAnswer("bad HTTP %s: %r" % ("chunk", line))
+                        state = _SIZE
+                    elif not line:  # the empty line after the trailer fields
+                        return status, bytes(out)
+                    continue
+            # Only a body framed by the close may end with the stream.
+            n = tcp.read_some(sock, mv, at, state == _BODY and length < 0)
+            if not n:
+                return status, bytes(data)
+            data += mv[:n]
     finally:
         sock.close()
