@@ -7,8 +7,7 @@ from tbfleet import tcp
 from tbfleet.errors import BadAnswer
 
 _MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
-_LINE_MAX = const(512)  # status line, header line or chunk-size line
-_HEAD_MAX = const(4096)  # all header lines together
+_LINE_MAX = const(512)  # status line, header line or chunk-size line: what the parser holds at most
 # What the parser of the answer waits for next: a line (the status line, a header, a chunk's size, the empty line
 # after a chunk's data, a trailer) or bytes (a chunk's data; a body framed by Content-Length or by the close).
 _STATUS = const(0)
@@ -72,13 +71,9 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
                         status = int(line[9:12])
                         length = -1  # no Content-Length
                         chunked = False
-                        head = 0
                         state = _HEADER
                     elif state == _HEADER:
                         if line:
-                            head += len(line)
-                            if head > _HEAD_MAX:
-                                raise BadAnswer("HTTP %s larger than %d bytes" % ("head", _HEAD_MAX))
                             n = line.find(":")
                             name = line[:n].lower()
                             value = line[n + 1:].strip()
@@ -90,7 +85,7 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
                                 chunked = value.lower().endswith("chunked")
                         elif status < 200:
                             state = _STATUS  # 1xx: the answer's head follows
-                        elif method == "HEAD" or status == 204 or status == 304:
+                        elif status == 204:
                             return status, bytes(out)  # none
                         else:
                             state = _SIZE if chunked else _BODY
