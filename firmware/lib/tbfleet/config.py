@@ -1,229 +1,148 @@
-# The board's config.json, validated field by field: a bad or missing field stops with one message naming it.
+# The board's config.json, checked against one table of fields: a bad or missing field stops with one message
+# naming it, and combinations the server cannot serve are refused with the reason.
 import json
 
 from micropython import const
 
-TRANSPORTS = ("mqtt", "http", "coap")
-CREDENTIALS_TYPES = ("ACCESS_TOKEN", "MQTT_BASIC", "X509_CERTIFICATE")
+# The sensors telemetry knows; host_tools.boards checks each board's list against it.
 SENSORS = ("uptime", "free_heap", "heap_used", "rssi", "mcu_temp")
-LOG_LEVELS = ("debug", "info", "warn", "error")
 _MAX_TEXT = const(256)
+# How the table in validate checks a field.
+_REQUIRED = const(0)  # text that must be there
+_TEXT = const(1)  # text
+_FILE = const(2)  # text naming a file on the board
+_INTEGER = const(3)  # an integer in a range
+_NUMBER = const(4)  # a number in a range
+_CHOICE = const(5)  # one of ... (of the same type)
+_LIST = const(6)  # a list of SENSORS
 
 
 class ConfigError(ValueError):
+    # field: the config.json field at fault (None: the file as a whole); message: what is wrong with it.
     def __init__(self, field, message):
-        super().__init__(field, message)
+        super().__init__("config.json: %s: %s" % (field, message) if field else "config.json: " + message)
         self.field = field
         self.message = message
-
-    def __str__(self):
-        if self.field:
-            return "config.json: %s: %s" % (self.field, self.message)
-        return "config.json: " + self.message
 
 
 class Config:
     pass
 
 
-def _text(cfg, name, required=False):
-    value = getattr(cfg, name)
-    if value is None or value == "":
-        if required:
-            raise ConfigError(name, "required")
-        setattr(cfg, name, None)
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(name, "must be a string")
-    if len(value) > _MAX_TEXT:
-        raise ConfigError(name, "longer than %d characters" % _MAX_TEXT)
-    for ch in value:
-        if ord(ch) < 32 or ord(ch) == 127:
-            raise ConfigError(name, "contains a control character")
-    return value
-
-
-def _number(cfg, name, low, high, integer=False):
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise ConfigError(name, "must be %s" % ("an integer" if integer else "a number"))
-    if not low <= value <= high:
-        raise ConfigError(name, "must be between %s and %s" % (low, high))
-    return value
-
-
-def _file(cfg, name, required):
-    path = _text(cfg, name, required)
-    if path is None:
-        return None
+def validate(data):
+    # A Config with every field set (null or "" leaves a field at its default; device_name expanded).
+    if type(data) is not dict:
+        raise ConfigError(None, "not a JSON object")
+    # [name, default, kind, ...] in the order checked; kind is one of the numbers above, followed by what it takes:
+    # for text or a file, optionally a field it is used only with (set to the value after it, when given); for a
+    # number the lowest and highest allowed; for a choice the values allowed. JSON text rather than a literal table:
+    # while config is loaded only this one string takes RAM, and the table itself only while it is in use.
+    fields = json.loads(
+        '[["host",null,0],["transport","mqtt",5,"mqtt","http","coap"],["tls",false,5,false,true],'
+        '["port",null,3,1,65535],["ca_file",null,2,"tls"],["provision_key",null,0],["provision_secret",null,0],'
+        '["device_name","esp32-{uid}",0],["credentials_type",null,5,"ACCESS_TOKEN","MQTT_BASIC","X509_CERTIFICATE"],'
+        '["token",null,1],["client_id",null,1],["username",null,1],["password",null,1],["cert_file",null,2],'
+        '["key_file",null,2],["telemetry_interval",60,4,0,604800],["qos",1,3,0,1],["timeout",10,4,0.1,300],'
+        '["keepalive",60,3,0,65535],["sensors",["uptime","free_heap","rssi","mcu_temp"],6],["wifi_ssid",null,1],'
+        '["wifi_password",null,1,"wifi_ssid"],["log_level","info",5,"debug","info","warn","error"]]'
+    )
+    cfg = Config()
+    rest = dict(data)
+    for name, default, *_ in fields:
+        value = rest.pop(name, None)
+        setattr(cfg, name, default if value is None or value == "" else value)
+    # Any field left is one this firmware does not have: named before any other fault, as it is likely a typo.
+    for name in rest:
+        raise ConfigError(name, "unknown field")
     import os
 
+    for name, default, kind, *allowed in fields:
+        value = getattr(cfg, name)
+        if value is None:
+            if kind == _REQUIRED:
+                raise ConfigError(name, "is required")
+        elif kind <= _FILE:
+            if type(value) is not str or len(value) > _MAX_TEXT or min(value) < " " or "\x7f" in value:
+                raise ConfigError(name, "must be printable text of at most %d characters" % _MAX_TEXT)
+            if allowed:
+                other = getattr(cfg, allowed[0])
+                if not other or allowed[1:] and other != allowed[1]:
+                    raise ConfigError(name, "only with %s" % " ".join(allowed))
+            if kind == _FILE:
+                try:
+                    os.stat(value)
+                except OSError:
+                    raise ConfigError(name, "no such file on the board: " + value)
+        elif kind <= _NUMBER:
+            if type(value) is not int and (kind == _INTEGER or type(value) is not float):
+                raise ConfigError(name, "must be an integer" if kind == _INTEGER else "must be a number")
+            if not allowed[0] <= value <= allowed[1]:
+                raise ConfigError(name, "must be in %g..%g" % tuple(allowed))
+        else:
+            if kind == _LIST:
+                if type(value) is not list:
+                    raise ConfigError(name, "must be a list")
+                allowed = SENSORS
+            for item in value if kind == _LIST else (value,):
+                if item not in allowed or type(item) is not type(allowed[0]):
+                    raise ConfigError(name, "%r is not one of %s" % (item, json.dumps(allowed)))
+
+    transport = cfg.transport
+    tls = cfg.tls
+    ctype = cfg.credentials_type
+    if tls and transport == "coap":
+        raise ConfigError("tls", "not with transport coap: this firmware has no DTLS")
+    if ctype and ctype != "ACCESS_TOKEN" and transport != "mqtt":
+        raise ConfigError("credentials_type", "%s works only with transport mqtt; HTTP and CoAP devices take an "
+                          "access token" % ctype)
+    # The fields each credentials type takes; ACCESS_TOKEN and X509_CERTIFICATE need all of theirs (and TLS).
+    for owner, names in (("ACCESS_TOKEN", ("token",)), ("MQTT_BASIC", ("client_id", "username", "password")),
+                         ("X509_CERTIFICATE", ("cert_file", "key_file", "tls"))):
+        for name in names:
+            value = getattr(cfg, name)
+            if owner != ctype and value and name != "tls":
+                raise ConfigError(name, "only with credentials_type " + owner)
+            if owner == ctype != "MQTT_BASIC" and not value:
+                raise ConfigError(name, "required with " + owner)
+    # MQTT_BASIC needs a client_id or a username, and the username with a password (the server refuses a client id
+    # with a password alone).
+    if ctype == "MQTT_BASIC" and cfg.username is None:
+        if cfg.password:
+            raise ConfigError("password", "only with username")
+        if cfg.client_id is None:
+            raise ConfigError("client_id", "required with " + ctype)
     try:
-        os.stat(path)
-    except OSError:
-        raise ConfigError(name, "no such file on the board: %s" % path)
-    return path
+        import network  # noqa: F401 - only boards with Wi-Fi have it
 
-
-def _choice(cfg, name, choices):
-    value = getattr(cfg, name)
-    if value not in choices:
-        raise ConfigError(name, "must be one of %s" % ", ".join(str(c) for c in choices))
-    return value
-
-
-def validate(data):
-    # Returns a Config with every field set (defaults filled in, device_name expanded).
-    if not isinstance(data, dict):
-        raise ConfigError(None, "must hold a JSON object")
-    # The tables are built here, not at module level: a module-level name stays interned after config is unloaded.
-    # Every field the file may hold, with its default; required fields default to None and are checked below.
-    defaults = {
-        "host": None,
-        "port": None,
-        "transport": "mqtt",
-        "tls": False,
-        "ca_file": None,
-        "provision_key": None,
-        "provision_secret": None,
-        "device_name": "esp32-{uid}",
-        "credentials_type": None,
-        "token": None,
-        "client_id": None,
-        "username": None,
-        "password": None,
-        "cert_file": None,
-        "key_file": None,
-        "telemetry_interval": 60,
-        "qos": 1,
-        "timeout": 10,
-        "keepalive": 60,
-        "sensors": ("uptime", "free_heap", "rssi", "mcu_temp"),
-        "wifi_ssid": None,
-        "wifi_password": None,
-        "log_level": "info",
-    }
-    # Fields that belong to one credentials type only.
-    owners = {
-        "token": "ACCESS_TOKEN",
-        "client_id": "MQTT_BASIC",
-        "username": "MQTT_BASIC",
-        "password": "MQTT_BASIC",
-        "cert_file": "X509_CERTIFICATE",
-        "key_file": "X509_CERTIFICATE",
-    }
-    for name in data:
-        if name not in defaults:
-            raise ConfigError(name, "unknown field")
-    cfg = Config()
-    for name, default in defaults.items():
-        value = data.get(name)
-        setattr(cfg, name, default if value is None else value)
-
-    _text(cfg, "host", True)
-    _choice(cfg, "transport", TRANSPORTS)
-    if not isinstance(cfg.tls, bool):
-        raise ConfigError("tls", "must be true or false")
-    if cfg.tls and cfg.transport == "coap":
-        raise ConfigError("tls", "CoAP over DTLS is not supported; use mqtt or http for TLS")
+        if not cfg.wifi_ssid:
+            raise ConfigError("wifi_ssid", "is required")
+    except ImportError:
+        pass
     if cfg.port is None:
-        ports = {"mqtt": (1883, 8883), "http": (8080, 443), "coap": (5683, 5684)}  # (plain, TLS)
-        cfg.port = ports[cfg.transport][cfg.tls]
-    _number(cfg, "port", 1, 65535, True)
-    _file(cfg, "ca_file", False)
-    if cfg.ca_file and not cfg.tls:
-        raise ConfigError("ca_file", "given but tls is false")
-    _text(cfg, "provision_key", True)
-    _text(cfg, "provision_secret", True)
+        # The server's ports for each transport, plain and with TLS.
+        cfg.port = {"mqtt": (1883, 8883), "http": (8080, 443), "coap": (5683, 5684)}[transport][tls]
 
-    name = _text(cfg, "device_name", True)
+    name = cfg.device_name
     if "{uid}" in name:
         from tbfleet import board
 
         name = name.replace("{uid}", board.uid())
-    name = name.strip()
+    name = cfg.device_name = name.strip()
     if not name:
-        raise ConfigError("device_name", "blank")
-    if name == "provision":
-        raise ConfigError("device_name", "'provision' is reserved by ThingsBoard for provisioning sessions")
-    cfg.device_name = name
-
-    ctype = cfg.credentials_type
-    if ctype == "":
-        ctype = cfg.credentials_type = None
-    if ctype is not None:
-        _choice(cfg, "credentials_type", CREDENTIALS_TYPES)
-    for field, owner in owners.items():
-        if data.get(field) not in (None, "") and owner != ctype:
-            raise ConfigError(field, "only used with credentials_type %s" % owner)
-    _check_credentials(cfg, ctype)
-
-    _number(cfg, "telemetry_interval", 0, 86400 * 7)
-    _choice(cfg, "qos", (0, 1))
-    _number(cfg, "timeout", 0.1, 300)
-    _number(cfg, "keepalive", 0, 65535, True)
-    sensors = cfg.sensors
-    if not isinstance(sensors, (list, tuple)):
-        raise ConfigError("sensors", "must be a list of sensor names")
-    for s in sensors:
-        if s not in SENSORS:
-            raise ConfigError("sensors", "unknown sensor %r (known: %s)" % (s, ", ".join(SENSORS)))
-    if _text(cfg, "wifi_ssid") is None and _has_wifi():
-        raise ConfigError("wifi_ssid", "required on a board with Wi-Fi")
-    if cfg.wifi_password is not None and not isinstance(cfg.wifi_password, str):
-        raise ConfigError("wifi_password", "must be a string")
-    if cfg.wifi_password and not cfg.wifi_ssid:
-        raise ConfigError("wifi_password", "given without wifi_ssid")
-    _choice(cfg, "log_level", LOG_LEVELS)
+        raise ConfigError("device_name", "is required")
+    # ThingsBoard keeps the name "provision" for its provisioning sessions.
+    for name in ("device_name", "client_id", "username"):
+        if getattr(cfg, name) == "provision":
+            raise ConfigError(name, "'provision' is reserved")
     return cfg
-
-
-def _check_credentials(cfg, ctype):
-    if ctype == "ACCESS_TOKEN":
-        _text(cfg, "token", True)
-        return
-    if ctype == "MQTT_BASIC":
-        if cfg.transport != "mqtt":
-            raise ConfigError("credentials_type", "MQTT_BASIC works only with transport mqtt; "
-                              "HTTP and CoAP devices authenticate with an access token")
-        client_id = _text(cfg, "client_id")
-        username = _text(cfg, "username")
-        password = _text(cfg, "password")
-        # The server's own rules for MQTT_BASIC credentials, refused here rather than by a FAILURE later.
-        if not client_id and not username:
-            raise ConfigError("client_id", "client_id or username required for MQTT_BASIC")
-        if password and not username:
-            raise ConfigError("password", "needs a username (the server refuses a client id with a password alone)")
-        if client_id == "provision" or username == "provision":
-            raise ConfigError("client_id" if client_id == "provision" else "username",
-                              "'provision' is reserved by ThingsBoard for provisioning sessions")
-        return
-    if ctype == "X509_CERTIFICATE":
-        if cfg.transport != "mqtt":
-            raise ConfigError("credentials_type", "X509_CERTIFICATE works only with transport mqtt "
-                              "(a TLS client certificate); HTTP and CoAP devices use an access token")
-        if not cfg.tls:
-            raise ConfigError("tls", "must be true with credentials_type X509_CERTIFICATE")
-        _file(cfg, "cert_file", True)
-        _file(cfg, "key_file", True)
-
-
-def _has_wifi():
-    try:
-        import network  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def load(path="config.json"):
     try:
         with open(path) as f:
-            text = f.read()
+            data = json.load(f)
     except OSError:
-        raise ConfigError(None, "cannot read %s (is the board deployed?)" % path)
-    try:
-        data = json.loads(text)
+        raise ConfigError(None, "cannot read " + path)
     except ValueError:
-        raise ConfigError(None, "%s is not valid JSON" % path)
+        data = None  # not JSON: refused as not an object
     return validate(data)
