@@ -27,14 +27,15 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
     for s in (method, host, path):
         if not s or " " in s or "\r" in s or "\n" in s:
             raise ValueError("bad HTTP %s: %r" % ("request", s))
-    # One bytes object, so that the request leaves in one write. Host names the port unless it is the default.
-    req = ("%s %s HTTP/1.1\r\nHost: %s%s\r\n%sConnection: close\r\n\r\n" % (
+    # One bytes object made in one go (MicroPython's bytes formatting takes str), so that the request leaves in one
+    # write and no copy of it is made. Host names the port unless it is the default.
+    req = b"%s %s HTTP/1.1\r\nHost: %s%s\r\n%sConnection: close\r\n\r\n%s" % (
         method, path, host, "" if port == (80 if ssl_ctx is None else 443) else ":%d" % port,
-        "" if body is None else "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))).encode()
+        "" if body is None else "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body), body or "")
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
         at = tcp.deadline(timeout_ms)
-        tcp.write_all(sock, req + body if body else req, at)
+        tcp.write_all(sock, req, at)
         mv = memoryview(buf or bytearray(256))
         data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
         out = bytearray()  # a chunked body, decoded
