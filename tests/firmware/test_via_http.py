@@ -87,11 +87,11 @@ def test_no_answer_passes_through():
 def test_open_refuses_other_credentials():
     link = via_http.Link(Cfg())
     e = raises(ValueError, link.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"})
-    assert "ACCESS_TOKEN" in str(e) and "MQTT_BASIC" in str(e)
+    assert "needs a token" in str(e) and "MQTT_BASIC" in str(e), e
     raises(ValueError, link.open, {"type": "X509_CERTIFICATE"})
     raises(ValueError, link.open, {"type": "ACCESS_TOKEN", "token": ""})
     e = raises(ValueError, link.send_telemetry, b"{}")
-    assert "ACCESS_TOKEN" in str(e), e
+    assert "needs a token" in str(e), e
 
 
 def test_close_forgets_token_and_is_idempotent():

@@ -20,13 +20,13 @@ class Link:
                                     int(cfg.timeout * 1000), self.buf)
         # ThingsBoard answers 200 for SUCCESS, NOT_FOUND and FAILURE alike: the caller reads "status".
         if status != 200:
-            raise BadAnswer("provisioning answered HTTP %d: %r" % (status, body[:60]))
+            raise BadAnswer("provisioning got HTTP %d: %r" % (status, body[:60]))
         return body
 
     def open(self, creds):
         token = creds.get("token")
         if creds.get("type") != "ACCESS_TOKEN" or not token:
-            raise ValueError("HTTP telemetry needs an ACCESS_TOKEN with a token; got %s" % creds.get("type"))
+            raise ValueError("HTTP needs a token; %s has none" % creds.get("type"))
         # Percent-encode all but RFC 3986 unreserved characters, so that the token is always one path segment.
         path = "/api/v1/"
         for c in token.encode():
@@ -38,7 +38,7 @@ class Link:
 
     def send_telemetry(self, payload):
         if self.path is None:
-            raise ValueError("HTTP telemetry needs an ACCESS_TOKEN with a token; got %s" % None)  # not opened
+            raise ValueError("HTTP needs a token; %s has none" % "the link")  # open was not called
         cfg = self.cfg
         status, body = http.request("POST", cfg.host, cfg.port, self.path, payload, self.ctx,
                                     int(cfg.timeout * 1000), self.buf)
