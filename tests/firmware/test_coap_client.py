@@ -1,221 +1,241 @@
-# The CoAP client's exchanges over a scripted UDP socket, with shortened timers (ACK_TIMEOUT 10 ms).
-from fakeudp import FakeUDP
+# The CoAP exchanges over a scripted UDP socket, with shortened timers (ACK_TIMEOUT 10 ms).
 from mptest import eq, raises
-from tbfleet import coap
+from test_coap import ACK, CON, CONTENT, CREATED, GET, NON, POST, RST, decode, encode, link, piggyback
+from tbfleet import via_coap
 from tbfleet.errors import NoAnswer
 
 
-def client(on_send=None, factor=1.0, timeout_ms=200, max_retransmit=4):
-    c = coap.Client("127.0.0.1", 5683, timeout_ms, 10, factor, max_retransmit)
-    c.sock = FakeUDP(on_send)
-    return c
-
-
-def req(data):
-    return coap.decode(data)
-
-
-def piggyback(code, body=b""):
-    def answer(sock, data):
-        t, _, mid, tok, _, _ = req(data)
-        if t == coap.CON:
-            sock.feed(coap.encode(coap.ACK, code, mid, tok, (), body))
-    return answer
-
-
-def test_piggybacked_answer_and_request_bytes():
-    c = client(piggyback(coap.CREATED, b"done"))
-    eq(c.request(coap.POST, "/api/v1/T1/telemetry", b'{"t":1}', content_format=coap.JSON), (coap.CREATED, b"done"))
-    eq(len(c.sock.sent), 1)
-    t, code, _, tok, opts, body = req(c.sock.datagrams[0])
-    eq((t, code, len(tok), body), (coap.CON, coap.POST, 4, b'{"t":1}'))
+def test_piggybacked_answer():
+    lk = link(piggyback(CREATED, b"done"))
+    eq(lk.request(POST, ("api", "v1", "T1", "telemetry"), b'{"t":1}', 50), (CREATED, b"done"))
+    eq(len(lk.sock.sent), 1)
+    t, code, _, tok, opts, body = decode(lk.sock.datagrams[0])
+    eq((t, code, len(tok), body), (CON, POST, 4, b'{"t":1}'))
     eq(opts, [(11, b"api"), (11, b"v1"), (11, b"T1"), (11, b"telemetry"), (12, b"\x32")])
 
 
-def test_segments_with_slash_and_query():
-    c = client(piggyback(coap.CONTENT, b"{}"))
-    c.request(coap.GET, ("api", "v1", "a/b", "attributes"), query=("clientKeys=x",))
-    eq(req(c.sock.datagrams[0])[4], [(11, b"api"), (11, b"v1"), (11, b"a/b"), (11, b"attributes"),
-                                     (15, b"clientKeys=x")])
-
-
-def test_uri_host_only_when_asked():
-    c = client(piggyback(coap.CONTENT))
-    c.host = "tb.local"
-    c.uri_host = True
-    c.request(coap.GET, "/time")
-    eq(req(c.sock.datagrams[0])[4], [(3, b"tb.local"), (11, b"time")])
+def test_segments_hold_slashes_and_query():
+    lk = link(piggyback(CONTENT, b"{}"))
+    lk.request(GET, ("api", "v1", "a/b", "attributes"), None, None, ("clientKeys=x",))
+    eq(decode(lk.sock.datagrams[0])[4], [(11, b"api"), (11, b"v1"), (11, b"a/b"), (11, b"attributes"),
+                                         (15, b"clientKeys=x")])
 
 
 def test_message_ids_increment_and_tokens_differ():
-    c = client(piggyback(coap.CREATED))
+    lk = link(piggyback(CREATED))
     for _ in range(3):
-        c.request(coap.POST, "/x", b"1")
-    mids = [req(d)[2] for d in c.sock.datagrams]
-    toks = [req(d)[3] for d in c.sock.datagrams]
+        lk.request(POST, ("x",), b"1")
+    mids = [decode(d)[2] for d in lk.sock.datagrams]
+    toks = [decode(d)[3] for d in lk.sock.datagrams]
     eq([(m - mids[0]) & 0xFFFF for m in mids], [0, 1, 2])
     assert toks[0] != toks[1] != toks[2], toks
 
 
 def test_retransmission_backoff_then_no_answer():
-    c = client()  # nobody answers
-    e = raises(NoAnswer, c.request, coap.POST, "/x", b"1")
+    lk = link()  # nobody answers
+    e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
     assert "5 transmissions" in str(e), e
-    times = [t for t, _ in c.sock.sent]
-    eq(len(set(c.sock.datagrams)), 1)  # the same message (same id, same token) each time
+    times = [t for t, _ in lk.sock.sent]
+    eq(len(set(lk.sock.datagrams)), 1)  # the same message (same id, same token) each time
     gaps = [b - a for a, b in zip(times, times[1:])]
+    # Each wait is ACK_TIMEOUT times a random 1 to 1.5, doubled per retransmission; the upper slack is for a
+    # loaded machine.
     for gap, want in zip(gaps, (10, 20, 40, 80)):
-        assert want <= gap < want + 60, gaps  # never early; the upper slack is for a loaded machine
-    took = c.sock.now() - times[-1]
-    assert 160 <= took < 260, took
+        assert want <= gap < want * 3 // 2 + 40, gaps
+    ratios = [b / a for a, b in zip(gaps, gaps[1:])]
+    assert all(1.5 < r < 2.6 for r in ratios), gaps
+    took = lk.sock.now() - times[-1]
+    assert 160 <= took < 280, took
 
 
-def test_random_factor_stretches_first_timeout():
-    c = client(factor=1.5, max_retransmit=1)
-    raises(NoAnswer, c.request, coap.POST, "/x", b"1")
-    gap = c.sock.sent[1][0] - c.sock.sent[0][0]
-    assert 10 <= gap < 15 + 20, gap
+def test_random_factor_stretches_the_first_timeout():
+    firsts = []
+    for _ in range(12):
+        lk = link()
+
+        def answer_second(sock, data):
+            if len(sock.sent) == 2:
+                piggyback(CREATED)(sock, data)
+        lk.sock.on_send = answer_second
+        lk.ack_ms = 40
+        lk.request(POST, ("x",), b"1")
+        firsts.append(lk.sock.sent[1][0] - lk.sock.sent[0][0])
+    assert all(40 <= f < 60 + 20 for f in firsts), firsts
+    assert max(firsts) - min(firsts) >= 4, firsts  # not the same wait every time
 
 
 def test_answer_after_retransmissions():
     def third_time(sock, data):
         if len(sock.sent) == 3:
-            piggyback(coap.CREATED, b"late")(sock, data)
-    c = client(third_time)
-    eq(c.request(coap.POST, "/x", b"1"), (coap.CREATED, b"late"))
-    eq(len(c.sock.sent), 3)
+            piggyback(CREATED, b"late")(sock, data)
+    lk = link(third_time)
+    eq(lk.request(POST, ("x",), b"1"), (CREATED, b"late"))
+    eq(len(lk.sock.sent), 3)
 
 
 def separate(kind, delay=30, mid=0x7777, body=b"sep", ack_first=True):
     def answer(sock, data):
-        t, _, rmid, tok, _, _ = req(data)
-        if t != coap.CON or len(sock.sent) > 1:
+        t, _, rmid, tok, _, _ = decode(data)
+        if t != CON or len(sock.sent) > 1:
             return
         if ack_first:
-            sock.feed(coap.encode(coap.ACK, 0, rmid))
-        sock.feed(coap.encode(kind, coap.CREATED, mid, tok, (), body), delay)
+            sock.feed(encode(ACK, 0, rmid))
+        sock.feed(encode(kind, CREATED, mid, tok, (), body), delay)
     return answer
 
 
 def test_separate_confirmable_response_is_acknowledged():
-    c = client(separate(coap.CON))
-    eq(c.request(coap.POST, "/x", b"1"), (coap.CREATED, b"sep"))
+    lk = link(separate(CON))
+    eq(lk.request(POST, ("x",), b"1"), (CREATED, b"sep"))
     # the request once (the empty ACK stopped retransmission), then our ACK of the response
-    eq(len(c.sock.sent), 2)
-    eq(c.sock.datagrams[1], b"\x60\x00\x77\x77")
+    eq(len(lk.sock.sent), 2)
+    eq(lk.sock.datagrams[1], b"\x60\x00\x77\x77")
 
 
 def test_separate_non_response_is_not_acknowledged():
-    c = client(separate(coap.NON))
-    eq(c.request(coap.POST, "/x", b"1"), (coap.CREATED, b"sep"))
-    eq(len(c.sock.sent), 1)
+    lk = link(separate(NON))
+    eq(lk.request(POST, ("x",), b"1"), (CREATED, b"sep"))
+    eq(len(lk.sock.sent), 1)
 
 
 def test_separate_response_before_the_empty_ack():
-    c = client(separate(coap.CON, delay=0, ack_first=False))
-    eq(c.request(coap.POST, "/x", b"1"), (coap.CREATED, b"sep"))
-    eq(c.sock.datagrams[1], b"\x60\x00\x77\x77")
+    lk = link(separate(CON, delay=0, ack_first=False))
+    eq(lk.request(POST, ("x",), b"1"), (CREATED, b"sep"))
+    eq(lk.sock.datagrams[1], b"\x60\x00\x77\x77")
 
 
 def test_separate_response_never_comes():
     def ack_only(sock, data):
-        sock.feed(coap.encode(coap.ACK, 0, req(data)[2]))
-    c = client(ack_only, timeout_ms=60)
-    e = raises(NoAnswer, c.request, coap.POST, "/x", b"1")
+        sock.feed(encode(ACK, 0, decode(data)[2]))
+    lk = link(ack_only, timeout=0.06)
+    e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
     assert "separate" in str(e), e
-    eq(len(c.sock.sent), 1)
-    assert 55 <= c.sock.now() < 300, c.sock.now()
+    eq(len(lk.sock.sent), 1)
+    assert 55 <= lk.sock.now() < 300, lk.sock.now()
 
 
 def test_duplicate_separate_response_is_acked_again_not_processed():
     state = {}
 
     def server(sock, data):
-        t, _, rmid, tok, _, _ = req(data)
-        if t != coap.CON:
+        t, _, rmid, tok, _, _ = decode(data)
+        if t != CON:
             return
         if "first" not in state:
-            state["first"] = coap.encode(coap.CON, coap.CREATED, 0x1111, tok, (), b"one")
-            sock.feed(coap.encode(coap.ACK, 0, rmid))
+            state["first"] = encode(CON, CREATED, 0x1111, tok, (), b"one")
+            sock.feed(encode(ACK, 0, rmid))
             sock.feed(state["first"], 5)
         else:
             # our ACK of 0x1111 was "lost": the server retransmits it while the next exchange runs
             sock.feed(state["first"])
-            sock.feed(coap.encode(coap.ACK, coap.CREATED, rmid, tok, (), b"two"), 5)
-    c = client(server)
-    eq(c.request(coap.POST, "/x", b"1"), (coap.CREATED, b"one"))
-    eq(c.request(coap.POST, "/x", b"2"), (coap.CREATED, b"two"))
-    acks = [d for d in c.sock.datagrams if d == b"\x60\x00\x11\x11"]
+            sock.feed(encode(ACK, CREATED, rmid, tok, (), b"two"), 5)
+    lk = link(server)
+    eq(lk.request(POST, ("x",), b"1"), (CREATED, b"one"))
+    eq(lk.request(POST, ("x",), b"2"), (CREATED, b"two"))
+    acks = [d for d in lk.sock.datagrams if d == b"\x60\x00\x11\x11"]
     eq(len(acks), 2)
+
+
+def test_only_the_last_eight_separate_responses_are_remembered():
+    n = [0]
+
+    def server(sock, data):
+        t, _, rmid, tok, _, _ = decode(data)
+        if t == CON:
+            n[0] += 1
+            sock.feed(encode(ACK, 0, rmid))
+            sock.feed(encode(CON, CREATED, 0x3000 + n[0], tok, (), b"%d" % n[0]))
+    lk = link(server)
+    for i in range(1, 11):
+        eq(lk.request(POST, ("x",), b"1"), (CREATED, b"%d" % i))
+    eq(lk.seen, [0x3000 + i for i in range(3, 11)])
 
 
 def test_wrong_token_ignored_and_reset():
     def server(sock, data):
-        t, _, rmid, tok, _, _ = req(data)
-        if t != coap.CON:
+        t, _, rmid, tok, _, _ = decode(data)
+        if t != CON:
             return
         wrong = bytes(b ^ 0xFF for b in tok)
-        sock.feed(coap.encode(coap.ACK, coap.CREATED, rmid, wrong, (), b"bad piggyback"))
-        sock.feed(coap.encode(coap.CON, coap.CREATED, 0x2222, wrong, (), b"bad separate"))
-        sock.feed(coap.encode(coap.NON, coap.CREATED, 0x2223, wrong, (), b"bad non"))
-        sock.feed(coap.encode(coap.CON, coap.CREATED, 0x2224, tok, (), b"good"), 5)
-    c = client(server)
-    eq(c.request(coap.POST, "/x", b"1"), (coap.CREATED, b"good"))
-    eq(c.sock.datagrams[1:], [b"\x70\x00\x22\x22", b"\x60\x00\x22\x24"])
+        sock.feed(encode(ACK, CREATED, rmid, wrong, (), b"bad piggyback"))
+        sock.feed(encode(CON, CREATED, 0x2222, wrong, (), b"bad separate"))
+        sock.feed(encode(NON, CREATED, 0x2223, wrong, (), b"bad non"))
+        sock.feed(encode(CON, CREATED, 0x2224, tok, (), b"good"), 5)
+    lk = link(server)
+    eq(lk.request(POST, ("x",), b"1"), (CREATED, b"good"))
+    eq(lk.sock.datagrams[1:], [b"\x70\x00\x22\x22", b"\x60\x00\x22\x24"])
 
 
 def test_stale_ack_and_garbage_ignored():
     def server(sock, data):
-        t, _, rmid, tok, _, _ = req(data)
+        t, _, rmid, tok, _, _ = decode(data)
         sock.feed(b"\xff\xff")
-        sock.feed(coap.encode(coap.ACK, coap.CREATED, (rmid + 100) & 0xFFFF, tok, (), b"stale"))
-        sock.feed(coap.encode(coap.ACK, coap.CREATED, rmid, tok, (), b"fresh"), 3)
-    c = client(server)
-    eq(c.request(coap.POST, "/x", b"1"), (coap.CREATED, b"fresh"))
+        sock.feed(encode(ACK, CREATED, (rmid + 100) & 0xFFFF, tok, (), b"stale"))
+        sock.feed(encode(RST, 0, (rmid - 1) & 0xFFFF))
+        sock.feed(encode(ACK, CREATED, rmid, tok, (), b"fresh"), 3)
+    lk = link(server)
+    eq(lk.request(POST, ("x",), b"1"), (CREATED, b"fresh"))
 
 
 def test_reset_is_no_answer():
     def reset(sock, data):
-        sock.feed(coap.encode(coap.RST, 0, req(data)[2]))
-    e = raises(NoAnswer, client(reset).request, coap.POST, "/x", b"1")
+        sock.feed(encode(RST, 0, decode(data)[2]))
+    e = raises(NoAnswer, link(reset).request, POST, ("x",), b"1")
     assert "reset" in str(e), e
 
 
 def test_server_ping_gets_reset():
     def server(sock, data):
-        t, _, rmid, tok, _, _ = req(data)
-        if t == coap.CON:
+        t, _, rmid, tok, _, _ = decode(data)
+        if t == CON:
             sock.feed(b"\x40\x00\x05\x05")  # CoAP ping: an empty CON
-            sock.feed(coap.encode(coap.ACK, coap.CREATED, rmid, tok), 3)
-    c = client(server)
-    c.request(coap.POST, "/x", b"1")
-    eq(c.sock.datagrams[1], b"\x70\x00\x05\x05")
+            sock.feed(encode(ACK, CREATED, rmid, tok), 3)
+    lk = link(server)
+    lk.request(POST, ("x",), b"1")
+    eq(lk.sock.datagrams[1], b"\x70\x00\x05\x05")
 
 
-def test_port_unreachable_is_no_answer():
+def test_port_unreachable_is_no_answer_and_the_next_request_opens_a_new_socket():
     def refuse(sock, data):
         sock.refused = True
-    e = raises(NoAnswer, client(refuse).request, coap.POST, "/x", b"1")
-    assert "111" in str(e), e
+    lk = link(refuse)
+    lk.open({"type": "ACCESS_TOKEN", "token": "T"})
+    e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
+    assert "127.0.0.1:5683" in str(e) and "111" in str(e), e
+    eq((lk.sock, lk.poll), (None, None))
+    eq(lk._path, ("api", "v1", "T", "telemetry"))  # still open: only the socket went
 
 
 def test_real_udp_port_unreachable():
     # A real socket towards a loopback UDP port nobody listens on (9, discard): the ICMP error ends it at once.
-    c = coap.Client("127.0.0.1", 9, 100, 10, 1.0, 2)
-    e = raises(NoAnswer, c.request, coap.POST, "/x", b"1")
-    assert "receive failed" in str(e), e
-    c.close()
-    c.close()
-    eq(c.sock, None)
+    from test_coap import Cfg
+
+    cfg = Cfg()
+    cfg.port = 9
+    lk = via_coap.Link(cfg)
+    lk.ack_ms = 10
+    e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
+    assert "127.0.0.1:9" in str(e), e
+    lk.close()
+    lk.close()
+    eq(lk.sock, None)
+
+
+def test_unresolvable_host_is_no_answer():
+    from test_coap import Cfg
+
+    cfg = Cfg()
+    cfg.host = "no such host.invalid"
+    e = raises(NoAnswer, via_coap.Link(cfg).request, POST, ("x",), b"1")
+    assert "no such host.invalid" in str(e), e
 
 
 def test_one_poller_per_socket():
-    # Made once with the socket and reused by every wait, so a message leaves no poller behind.
-    c = client(piggyback(coap.CREATED))
-    c.request(coap.POST, "/api/v1/T1/telemetry", b"{}")
-    p = c._poller
-    assert p is not None
-    c.request(coap.POST, "/api/v1/T1/telemetry", b"{}")
-    assert c._poller is p
-    c.close()
-    assert c._poller is None and c.sock is None
+    # Kept with the socket and reused by every wait, so a message leaves no poller behind.
+    lk = link(piggyback(CREATED))
+    p = lk.poll
+    lk.request(POST, ("x",), b"{}")
+    lk.request(POST, ("x",), b"{}")
+    assert lk.poll is p
+    lk.close()
+    assert lk.poll is None and lk.sock is None

@@ -1,70 +1,220 @@
-# ThingsBoard's device API over CoAP (UDP 5683): provisioning and telemetry, confirmable POSTs.
+# ThingsBoard's device API over CoAP (UDP 5683): provisioning and telemetry as confirmable POSTs of JSON, with the
+# firmware's own compact RFC 7252 client: exponential retransmission, piggybacked and separate responses, duplicate
+# detection, a select.poll deadline on every wait. Client and adapter are one class, and one method does the whole
+# exchange: on a board every module, class and function costs heap, a long function does not.
+import os
+import select
+import socket
+import time
+
 from micropython import const
 
-from tbfleet import coap
-from tbfleet.errors import BadAnswer, Refused, Rejected
+from tbfleet import errors
 
-_PROVISION = ("api", "v1", "provision")
+_ACK_TIMEOUT = const(2000)  # ms; each request stretches it by a random 1 to 1.5 (ACK_RANDOM_FACTOR)
+_MAX_RETRANSMIT = const(4)
+_SEEN = const(8)  # separate responses remembered to recognise their retransmissions
+_RX = const(1152)  # largest datagram taken: ThingsBoard keeps payloads within 1024 bytes
+# Telemetry answers carry nothing we use past an error's first 60 bytes. recv allocates its whole size for every
+# datagram: a small one keeps the sending loop from needing a 1152-byte hole in the heap each message.
+_RX_TELEMETRY = const(128)
+_POST = const(2)
+_JSON = const(50)  # Content-Format application/json
+_CREATED = const(65)  # 2.01
+_VALID = const(67)  # 2.03
+_CHANGED = const(68)  # 2.04
+_CONTENT = const(69)  # 2.05
 _BAD_REQUEST = const(128)  # 4.00
 _UNAUTHORIZED = const(129)  # 4.01
 
 
-def _short(body):
-    # The first words of a server's error body, for a log line.
+def _why(code, body):
+    # (code as people write it, 4.01 -> 401; the first words of the server's error body, else the code as "4.01")
     try:
-        return body[:60].decode().strip()
+        text = body[:60].decode().strip()
     except UnicodeError:
-        return "%d bytes" % len(body)
-
-
-def _num(code):
-    # 4.01 -> 401, the way people write CoAP codes
-    return (code >> 5) * 100 + (code & 31)
+        text = "%d bytes" % len(body)
+    return (code >> 5) * 100 + (code & 31), text or "%d.%02d" % (code >> 5, code & 31)
 
 
 class Link:
+    # One UDP socket to the server, opened by the first request; requests are made one at a time.
     def __init__(self, cfg):
         if cfg.tls:
-            raise ValueError("CoAP over DTLS is not supported: set tls off for the coap transport")
-        self._cfg = cfg
-        self._client = None
+            raise ValueError("CoAP over DTLS is not supported")
+        self.cfg = cfg
+        self.ack_ms = _ACK_TIMEOUT
+        self.sock = None
+        self.poll = None
+        self.mid = int.from_bytes(os.urandom(2), "big")
+        self.seen = []
         self._path = None
 
-    def _post(self, path, body):
-        if self._client is None:
-            cfg = self._cfg
-            self._client = coap.Client(cfg.host, cfg.port, int(cfg.timeout * 1000))
-        return self._client.request(coap.POST, path, body, content_format=coap.JSON)
-
     def provision(self, request):
-        code, body = self._post(_PROVISION, request)
+        code, body = self.request(_POST, ("api", "v1", "provision"), request, _JSON)
         # 2.01 on SUCCESS and 4.00 with the JSON body on NOT_FOUND/FAILURE; servers before 3.2.2 answer 2.05.
-        if code == coap.CREATED or code == coap.CONTENT or (code == _BAD_REQUEST and body):
+        if code == _CREATED or code == _CONTENT or code == _BAD_REQUEST and body:
             return body
-        raise BadAnswer("provisioning answered CoAP %s: %s" % (coap.code_str(code), _short(body)))
+        raise errors.BadAnswer("provisioning answered CoAP %d: %s" % _why(code, body))
 
     def open(self, creds):
         kind = creds.get("type")
-        if kind != "ACCESS_TOKEN":
-            raise ValueError("CoAP telemetry needs ACCESS_TOKEN credentials, not %s" % kind)
-        if not creds.get("token"):
-            raise ValueError("ACCESS_TOKEN credentials without a token")
+        if kind != "ACCESS_TOKEN" or not creds.get("token"):
+            raise ValueError("CoAP needs ACCESS_TOKEN credentials with a token, not %s" % kind)
         # Uri-Path options carry raw segments: the token needs no escaping
         self._path = ("api", "v1", creds["token"], "telemetry")
 
     def send_telemetry(self, payload):
         if self._path is None:
             raise ValueError("send_telemetry before open")
-        code, body = self._post(self._path, payload)
+        code, body = self.request(_POST, self._path, payload, _JSON, (), _RX_TELEMETRY)
         # 2.01 today; 2.03 (3.2, 3.2.1) and 2.04 from older servers
-        if code == coap.CREATED or code == coap.VALID or code == coap.CHANGED:
+        if code == _CREATED or code == _VALID or code == _CHANGED:
             return
         if code == _UNAUTHORIZED:
-            raise Refused(401, "unauthorized")
-        raise Rejected(_num(code), _short(body) or coap.code_str(code))
+            raise errors.Refused(401, "unauthorized")
+        raise errors.Rejected(*_why(code, body))
 
     def close(self):
         self._path = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self.sock:
+            self.sock.close()
+            self.sock = self.poll = None
+
+    def request(self, code, path, payload=None, fmt=None, query=(), rx=_RX):
+        # A confirmable request. path: raw segments (one may hold "/"), query: "key=value" strings, fmt: the
+        # Content-Format number or None, rx: the largest datagram taken (a longer one is cut).
+        # Returns (response code, payload bytes); NoAnswer when none came.
+        cfg = self.cfg
+        try:
+            if not self.sock:
+                addr = socket.getaddrinfo(cfg.host, cfg.port, 0, socket.SOCK_DGRAM)[0]
+                self.sock = socket.socket(addr[0], socket.SOCK_DGRAM)
+                self.sock.connect(addr[-1])
+                # Non-blocking: a readiness that turns out empty gives EAGAIN, never a wait without deadline.
+                self.sock.setblocking(False)
+                # One poller per socket, made before any message's buffers: a poller per wait is garbage for
+                # every message, and a long-lived object made among a message's buffers splits the free heap.
+                self.poll = select.poll()
+                self.poll.register(self.sock, select.POLLIN)
+            sock = self.sock
+            self.mid = mid = (self.mid + 1) & 0xFFFF
+            token = os.urandom(4)
+            msg = bytearray((0x44, code, mid >> 8, mid & 255))  # version 1, CON, 4-byte token
+            msg += token
+            opts = [(11, seg.encode()) for seg in path]  # Uri-Path
+            if fmt is not None:
+                opts.append((12, fmt.to_bytes((fmt > 0) + (fmt > 255), "big")))  # Content-Format: a minimal uint
+            for q in query:
+                opts.append((15, q.encode()))  # Uri-Query
+            last = 0
+            for num, val in opts:
+                # Deltas between these option numbers stay below 13; a length of 13 or more takes one or two
+                # extension bytes (RFC 7252 3.1).
+                n = len(val)
+                head = num - last << 4
+                if n < 13:
+                    msg.append(head | n)
+                elif n < 269:
+                    msg.append(head | 13)
+                    msg.append(n - 13)
+                else:
+                    msg.append(head | 14)
+                    msg += (n - 269).to_bytes(2, "big")
+                msg += val
+                last = num
+            if payload:
+                msg.append(0xFF)
+                msg += payload
+            wait = self.ack_ms + self.ack_ms * os.urandom(1)[0] // 510
+            sent = 1
+            acked = False
+            sock.send(msg)
+            at = time.ticks_add(time.ticks_ms(), wait)
+            while True:
+                left = max(0, time.ticks_diff(at, time.ticks_ms()))
+                if not self.poll.poll(left):
+                    if left:
+                        continue
+                    if acked:
+                        raise errors.NoAnswer("no separate response in %d s" % cfg.timeout)
+                    if sent > _MAX_RETRANSMIT:
+                        raise errors.NoAnswer("no answer after %d transmissions" % sent)
+                    sent += 1
+                    wait *= 2
+                    sock.send(msg)
+                    at = time.ticks_add(time.ticks_ms(), wait)
+                    continue
+                # recv, not readinto: a stream readinto joins the datagrams that are waiting into one buffer.
+                try:
+                    data = sock.recv(rx)
+                except OSError as e:
+                    if e.errno == 11:
+                        continue
+                    raise
+                # A malformed message is silently ignored (RFC 7252 4.2): bad header, token length over 8,
+                # reserved option nibble 15, an option or token past the end, a payload marker with no payload,
+                # an empty message with content.
+                n = len(data)
+                if n < 4 or data[0] >> 6 != 1 or data[0] & 15 > 8:
+                    continue
+                i = 4 + (data[0] & 15)
+                tok = data[4:i]
+                ok = True
+                try:
+                    while ok and i < n and data[i] != 0xFF:
+                        d = data[i] >> 4
+                        ln = data[i] & 15
+                        ok = d != 15 and ln != 15
+                        i += 1 + (d == 13) + 2 * (d == 14)  # past the delta's extension: the number is not needed
+                        if ln == 13:
+                            ln = 13 + data[i]
+                            i += 1
+                        elif ln == 14:
+                            ln = 269 + (data[i] << 8 | data[i + 1])
+                            i += 2
+                        i += ln
+                except IndexError:
+                    ok = False
+                body = data[i + 1:]
+                c = data[1]
+                if not ok or i > n or i < n and not body or c == 0 and n > 4:
+                    continue
+                kind = data[0] >> 4 & 3
+                m = data[2] << 8 | data[3]
+                if kind > 1:
+                    # ACK or RST, matched by message id: another id is a late answer to an earlier request.
+                    if m != mid:
+                        continue
+                    if kind == 3:
+                        raise errors.NoAnswer("the server reset the request")
+                    if c == 0:
+                        # Empty ACK: the response follows separately, retransmission stops.
+                        acked = True
+                        at = time.ticks_add(time.ticks_ms(), int(cfg.timeout * 1000))
+                    elif tok == token:
+                        return c, body
+                    continue
+                # CON or NON: a separate response, matched by token.
+                if kind == 0 and m in self.seen:
+                    sock.send(bytes((0x60, 0, data[2], data[3])))  # our ACK was lost: ACK again, do not process
+                    continue
+                if tok != token or c < 64:
+                    if kind == 0:
+                        sock.send(bytes((0x70, 0, data[2], data[3])))  # not ours, or a ping: reset
+                    continue
+                if kind == 0:
+                    sock.send(bytes((0x60, 0, data[2], data[3])))
+                self.seen.append(m)
+                if len(self.seen) > _SEEN:
+                    self.seen.pop(0)
+                return c, body
+        except errors.NoAnswer:
+            raise
+        except OSError as e:
+            # 111: an ICMP port unreachable came back, nobody listens there. A new socket next time (the path
+            # stays: the link is still open).
+            if self.sock:
+                self.sock.close()
+            self.sock = self.poll = None
+            raise errors.NoAnswer("CoAP to %s:%d failed: %s" % (cfg.host, cfg.port, e))
