@@ -135,9 +135,9 @@ def test_long_payloads_both_ways():
 
 def test_answer_options_with_extended_deltas_and_lengths_are_skipped():
     # The extension bytes hold 0xff where a wrong skip would take them for the payload marker.
-    opts = [(11, b"x"), (60, b""), (0x1FF + 269 + 400, b"ab"), (0x1FF + 269 + 401, b"L" * 20),
-            (0x1FF + 269 + 402, b"M" * 300)]
-    eq(encode(ACK, CREATED, 1, b"", opts)[4:11], b"\xb1x" + b"\xd0\x24" + b"\xe2\x02\x40")  # deltas 49, 853
+    opts = [(11, b"x"), (60, b""), (840, b"ab"), (841, b"L" * 20), (842, b"M" * 600)]
+    # delta 49: nibble 13, one byte 49 - 13 = 36; delta 780: nibble 14, two bytes 780 - 269 = 0x01ff
+    eq(encode(ACK, CREATED, 1, b"", opts)[4:11], b"\xb1x" + b"\xd0\x24" + b"\xe2\x01\xff")
     eq(encode(ACK, CREATED, 1, b"", [(0xFF + 269, b"")])[4:7], b"\xe0\x00\xff")
     lk = link(piggyback(CONTENT, b"body", [(0xFF + 269, b"")]))
     eq(lk.request(GET, ("a",)), (CONTENT, b"body"))
