@@ -24,8 +24,8 @@ class Link:
         return body
 
     def open(self, creds):
-        token = creds.get("token")
-        if creds.get("type") != "ACCESS_TOKEN" or not token:
+        token = creds.get("token")  # only an ACCESS_TOKEN record has one
+        if not token:
             raise ValueError("HTTP needs a token; %s has none" % creds.get("type"))
         # Percent-encode all but RFC 3986 unreserved characters, so that the token is always one path segment.
         path = "/api/v1/"
