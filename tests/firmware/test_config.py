@@ -101,7 +101,7 @@ def test_types_and_ranges():
     assert "'humidity' is not one of" in str(e), str(e)
     refused("sensors", sensors=[1])
     refused("log_level", log_level="loud")
-    text = "must be printable text of at most 256 characters"
+    text = "must be printable text, at most 256 characters"
     eq(refused("host", host=42).message, text)
     eq(refused("host", host="tb\nexample").message, text)
     eq(refused("host", host="tb\x7fexample").message, text)

@@ -34,14 +34,15 @@ def validate(data):
     if type(data) is not dict:
         raise ConfigError(None, "not a JSON object")
     # [name, default, kind, ...] in the order checked; kind is one of the numbers above, followed by what it takes:
-    # for text or a file, optionally a field it is used only with (set to the value after it, when given); for a
-    # number the lowest and highest allowed; for a choice the values allowed. JSON text rather than a literal table:
-    # while config is loaded only this one string takes RAM, and the table itself only while it is in use.
+    # for text or a file, optionally a field it is used only with (a password only with a username: the server
+    # refuses a client id with a password alone); for a number the lowest and highest allowed; for a choice the
+    # values allowed. JSON text rather than a literal table: while config is loaded only this one string takes RAM,
+    # and the table itself only while it is in use.
     fields = json.loads(
         '[["host",null,0],["transport","mqtt",5,"mqtt","http","coap"],["tls",false,5,false,true],'
         '["port",null,3,1,65535],["ca_file",null,2,"tls"],["provision_key",null,0],["provision_secret",null,0],'
         '["device_name","esp32-{uid}",0],["credentials_type",null,5,"ACCESS_TOKEN","MQTT_BASIC","X509_CERTIFICATE"],'
-        '["token",null,1],["client_id",null,1],["username",null,1],["password",null,1],["cert_file",null,2],'
+        '["token",null,1],["client_id",null,1],["username",null,1],["password",null,1,"username"],["cert_file",null,2],'
         '["key_file",null,2],["telemetry_interval",60,4,0,604800],["qos",1,3,0,1],["timeout",10,4,0.1,300],'
         '["keepalive",60,3,0,65535],["sensors",["uptime","free_heap","rssi","mcu_temp"],6],["wifi_ssid",null,1],'
         '["wifi_password",null,1,"wifi_ssid"],["log_level","info",5,"debug","info","warn","error"]]'
@@ -56,6 +57,10 @@ def validate(data):
         raise ConfigError(name, "unknown field")
     import os
 
+    # The fields that belong to one credentials type.
+    owners = {"token": "ACCESS_TOKEN", "client_id": "MQTT_BASIC", "username": "MQTT_BASIC", "password": "MQTT_BASIC",
+              "cert_file": "X509_CERTIFICATE", "key_file": "X509_CERTIFICATE"}
+    ctype = cfg.credentials_type
     for name, default, kind, *allowed in fields:
         value = getattr(cfg, name)
         if value is None:
@@ -63,11 +68,11 @@ def validate(data):
                 raise ConfigError(name, "is required")
         elif kind <= _FILE:
             if type(value) is not str or len(value) > _MAX_TEXT or min(value) < " " or "\x7f" in value:
-                raise ConfigError(name, "must be printable text of at most %d characters" % _MAX_TEXT)
-            if allowed:
-                other = getattr(cfg, allowed[0])
-                if not other or allowed[1:] and other != allowed[1]:
-                    raise ConfigError(name, "only with %s" % " ".join(allowed))
+                raise ConfigError(name, "must be printable text, at most %d characters" % _MAX_TEXT)
+            if owners.get(name, ctype) != ctype:
+                raise ConfigError(name, "only with credentials_type %s" % owners[name])
+            if allowed and not getattr(cfg, allowed[0]):
+                raise ConfigError(name, "only with %s" % allowed[0])
             if kind == _FILE:
                 try:
                     os.stat(value)
@@ -89,28 +94,17 @@ def validate(data):
 
     transport = cfg.transport
     tls = cfg.tls
-    ctype = cfg.credentials_type
     if tls and transport == "coap":
-        raise ConfigError("tls", "not with transport coap: this firmware has no DTLS")
+        raise ConfigError("tls", "not with transport coap (no DTLS here)")
     if ctype and ctype != "ACCESS_TOKEN" and transport != "mqtt":
         raise ConfigError("credentials_type", "%s works only with transport mqtt; HTTP and CoAP devices take an "
                           "access token" % ctype)
-    # The fields each credentials type takes; ACCESS_TOKEN and X509_CERTIFICATE need all of theirs (and TLS).
-    for owner, names in (("ACCESS_TOKEN", ("token",)), ("MQTT_BASIC", ("client_id", "username", "password")),
-                         ("X509_CERTIFICATE", ("cert_file", "key_file", "tls"))):
-        for name in names:
-            value = getattr(cfg, name)
-            if owner != ctype and value and name != "tls":
-                raise ConfigError(name, "only with credentials_type " + owner)
-            if owner == ctype != "MQTT_BASIC" and not value:
-                raise ConfigError(name, "required with " + owner)
-    # MQTT_BASIC needs a client_id or a username, and the username with a password (the server refuses a client id
-    # with a password alone).
-    if ctype == "MQTT_BASIC" and cfg.username is None:
-        if cfg.password:
-            raise ConfigError("password", "only with username")
-        if cfg.client_id is None:
-            raise ConfigError("client_id", "required with " + ctype)
+    # What each credentials type needs; MQTT_BASIC a client_id or a username.
+    needs = {"ACCESS_TOKEN": "token", "MQTT_BASIC": "" if cfg.username else "client_id",
+             "X509_CERTIFICATE": "tls cert_file key_file"}.get(ctype, "")
+    for name in needs.split():
+        if not getattr(cfg, name):
+            raise ConfigError(name, "required with %s" % ctype)
     try:
         import network  # noqa: F401 - only boards with Wi-Fi have it
 
@@ -120,7 +114,8 @@ def validate(data):
         pass
     if cfg.port is None:
         # The server's ports for each transport, plain and with TLS.
-        cfg.port = {"mqtt": (1883, 8883), "http": (8080, 443), "coap": (5683, 5684)}[transport][tls]
+        cfg.port = {"mqtt": 8883, "http": 443}[transport] if tls else {"mqtt": 1883, "http": 8080, "coap": 5683}[
+            transport]
 
     name = cfg.device_name
     if "{uid}" in name:
@@ -131,7 +126,7 @@ def validate(data):
     if not name:
         raise ConfigError("device_name", "is required")
     # ThingsBoard keeps the name "provision" for its provisioning sessions.
-    for name in ("device_name", "client_id", "username"):
+    for name in "device_name client_id username".split():
         if getattr(cfg, name) == "provision":
             raise ConfigError(name, "'provision' is reserved")
     return cfg
