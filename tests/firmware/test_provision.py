@@ -181,7 +181,7 @@ def test_one_exchange_per_attempt_and_the_link_dropped_however_it_ended():
     eq(store.load()["token"], "T0k3n")  # saved before it is used
     assert link.closed and device.dropped == 1 and json.loads(link.sent)["deviceName"] == "greenhouse-7"
     eq(app._onboard(Device(Link(error=AssertionError("no exchange"))), cfg_with())[0]["token"], "T0k3n")  # saved
-    store.discard()
+    store.discard("provisioning again")
     for error in (NoAnswer("no answer in time"), BadAnswer("junk")):
         link = Link(error=error)
         device = Device(link)

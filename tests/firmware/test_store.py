@@ -5,7 +5,6 @@ import os
 
 from mptest import eq, raises
 from tbfleet import log, store
-from tbfleet.store import StoreError
 
 TOKEN = "kT3vQ9pZx7LmB2nR8sYw"
 PASSWORD = "Zq81-w0rd-fleet"
@@ -107,26 +106,28 @@ def test_save_refuses_invalid_records():
     cases = [
         ("not a dict", [("type", "ACCESS_TOKEN")], "not a JSON object"),
         ("unknown type", with_(ACCESS, type="LWM2M_CREDENTIALS"), "unknown credentials type"),
-        ("no type", without(ACCESS, "type"), "field 'type'"),
-        ("no token", without(ACCESS, "token"), "field 'token' missing"),
-        ("empty token", with_(ACCESS, token=""), "field 'token' is empty"),
-        ("token not str", with_(ACCESS, token=12345), "field 'token' has the wrong type"),
-        ("null token", with_(ACCESS, token=None), "field 'token' has the wrong type"),
-        ("no password", without(BASIC, "password"), "field 'password' missing"),
-        ("password bytes", with_(BASIC, password=b"x"), "field 'password' has the wrong type"),
-        ("basic without id", with_(BASIC, client_id="", username=None), "'client_id' and 'username' both empty"),
-        ("no device", without(ACCESS, "device"), "field 'device'"),
-        ("device null", with_(X509, device=None), "field 'device'"),
-        ("no server", without(ACCESS, "server"), "field 'server'"),
+        ("no type", without(ACCESS, "type"), "unknown credentials type"),
+        ("type not text", with_(ACCESS, type=["ACCESS_TOKEN"]), "unknown credentials type"),
+        ("no token", without(ACCESS, "token"), "field 'token' missing or not text"),
+        ("empty token", with_(ACCESS, token=""), "empty credentials"),
+        ("token not str", with_(ACCESS, token=12345), "field 'token' missing or not text"),
+        ("null token", with_(ACCESS, token=None), "field 'token' missing or not text"),
+        ("no password", without(BASIC, "password"), "field 'password' missing or not text"),
+        ("password bytes", with_(BASIC, password=b"x"), "field 'password' missing or not text"),
+        ("basic without id", with_(BASIC, client_id="", username=None), "empty credentials"),
+        ("no device", without(ACCESS, "device"), "field 'device' missing or not text"),
+        ("device null", with_(X509, device=None), "field 'device' missing or not text"),
+        ("no server", without(ACCESS, "server"), "field 'server' missing or not text"),
         ("server no port", with_(ACCESS, server="tb.fleet.example"), "not host:port"),
         ("server no host", with_(ACCESS, server=":1883"), "not host:port"),
         ("server port text", with_(ACCESS, server="tb:mqtt"), "not host:port"),
         ("extra field", with_(X509, token=TOKEN), "a field that X509_CERTIFICATE does not have"),
+        ("extra and missing", with_(without(ACCESS, "token"), user="u"), "field 'token' missing"),
         ("version inside", with_(ACCESS, v=1), "a field that ACCESS_TOKEN does not have"),
         ("too large", with_(ACCESS, token="t" * 2100), "larger than 2048 bytes"),
     ]
     for name, rec, why in cases:
-        e = raises(StoreError, store.save, rec)
+        e = raises(ValueError, store.save, rec)
         assert why in e.args[0], (name, e.args[0])
         eq((name, os.listdir()), (name, []))
 
@@ -134,14 +135,14 @@ def test_save_refuses_invalid_records():
 def test_damaged_records_are_set_aside():
     valid = encoded(ACCESS)
     cases = [
-        ("empty file", b"", "empty file"),
+        ("empty file", b"", "not valid JSON"),
         ("truncated", valid[: len(valid) // 2], "not valid JSON"),
         ("cut one byte short", valid[:-1], "not valid JSON"),
         ("bad JSON", b'{"v": 1, "type": "ACCESS_TOKEN", "token": tru}', "not valid JSON"),
         # MicroPython's parser takes ':' and ',' for blanks: with a value gone, later keys and values swap places,
         # and the token becomes a key. Validation still refuses it, and the message does not name that "key".
         ("value missing", b'{"v": 1, "type": "ACCESS_TOKEN", "device": , "token": "%s", "server": "%s"}'
-         % (TOKEN.encode(), SERVER.encode()), "a field that ACCESS_TOKEN does not have"),
+         % (TOKEN.encode(), SERVER.encode()), "field 'server' missing or not text"),
         ("erased flash", b"\xff" * 64, "not valid JSON"),
         ("not UTF-8", valid.replace(b"kT3v", b"k\xc3\x28v"), "not valid JSON"),
         ("not an object", b'["ACCESS_TOKEN"]', "not a JSON object"),
@@ -151,7 +152,7 @@ def test_damaged_records_are_set_aside():
         ("version as bool", encoded(ACCESS, True), "format version"),
         ("unknown type", encoded(with_(ACCESS, type="LWM2M_CREDENTIALS")), "unknown credentials type"),
         ("missing field", encoded(without(BASIC, "username")), "field 'username' missing"),
-        ("wrong type", encoded(with_(ACCESS, token=["x"])), "field 'token' has the wrong type"),
+        ("wrong type", encoded(with_(ACCESS, token=["x"])), "field 'token' missing or not text"),
         ("wrong server", encoded(with_(ACCESS, server=1883)), "field 'server'"),
         ("too large", encoded(with_(ACCESS, token="t" * 3000)), "larger than 2048 bytes"),
     ]
@@ -162,7 +163,7 @@ def test_damaged_records_are_set_aside():
         eq((name, sorted(os.listdir())), (name, ["creds.json.bad"]))
         eq((name, read("creds.json.bad")), (name, data))
         eq((name, len(lines)), (name, 1))
-        assert why in lines[0] and "set aside as creds.json.bad" in lines[0], (name, lines)
+        assert lines[0].startswith("store: creds.json set aside as creds.json.bad (") and why in lines[0], (name, lines)
         assert TOKEN not in lines[0] and "kT3v" not in lines[0], (name, lines)
         eq((name, store.load()), (name, None))
         os.remove("creds.json.bad")
@@ -182,7 +183,7 @@ def test_leftover_temporary_file_beside_a_record_is_removed():
     lines = capture_log()
     eq(store.load(), ACCESS)
     eq(os.listdir(), ["creds.json"])
-    assert "removed the unfinished creds.json.tmp" in lines[0], lines
+    eq(lines, ["store: removed the unfinished creds.json.tmp (a record is in place)"])
 
 
 def test_save_over_a_leftover_temporary_file():
@@ -213,12 +214,12 @@ def test_damaged_temporary_file_without_record_is_removed():
 def test_discard_sets_the_record_aside():
     store.save(BASIC)
     lines = capture_log()
-    store.discard(reason="refused 5 times (not authorized)")
+    store.discard("refused 5 times (not authorized)")
     eq(store.load(), None)
     eq(os.listdir(), ["creds.json.bad"])
     eq(json.loads(read("creds.json.bad")), with_(BASIC, v=1))
-    eq(lines, ["store: creds.json no longer used: refused 5 times (not authorized); set aside as creds.json.bad"])
-    store.discard()
+    eq(lines, ["store: creds.json set aside as creds.json.bad (refused 5 times (not authorized))"])
+    store.discard("nothing there")
     eq(os.listdir(), ["creds.json.bad"])
 
 
@@ -232,7 +233,7 @@ def test_secrets_never_logged():
         write("creds.json", encoded(rec)[:-1])
         store.load()
         store.save(rec)
-        store.discard(reason="revoked")
+        store.discard("revoked")
         write("creds.json.tmp", encoded(rec))
         store.load()
         write("creds.json", encoded(rec, 7))

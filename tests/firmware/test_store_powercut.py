@@ -220,6 +220,6 @@ def test_cut_discard():
                 eq(got, old)
                 seen.append(OLD)
 
-        ops = sweep(bdev, image, lambda: store.discard(reason="revoked"), check, torn)
+        ops = sweep(bdev, image, lambda: store.discard("revoked"), check, torn)
         check_switch(seen, torn)
     print("discard: block operations", ops, "cut points", 2 * (ops + 1))
