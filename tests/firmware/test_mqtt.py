@@ -9,9 +9,19 @@ from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 CONNACK_OK = b"\x20\x02\x00\x00"
 
 
+class Cfg:
+    # The attributes of tbfleet.config that the client reads.
+    def __init__(self, **kw):
+        self.host = "tb.example"
+        self.port = 1883
+        self.tls = False
+        self.keepalive = 60
+        self.timeout = 0.2
+        for k, v in kw.items():
+            setattr(self, k, v)
 
 
-def client(sock, cid="dev-1", user=None, pw=None, **kw):
+def client(sock, on_message=None, **kw):
     seen = []
 
     def fake_connect(host, port, timeout_ms, ssl_ctx=None):
@@ -19,16 +29,17 @@ def client(sock, cid="dev-1", user=None, pw=None, **kw):
         return sock
 
     tcp.connect = fake_connect
-    kw.setdefault("timeout_ms", 200)
-    c = mqtt.MQTTClient("tb.example", 1883, cid, user, pw, **kw)
+    c = mqtt.MQTTClient(Cfg(**kw))
     c.seen = seen
+    if on_message:
+        c.on_message = on_message
     return c
 
 
 def connected(*replies, **kw):
     s = scripted(CONNACK_OK, *replies)
     c = client(s, **kw)
-    c.connect()
+    c.connect("dev-1")
     return c, s
 
 
@@ -40,8 +51,8 @@ def elapsed_ms(fn, *args):
 
 def test_connect_with_username_and_password():
     s = scripted(CONNACK_OK)
-    c = client(s, "dev-1", "alice", "s3cret", keepalive=60)
-    c.connect()
+    c = client(s, keepalive=60)
+    c.connect("dev-1", "alice", "s3cret")
     eq(c.seen, [("tb.example", 1883, 200, None)])
     eq(s.writes, [b"\x10\x20\x00\x04MQTT\x04\xc2\x00\x3c\x00\x05dev-1\x00\x05alice\x00\x06s3cret"])
     assert c.sock is not None
@@ -49,30 +60,36 @@ def test_connect_with_username_and_password():
 
 def test_connect_with_username_only():
     s = scripted(CONNACK_OK)
-    client(s, "esp32-a1", "A1_TEST_TOKEN", keepalive=30).connect()
+    client(s, keepalive=30).connect("esp32-a1", "A1_TEST_TOKEN")
     eq(s.writes, [b"\x10\x23\x00\x04MQTT\x04\x82\x00\x1e\x00\x08esp32-a1\x00\x0dA1_TEST_TOKEN"])
 
 
 def test_connect_without_username_or_password():
     s = scripted(CONNACK_OK)
-    client(s, "dev-1", keepalive=0).connect()
+    client(s, keepalive=0).connect("dev-1")
     eq(s.writes, [b"\x10\x11\x00\x04MQTT\x04\x02\x00\x00\x00\x05dev-1"])
 
 
 def test_connect_with_empty_client_id_and_empty_password_present():
     # None is absent; an empty string is sent as a present, zero-length field.
     s = scripted(CONNACK_OK)
-    client(s, "", "user", "", keepalive=60).connect()
+    client(s, keepalive=60).connect("", "user", "")
     eq(s.writes, [b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x04user\x00\x00"])
 
 
-def test_password_without_user_name_is_refused_locally():
-    e = raises(ValueError, mqtt.MQTTClient, "h", 1883, "dev", None, "pw")
+def test_bad_connect_fields_are_refused_before_connecting():
+    s = scripted(CONNACK_OK)
+    c = client(s)
+    e = raises(ValueError, c.connect, "dev", None, "pw")
     assert "password" in str(e)
-    e = raises(ValueError, mqtt.MQTTClient, "h", 1883, "dev", keepalive=65536)
-    assert "keepalive" in str(e)
-    e = raises(ValueError, mqtt.MQTTClient, "h", 1883, "dev", "u" * 65536)
-    assert "too long" in str(e)
+    e = raises(ValueError, c.connect, "dev", "u" * 65536)
+    eq(str(e), "too long: 65536 bytes")
+    # The limit is on UTF-8 bytes, not characters: 32768 two-byte characters are one byte too many.
+    e = raises(ValueError, c.connect, "dev", "\u00e9" * 32768)
+    eq(str(e), "too long: 65536 bytes")
+    eq(s.writes, [])
+    c.connect("dev", "\u00e9" * 32767)
+    eq(len(s.writes[0]), 1 + 3 + 10 + 5 + 2 + 65534)
 
 
 def test_connack_refusals_have_names():
@@ -85,40 +102,58 @@ def test_connack_refusals_have_names():
     }
     for code, name in names.items():
         s = scripted(b"\x20\x02\x00" + bytes([code]))
-        c = client(s, "dev", "WRONG_TOKEN")
-        e = raises(Refused, c.connect)
+        c = client(s)
+        e = raises(Refused, c.connect, "dev", "WRONG_TOKEN")
         eq(e.args, (code, name))
         assert s.closed and c.sock is None
 
 
-def test_connack_unknown_code_is_bad_answer():
-    s = scripted(b"\x20\x02\x00\x06")
-    raises(BadAnswer, client(s).connect)
-    assert s.closed
+def test_connack_unknown_code_or_bad_length_is_bad_answer():
+    for connack in (b"\x20\x02\x00\x06", b"\x20\x03\x00\x00\x00"):
+        s = scripted(connack)
+        c = client(s)
+        e = raises(BadAnswer, c.connect, "dev")
+        eq(str(e), "bad packet 0x20")
+        assert s.closed and c.sock is None
 
 
 def test_first_packet_not_connack_is_bad_answer():
-    s = scripted(b"\x30\x05\x00\x01ab\x00")
-    raises(BadAnswer, client(s).connect)
+    got = []
+    s = scripted(b"\x32\x07\x00\x01ab\x00\x01x")
+    raises(BadAnswer, client(s, on_message=lambda t, p: got.append(t)).connect, "dev")
     assert s.closed
+    eq(got, [])
+    eq(len(s.writes), 1)  # not acknowledged either
 
 
 def test_silent_server_is_no_answer_at_the_deadline():
     s = scripted()
-    c = client(s, timeout_ms=60)
-    e, took = elapsed_ms(c.connect)
-    assert not isinstance(e, mqtt.Closed)
+    c = client(s, timeout=0.06)
+    e, took = elapsed_ms(c.connect, "dev")
+    eq(str(e), "no answer in time")
     assert 50 <= took < 1000, took
+    assert s.closed and c.sock is None
+
+
+def test_server_closing_before_connack_is_no_answer_at_once():
+    s = scripted()
+    s.hang_up()
+    c = client(s, timeout=5)
+    e, took = elapsed_ms(c.connect, "dev")
+    eq(str(e), "connection closed")
+    assert took < 1000, took
     assert s.closed
 
 
-def test_server_closing_before_connack_is_closed():
-    s = scripted()
-    s.hang_up()
-    c = client(s, timeout_ms=5000)
-    e, took = elapsed_ms(c.connect)
-    assert isinstance(e, mqtt.Closed)
-    assert took < 1000, took
+def test_reconnecting_ends_the_old_session_cleanly():
+    first = scripted(CONNACK_OK)
+    c = client(first)
+    c.connect("dev")
+    second = scripted(CONNACK_OK)
+    client(second)  # the next tcp.connect returns the second socket
+    c.connect("dev")
+    eq(first.writes[1:], [b"\xe0\x00"])
+    assert first.closed and c.sock is second
 
 
 def test_publish_qos0_bytes_in_one_write():
@@ -129,24 +164,29 @@ def test_publish_qos0_bytes_in_one_write():
 
 def test_publish_qos0_retain_flag():
     c, s = connected()
-    c.publish(b"a/b", b"x", 0, True)
+    c.publish("a/b", b"x", 0, True)
     eq(s.writes[1], b"\x31\x06\x00\x03a/bx")
 
 
 def test_publish_qos1_bytes_and_puback():
     c, s = connected(b"\x40\x02\x00\x01")
-    c.publish(b"v1/devices/me/telemetry", b'{"t":21.5}', 1)
+    c.publish("v1/devices/me/telemetry", b'{"t":21.5}', 1)
     eq(s.writes[1:], [b"\x32\x25\x00\x17v1/devices/me/telemetry\x00\x01{\"t\":21.5}"])
     eq(s.inbox, b"")
 
 
 def test_packet_ids_count_up_and_wrap_past_65535():
     c, s = connected(b"\x40\x02\x00\x01", b"\x40\x02\x00\x02")
-    c.publish(b"t", b"1", 1)
-    c.publish(b"t", b"2", 1)
+    c.publish("t", b"1", 1)
+    c.publish("t", b"2", 1)
     eq([w[5:7] for w in s.writes[1:]], [b"\x00\x01", b"\x00\x02"])
-    c._pid = 65534
-    eq([c._next_pid(), c._next_pid(), c._next_pid()], [65535, 1, 2])
+    c.pid = 65534
+    for want in (b"\xff\xff", b"\x00\x01", b"\x00\x02"):
+        s.on_write = None
+        s.feed(b"\x40\x02" + want)
+        c.publish("t", b"x", 1)
+        eq(s.writes[-1][5:7], want)
+    eq(s.inbox, b"")
 
 
 def test_puback_found_among_interleaved_packets():
@@ -157,7 +197,7 @@ def test_puback_found_among_interleaved_packets():
                + b"\x30\x0c\x00\x03rpc{\"m\":2}"
                + b"\x40\x02\x00\x01")
     c, s = connected(between, on_message=lambda t, p: got.append((t, p)))
-    c.publish(b"v1/devices/me/telemetry", b"{}", 1)
+    c.publish("v1/devices/me/telemetry", b"{}", 1)
     eq(got, [(b"v1/devices/me/attributes", b'{"fw":1}'), (b"rpc", b'{"m":2}')])
     # Our PUBLISH, then the PUBACK of the incoming QoS 1 message, each in its own single write.
     eq(s.writes[2:], [b"\x40\x02\x12\x34"])
@@ -166,44 +206,39 @@ def test_puback_found_among_interleaved_packets():
 
 def test_puback_never_comes_is_no_answer():
     # Nothing of a packet was read, so the session stays usable: the late PUBACK is dropped as stale.
-    c, s = connected(None, b"\x40\x02\x00\x01\x40\x02\x00\x02", timeout_ms=60)
-    e, took = elapsed_ms(c.publish, b"t", b"x", 1)
-    assert not isinstance(e, mqtt.Closed)
+    c, s = connected(None, b"\x40\x02\x00\x01\x40\x02\x00\x02", timeout=0.06)
+    e, took = elapsed_ms(c.publish, "t", b"x", 1)
+    eq(str(e), "no answer in time")
     assert 50 <= took < 1000, took
     assert c.sock is not None
-    c.publish(b"t", b"y", 1)
+    c.publish("t", b"y", 1)
     eq(s.inbox, b"")
 
 
 def test_deadline_inside_a_packet_closes_the_connection():
-    c, s = connected(b"\x40\x02\x00", timeout_ms=60)
-    raises(NoAnswer, c.publish, b"t", b"x", 1)
+    c, s = connected(b"\x40\x02\x00", timeout=0.06)
+    raises(NoAnswer, c.publish, "t", b"x", 1)
     assert s.closed and c.sock is None
 
 
-def test_close_instead_of_puback_is_closed():
-    c, s = connected(None, timeout_ms=5000)
+def test_close_instead_of_puback_is_rejected():
+    # MQTT 3.1.1 section 3.3.5: a server that will not take a QoS 1 message closes the connection.
+    c, s = connected(None, timeout=5)
     s.hang_up()
-    e, took = elapsed_ms(c.publish, b"v1/devices/me/telemetry", b"not json", 1)
-    assert isinstance(e, mqtt.Closed)
-    assert took < 1000, took
-    assert s.closed
+    t0 = time.ticks_ms()
+    e = raises(Rejected, c.publish, "v1/devices/me/telemetry", b"not json", 1)
+    assert time.ticks_diff(time.ticks_ms(), t0) < 1000
+    eq(e.args, (None, "closed instead of PUBACK"))
+    assert s.closed and c.sock is None
 
 
-def encoded_len(n):
-    buf = bytearray(4)
-    return bytes(buf[: mqtt._put_len(buf, 0, n)])
-
-
-def test_remaining_length_encoding_boundaries():
-    eq(encoded_len(0), b"\x00")
-    eq(encoded_len(127), b"\x7f")
-    eq(encoded_len(128), b"\x80\x01")
-    eq(encoded_len(16383), b"\xff\x7f")
-    eq(encoded_len(16384), b"\x80\x80\x01")
-    eq(encoded_len(2097151), b"\xff\xff\x7f")
-    eq(encoded_len(2097152), b"\x80\x80\x80\x01")
-    eq(encoded_len(268435455), b"\xff\xff\xff\x7f")
+def test_a_close_seen_elsewhere_is_no_answer():
+    c, s = connected(timeout=5)
+    s.hang_up()
+    c.publish("t", b"x")  # QoS 0: the write still succeeds and nothing is awaited
+    e = raises(NoAnswer, c.poll)
+    eq(str(e), "connection closed")
+    assert s.closed and c.sock is None
 
 
 def test_publish_header_at_length_boundaries():
@@ -211,10 +246,23 @@ def test_publish_header_at_length_boundaries():
     c, s = connected()
     for size, head in ((127, b"\x30\x7f"), (128, b"\x30\x80\x01"), (16383, b"\x30\xff\x7f"),
                        (16384, b"\x30\x80\x80\x01")):
-        c.publish(b"t", b"p" * (size - 3))
+        c.publish("t", b"p" * (size - 3))
         w = s.writes[-1]
         eq(w[: len(head) + 3], head + b"\x00\x01t")
         eq(len(w), len(head) + size)
+
+
+class Huge:
+    # A part whose length alone is over what four length bytes can carry.
+    def __len__(self):
+        return 268435453
+
+
+def test_packet_over_four_length_bytes_is_refused_before_sending():
+    c, s = connected()
+    e = raises(ValueError, c.publish, "t", Huge())
+    eq(str(e), "too long: 268435456 bytes")
+    eq(len(s.writes), 1)
 
 
 def test_incoming_publish_at_length_boundaries():
@@ -224,18 +272,23 @@ def test_incoming_publish_at_length_boundaries():
                        (16384, b"\x30\x80\x80\x01")):
         s.feed(head + b"\x00\x01t" + b"q" * (size - 3))
         c.poll()
-        eq(len(got.pop()), size - 3)
+    eq([len(p) for p in got], [124, 125, 16380, 16381])
 
 
-def test_out_and_read_buffers_are_reused():
+def test_one_buffer_for_every_packet_grows_only_when_needed():
     c, s = connected(b"\x40\x02\x00\x01", b"\x40\x02\x00\x02")
-    out, rbuf = c._out, c._rbuf
-    c.publish(b"t", b"a" * 20, 1)
-    c.publish(b"t", b"b" * 30, 1)
-    assert c._out is out and c._rbuf is rbuf
+    buf = c.buf
+    c.publish("t", b"a" * 20, 1)
+    c.publish("t", b"b" * 30, 1)
+    assert c.buf is buf
     s.feed(b"\x30\x80\x01\x00\x01t" + b"z" * 125)
     c.poll()
-    assert c._rbuf is not rbuf and len(c._rbuf) == 128
+    assert c.buf is not buf and len(c.buf) == 128
+    buf = c.buf
+    c.publish("t", b"c" * 100)
+    assert c.buf is buf
+    c.publish("t", b"c" * 200)
+    assert c.buf is not buf and len(c.buf) == 3 + 200 + 5
 
 
 def test_subscribe_bytes_and_granted_codes():
@@ -247,24 +300,23 @@ def test_subscribe_bytes_and_granted_codes():
 
 
 def test_subscribe_refused_filter_is_rejected():
-    c, s = connected(b"\x90\x03\x00\x01\x80")
-    e = raises(Rejected, c.subscribe, [("nope/#", 1)])
-    eq(e.args[0], 0x80)
-    assert "nope/#" in e.args[1]
+    c, s = connected(b"\x90\x04\x00\x01\x01\x80")
+    e = raises(Rejected, c.subscribe, [("ok/#", 1), ("nope/#", 1)])
+    eq(e.args, (0x80, "refused nope/#"))
     assert c.sock is not None
+
+
+def test_suback_with_the_wrong_count_is_bad_answer():
+    c, s = connected(b"\x90\x03\x00\x01\x01")
+    raises(BadAnswer, c.subscribe, [("a", 1), ("b", 1)])
+    assert s.closed and c.sock is None
 
 
 def test_subscribe_without_suback_is_no_answer():
     # Pre-3.9 ThingsBoard ignores a SUBSCRIBE in a provisioning session: the wait must end.
-    c, s = connected(b"\xd0\x00", timeout_ms=60)
+    c, s = connected(b"\xd0\x00", timeout=0.06)
     e, took = elapsed_ms(c.subscribe, [("/provision/response", 1)])
     assert 50 <= took < 1000, took
-
-
-def test_ping_bytes_and_pingresp():
-    c, s = connected(b"\xd0\x00")
-    c.ping()
-    eq(s.writes[1:], [b"\xc0\x00"])
 
 
 def test_poll_acknowledges_incoming_qos1_publish():
@@ -276,43 +328,73 @@ def test_poll_acknowledges_incoming_qos1_publish():
     eq(s.writes[1:], [b"\x40\x02\xbe\xef"])
 
 
-def test_poll_sends_pingreq_when_keepalive_is_due():
+def test_poll_without_on_message_still_acknowledges():
+    c, s = connected()
+    s.feed(b"\x32\x06\x00\x01t\x00\x09x" + b"\x30\x04\x00\x01ty")
+    c.poll()
+    eq(s.writes[1:], [b"\x40\x02\x00\x09"])
+    eq(s.inbox, b"")
+
+
+def test_poll_pings_when_half_the_keepalive_passed():
     c, s = connected(b"\xd0\x00", keepalive=1)
     c.poll()
     eq(len(s.writes), 1)  # nothing due yet
     time.sleep_ms(520)
-    c.poll()
+    c.poll()  # PINGREQ, and its PINGRESP (fed after the PINGREQ) read in the same call
     eq(s.writes[1:], [b"\xc0\x00"])
-    c.poll()  # consumes the PINGRESP fed after the PINGREQ
-    eq(len(s.writes), 2)
-    assert c._ping_due is None
+    eq(s.inbox, b"")
+    c.poll()
+    eq(len(s.writes), 2)  # the PINGREQ counts as a packet from us: the next is half a keep-alive away
 
 
-def test_poll_without_pingresp_is_no_answer():
-    c, s = connected(None, None, keepalive=1, timeout_ms=50)
+def test_keepalive_zero_never_pings():
+    c, s = connected(keepalive=0)
+    c._last_tx = time.ticks_add(time.ticks_ms(), -100000)
+    c.poll()
+    eq(len(s.writes), 1)
+
+
+def test_ping_handles_other_packets_until_the_pingresp():
+    got = []
+    c, s = connected(b"\x30\x04\x00\x01tx\xd0\x00", keepalive=1, on_message=lambda t, p: got.append(p))
     time.sleep_ms(510)
     c.poll()
-    time.sleep_ms(60)
-    raises(NoAnswer, c.poll)
-    assert s.closed
+    eq(got, [b"x"])
+    eq(s.inbox, b"")
+
+
+def test_poll_without_pingresp_is_no_answer_and_closes():
+    c, s = connected(None, keepalive=1, timeout=0.05)
+    time.sleep_ms(510)
+    e, took = elapsed_ms(c.poll)
+    assert 40 <= took < 1000, took
+    assert s.closed and c.sock is None
+    eq(s.writes[1:], [b"\xc0\x00"])
 
 
 def test_poll_sees_a_closed_connection():
     c, s = connected()
     s.hang_up()
-    e = raises(NoAnswer, c.poll)
-    assert isinstance(e, mqtt.Closed)
-    assert c.sock is None
+    raises(NoAnswer, c.poll)
+    assert s.closed and c.sock is None
 
 
-def test_disconnect_bytes_and_close_idempotent():
+def test_close_sends_disconnect_once_and_is_idempotent():
     c, s = connected()
-    c.disconnect()
+    c.close()
     eq(s.writes[1:], [b"\xe0\x00"])
     assert s.closed
-    c.disconnect()
     c.close()
+    c.close(False)
     eq(len(s.writes), 2)
+
+
+def test_close_never_raises_on_a_dead_socket():
+    c, s = connected()
+    s.closed = True  # writing raises OSError now
+    c.close()
+    assert c.sock is None
 
 
 def garbage_case(data, **kw):
@@ -328,6 +410,13 @@ def test_bad_packet_types_are_bad_answer():
         eq(garbage_case(first + b"\x00"), "bad packet 0x%02x" % first[0])
 
 
+def test_bad_type_is_refused_before_its_body_is_awaited():
+    # A junk header announcing a long body: refused at once, not after waiting for the body.
+    t0 = time.ticks_ms()
+    eq(garbage_case(b"\xf0\x7f", timeout=5), "bad packet 0xf0")
+    assert time.ticks_diff(time.ticks_ms(), t0) < 1000
+
+
 def test_bad_flags_and_qos_are_bad_answer():
     eq(garbage_case(b"\x41\x02\x00\x01"), "bad packet 0x41")
     eq(garbage_case(b"\x34\x05\x00\x01t\x00\x01"), "bad packet 0x34")
@@ -335,11 +424,12 @@ def test_bad_flags_and_qos_are_bad_answer():
 
 
 def test_remaining_length_over_four_bytes_is_bad_answer():
-    assert "4 bytes" in garbage_case(b"\x30\xff\xff\xff\xff\x01", max_packet=1 << 30)
+    eq(garbage_case(b"\x30\xff\xff\xff\xff\x01"), "bad packet 0x30")
 
 
 def test_packet_over_the_limit_is_bad_answer():
-    eq(garbage_case(b"\x30\x81\x01", max_packet=128), "packet of 129 bytes > max_packet")
+    eq(garbage_case(b"\x30\x81\x80\x01"), "too long: 16385 bytes")
+    eq(garbage_case(b"\x30\xff\xff\xff\x7f"), "too long: 268435455 bytes")
 
 
 def test_publish_shorter_than_its_topic_is_bad_answer():
@@ -348,20 +438,22 @@ def test_publish_shorter_than_its_topic_is_bad_answer():
     eq(garbage_case(b"\x30\x01\x00"), "bad packet 0x30")
 
 
-def test_stray_connack_and_unsuback_are_dropped():
+def test_stray_connack_unsuback_and_pingresp_are_dropped():
     c, s = connected()
-    s.feed(b"\x20\x02\x00\x00\xb0\x02\x00\x09")
+    s.feed(b"\x20\x02\x00\x00\xb0\x02\x00\x09\xd0\x00")
     c.poll()
     eq(s.inbox, b"")
     assert c.sock is not None
+    eq(len(s.writes), 1)
 
 
 def test_every_packet_is_one_write():
-    c, s = connected(b"\x40\x02\x00\x01", b"\x90\x03\x00\x02\x01", b"\xd0\x00")
-    c.publish(b"v1/devices/me/telemetry", b'{"ts":1732300000000,"values":{"uptime":5}}', 1)
+    c, s = connected(b"\x40\x02\x00\x01", b"\x90\x03\x00\x02\x01", b"\xd0\x00", keepalive=1)
+    c.publish("v1/devices/me/telemetry", b'{"ts":1732300000000,"values":{"uptime":5}}', 1)
     c.subscribe([("v1/devices/me/attributes", 1)])
-    c.ping()
-    c.disconnect()
+    time.sleep_ms(510)
+    c.poll()
+    c.close()
     eq([w[0] for w in s.writes], [0x10, 0x32, 0x82, 0xC0, 0xE0])
     eq([len(w) for w in s.writes], [19, 71, 31, 2, 2])
 
@@ -369,14 +461,14 @@ def test_every_packet_is_one_write():
 def test_operations_after_close_are_no_answer():
     c, s = connected()
     c.close()
-    raises(NoAnswer, c.publish, b"t", b"x")
-    raises(NoAnswer, c.poll)
+    for fn, args in ((c.publish, ("t", b"x")), (c.poll, ()), (c.subscribe, ([("t", 0)],)), (c.wait, (0,))):
+        eq(str(raises(NoAnswer, fn, *args)), "not connected")
 
 
-def test_bad_qos_is_value_error():
+def test_bad_arguments_are_value_errors():
     c, s = connected()
-    raises(ValueError, c.publish, b"t", b"x", 2)
+    raises(ValueError, c.publish, "t", b"x", 2)
     raises(ValueError, c.subscribe, [("t", 2)])
     raises(ValueError, c.subscribe, [])
-    raises(ValueError, c.publish, b"t" * 65536, b"x")
+    raises(ValueError, c.publish, "t" * 65536, b"x")
     eq(len(s.writes), 1)

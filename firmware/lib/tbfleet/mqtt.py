@@ -1,6 +1,8 @@
 # A compact MQTT 3.1.1 client: clean sessions, QoS 0 and 1, keep-alive, every wait bounded by a deadline.
-# Each packet is built whole in a buffer and leaves in one write: packets written in pieces stall on
+# Each packet is built whole in one buffer and leaves in one write: packets written in pieces stall on
 # Nagle's algorithm and delayed ACKs (tens of ms per QoS 1 message).
+# The endpoint, TLS, keep-alive and the deadline of each wait come from the device config (cfg: host, port, tls,
+# keepalive, timeout), validated by tbfleet.config; keeping cfg instead of copies saves RAM.
 import select
 import time
 
@@ -13,345 +15,245 @@ _CONNECT = const(0x10)
 _PUBLISH = const(0x30)
 _PUBACK = const(0x40)
 _SUBSCRIBE = const(0x82)
+_PINGREQ = const(0xC0)
+_DISCONNECT = const(0xE0)
 
 # Packet types (upper nibble) a server may send us.
 _T_CONNACK = const(2)
 _T_PUBLISH = const(3)
 _T_PUBACK = const(4)
 _T_SUBACK = const(9)
-_T_UNSUBACK = const(11)
 _T_PINGRESP = const(13)
+# Bit t set for each of them (CONNACK, PUBLISH, PUBACK, SUBACK, UNSUBACK, PINGRESP): one test instead of a tuple.
+_FROM_SERVER = const(0x2A1C)
 
 _MAX_REMAINING = const(268435455)  # the largest remaining length four bytes can carry
-_FIRST_READ_SIZE = const(64)
-
-
-
-class Closed(NoAnswer):
-    # The peer ended the connection before the deadline (EOF, reset), as opposed to never answering.
-    pass
-
-
-def _put_len(buf, pos, n):
-    # Writes n as an MQTT variable-length integer at buf[pos]; returns the position after it.
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            buf[pos] = b | 0x80
-            pos += 1
-        else:
-            buf[pos] = b
-            return pos + 1
-
-
-def _len_size(n):
-    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
-
-
-def _put_str(buf, pos, s):
-    n = len(s)
-    buf[pos] = n >> 8
-    buf[pos + 1] = n & 0xFF
-    buf[pos + 2 : pos + 2 + n] = s
-    return pos + 2 + n
-
-
-def _utf8(s):
-    # str to UTF-8 bytes (bytes and None pass), checked before anything is sent.
-    b = s.encode() if isinstance(s, str) else s
-    if b is not None and len(b) > 65535:
-        raise ValueError("MQTT string too long")
-    return b
+_MAX_IN = const(16384)  # incoming packets above this are refused rather than allocated
 
 
 class MQTTClient:
-    # on_message(topic: bytes, payload: bytes) is called for every PUBLISH the server sends; a QoS 1 PUBLISH
-    # is acknowledged after it returns. timeout_ms bounds each network wait. max_packet caps incoming packets.
-    def __init__(self, host, port, client_id, username=None, password=None, keepalive=60, timeout_ms=10000,
-                 ssl_ctx=None, on_message=None, max_packet=16384):
-        if password is not None and username is None:
-            raise ValueError("password needs a user name")
-        if not 0 <= keepalive <= 65535:
-            raise ValueError("keepalive not in 0..65535")
-        self.host = host
-        self.port = port
-        self._ident = (_utf8(client_id), _utf8(username), _utf8(password))
-        self.keepalive = keepalive
-        self.timeout_ms = timeout_ms
-        self._ssl_ctx = ssl_ctx
-        self.on_message = on_message
-        self.max_packet = max_packet
+    # Subclasses (tbfleet.via_mqtt.Link) define on_message(topic, payload) to receive every PUBLISH the server
+    # sends; a QoS 1 PUBLISH is acknowledged after it returns. Without it messages are acknowledged and dropped.
+    # wait and send are the packet-level steps the operations are made of.
+    on_message = None
+
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.sock = None
-        self._poller = None
-        self._pid = 0
-        self._last_tx = 0
-        self._ping_due = None  # deadline for the PINGRESP of a PINGREQ sent by poll()
-        self._rbuf = bytearray(_FIRST_READ_SIZE)  # grows only when a bigger packet arrives
-        self._out = bytearray(_FIRST_READ_SIZE)  # outgoing PUBLISH packets, grows likewise
-        self._ack = bytearray(4)  # PUBACK template for incoming QoS 1 messages
-        self._ack[0] = _PUBACK
-        self._ack[1] = 2
+        self.pid = 0  # the last packet id used
+        self.buf = bytearray(64)  # every packet in and out; grows only when a bigger one comes
 
-    # -- connection ------------------------------------------------------------------------------------
+    def connect(self, client_id, username=None, password=None, client_cert=False):
+        # Opens the connection (TLS when cfg.tls, with the client certificate when client_cert) and sends CONNECT
+        # (clean session); Refused on a CONNACK refusal. None leaves a field out, "" is sent as an empty one.
+        if password is not None and username is None:
+            raise ValueError("password without user name")
+        cfg = self.cfg
+        ka = cfg.keepalive
+        flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+        data = [_CONNECT, "MQTT", bytes((4, flags, ka >> 8, ka & 0xFF)), client_id]  # 4: protocol level 3.1.1
+        for s in (username, password):
+            if s is not None:
+                data.append(s)
+        self.send(data)  # a dry run: a string too long is refused before any connection is made
+        ctx = None
+        if cfg.tls:
+            from tbfleet import tls  # only a board configured for TLS spends RAM on it
 
-    def connect(self):
-        # Opens the connection and sends CONNECT (clean session); Refused on a CONNACK refusal.
+            ctx = tls.context(cfg, client_cert)
         self.close()
-        at = tcp.deadline(self.timeout_ms)
-        self.sock = tcp.connect(self.host, self.port, self.timeout_ms, self._ssl_ctx)
-        self._poller = select.poll()
-        self._poller.register(self.sock, select.POLLIN)
-        self._ping_due = None
-        cid, user, pw = self._ident
-        flags = 0x02
-        size = 10 + 2 + len(cid)
-        if user is not None:
-            flags |= 0x80
-            size += 2 + len(user)
-        if pw is not None:
-            flags |= 0x40
-            size += 2 + len(pw)
-        pkt = bytearray(1 + _len_size(size) + size)
-        pkt[0] = _CONNECT
-        i = _put_len(pkt, 1, size)
-        i = _put_str(pkt, i, b"MQTT")
-        pkt[i] = 4  # protocol level 3.1.1
-        pkt[i + 1] = flags
-        pkt[i + 2] = self.keepalive >> 8
-        pkt[i + 3] = self.keepalive & 0xFF
-        i = _put_str(pkt, i + 4, cid)
-        if user is not None:
-            i = _put_str(pkt, i, user)
-        if pw is not None:
-            _put_str(pkt, i, pw)
-        self._send(pkt, at)
+        ms = cfg.timeout * 1000
+        at = tcp.deadline(ms)
+        self.sock = tcp.connect(cfg.host, cfg.port, ms, ctx)
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
         try:
-            h, n = self._read_packet(at)
-            if h != 0x20 or n != 2:
-                raise BadAnswer("CONNACK expected")
-            code = self._rbuf[1]
+            self.send(data, at)
+            n = self.wait(at, _T_CONNACK)
+            code = self.buf[1]
+            if n != 2 or code > 5:
+                raise BadAnswer("bad packet 0x%02x" % 0x20)
+            if code:
+                # Return codes 1..5 (MQTT 3.1.1 section 3.2.2.3), in one string: one object instead of five.
+                raise Refused(code, "unacceptable protocol version,identifier rejected,server unavailable,"
+                                    "bad user name or password,not authorized".split(",")[code - 1])
         except Exception:
-            self.close()
+            self.close(False)
             raise
-        if code:
-            self.close()
-            if code <= 5:
-                # CONNACK return codes 1..5 (MQTT 3.1.1 section 3.2.2.3).
-                raise Refused(code, ("unacceptable protocol version", "identifier rejected", "server unavailable",
-                                     "bad user name or password", "not authorized")[code - 1])
-            raise BadAnswer("CONNACK code %d" % code)
 
-    def disconnect(self):
-        # Clean DISCONNECT, then close; never raises.
-        if self.sock is not None:
+    def close(self, clean=True):
+        # Ends the session: a DISCONNECT first when clean (not after a failure: the stream may be out of step),
+        # then the socket is closed. Idempotent, never raises.
+        if clean and self.sock is not None:
             try:
-                tcp.write_all(self.sock, b"\xe0\x00", tcp.deadline(self.timeout_ms))  # DISCONNECT
+                self.send([_DISCONNECT], tcp.deadline(self.cfg.timeout * 1000))
             except Exception:
                 pass
-        self.close()
-
-    def close(self):
         if self.sock is not None:
             try:
                 self.sock.close()
-            except Exception:
+            except OSError:
                 pass
             self.sock = None
-            self._poller = None
-
-    # -- operations ------------------------------------------------------------------------------------
 
     def publish(self, topic, payload, qos=0, retain=False):
-        # QoS 1 returns once the matching PUBACK arrived; packets arriving in between are handled.
+        # topic: str, payload: bytes. QoS 1 returns once its PUBACK arrived (packets arriving in between are
+        # handled). A connection closed instead is Rejected: how an MQTT 3.1.1 server refuses a message (3.3.5).
         if qos not in (0, 1):
-            raise ValueError("QoS must be 0 or 1")
-        topic = _utf8(topic)
-        size = 2 + len(topic) + len(payload) + (2 if qos else 0)
-        if size > _MAX_REMAINING:
-            raise ValueError("payload too large")
-        total = 1 + _len_size(size) + size
-        if total > len(self._out):
-            self._out = bytearray(total)
-        out = self._out
-        out[0] = _PUBLISH | (qos << 1) | (1 if retain else 0)
-        i = _put_str(out, _put_len(out, 1, size), topic)
+            raise ValueError("bad qos %r" % qos)
+        at = tcp.deadline(self.cfg.timeout * 1000)
+        data = [_PUBLISH | qos << 1 | retain, topic, payload]
         if qos:
-            pid = self._next_pid()
-            out[i] = pid >> 8
-            out[i + 1] = pid & 0xFF
-            i += 2
-        out[i:total] = payload
-        at = tcp.deadline(self.timeout_ms)
-        self._send(memoryview(out)[:total], at)
+            self.pid = pid = self.pid % 65535 + 1
+            data.insert(2, pid.to_bytes(2, "big"))
+        self.send(data, at)
         if qos:
-            self._await(_T_PUBACK, pid, at)
+            self.wait(at, _T_PUBACK, pid)
 
     def subscribe(self, filters):
-        # filters: a list of (topic filter, qos); returns the granted QoS codes. A refused filter (0x80)
-        # raises Rejected(0x80, filter).
-        body = 2
-        enc = []
+        # filters: a list of (topic filter, qos); returns the granted QoS codes. A refused filter (0x80) raises
+        # Rejected(0x80, filter).
+        if not filters:
+            raise ValueError("no filters")
+        self.pid = pid = self.pid % 65535 + 1
+        data = [_SUBSCRIBE, pid.to_bytes(2, "big")]
         for f, q in filters:
             if q not in (0, 1):
-                raise ValueError("QoS must be 0 or 1")
-            b = _utf8(f)
-            enc.append((b, q))
-            body += 3 + len(b)
-        if not enc:
-            raise ValueError("no topic filters")
-        pkt = bytearray(1 + _len_size(body) + body)
-        pkt[0] = _SUBSCRIBE
-        i = _put_len(pkt, 1, body)
-        pid = self._next_pid()
-        pkt[i] = pid >> 8
-        pkt[i + 1] = pid & 0xFF
-        i += 2
-        for b, q in enc:
-            i = _put_str(pkt, i, b)
-            pkt[i] = q
-            i += 1
-        at = tcp.deadline(self.timeout_ms)
-        self._send(pkt, at)
-        n = self._await(_T_SUBACK, pid, at)
-        granted = list(self._rbuf[2:n])
-        if len(granted) != len(enc):
-            self.close()
-            raise BadAnswer("SUBACK mismatch")
+                raise ValueError("bad qos %r" % q)
+            data += (f, bytes((q,)))
+        at = tcp.deadline(self.cfg.timeout * 1000)
+        self.send(data, at)
+        granted = list(self.buf[2 : self.wait(at, _T_SUBACK, pid)])
+        if len(granted) != len(filters):
+            self.close(False)
+            raise BadAnswer("bad SUBACK")
         for k, g in enumerate(granted):
             if g == 0x80:
-                raise Rejected(0x80, "subscription refused: %s" % filters[k][0])
+                raise Rejected(0x80, "refused %s" % filters[k][0])
         return granted
 
-    def ping(self):
-        # PINGREQ, then wait for the PINGRESP (other packets handled meanwhile).
-        at = tcp.deadline(self.timeout_ms)
-        self._send(b"\xc0\x00", at)  # PINGREQ
-        self._await(_T_PINGRESP, None, at)
-        self._ping_due = None
-
     def poll(self):
-        # Call between sends: handles every packet that has arrived, and sends a PINGREQ once half the
-        # keep-alive passed without a packet from us (so calling at least every keepalive/2 s is enough).
-        # A PINGREQ answered by nothing within timeout_ms is NoAnswer at the next poll.
-        self._need_sock()
+        # Call between sends: handles every packet that has arrived. Once half the keep-alive passed without a
+        # packet from us (so calling at least every keepalive/2 s is enough), sends a PINGREQ and waits for its
+        # PINGRESP (other packets are handled meanwhile): NoAnswer, and the connection closed, without one in time.
+        at = tcp.deadline(self.cfg.timeout * 1000)
+        while self.sock is None or self.poller.poll(0):
+            self.wait(at)  # also the one place that says we are not connected
+        ka = self.cfg.keepalive
+        if ka and time.ticks_diff(time.ticks_ms(), self._last_tx) >= ka * 500:
+            at = tcp.deadline(self.cfg.timeout * 1000)
+            self.send([_PINGREQ], at)
+            self.wait(at, _T_PINGRESP)
+
+    def wait(self, at, kind=0, pid=-1):
+        # Reads packets, each before the deadline `at` (a tcp.deadline value), until one of type `kind` (with packet
+        # id `pid` unless -1) arrives; returns its remaining length, the packet being in self.buf. kind 0: returns
+        # after any one packet. Every other packet is handled: PUBLISH goes to on_message (QoS 1 acknowledged),
+        # stray acknowledgements (and CONNACKs, PINGRESPs) are dropped.
         while True:
-            ready = self._poller.poll(0)
-            if not ready:
-                break
-            if ready[0][1] & select.POLLIN:
-                self._handle(*self._read_packet(tcp.deadline(self.timeout_ms)))
-            else:
-                self.close()
-                raise Closed("connection closed")
-        if self._ping_due is not None:
-            if tcp.remaining(self._ping_due) == 0:
-                self.close()
-                raise NoAnswer("no answer in time")
-        elif self.keepalive and time.ticks_diff(time.ticks_ms(), self._last_tx) >= self.keepalive * 500:
-            self._send(b"\xc0\x00", tcp.deadline(self.timeout_ms))  # PINGREQ
-            self._ping_due = tcp.deadline(self.timeout_ms)
-
-    def wait_msg(self, at):
-        # Waits for one packet until the deadline `at` (a tcp.deadline value) and handles it.
-        self._handle(*self._read_packet(at))
-
-    # -- internals -------------------------------------------------------------------------------------
-
-    def _next_pid(self):
-        self._pid = self._pid % 65535 + 1
-        return self._pid
-
-    def _need_sock(self):
-        if self.sock is None:
-            raise NoAnswer("not connected")
-
-    def _send(self, data, at):
-        self._need_sock()
-        try:
-            tcp.write_all(self.sock, data, at)
-        except NoAnswer:
-            self._fail(at)
-        self._last_tx = time.ticks_ms()
-
-    def _fail(self, at):
-        # A failed read or write leaves the stream in an unknown state: close it and say why.
-        self.close()
-        if tcp.remaining(at):
-            raise Closed("connection closed")
-        raise NoAnswer("no answer in time")
-
-    def _read_packet(self, at):
-        # Reads one whole packet into self._rbuf; returns (first header byte, remaining length).
-        self._need_sock()
-        buf = self._rbuf
-        try:
-            tcp.wait(self.sock, select.POLLIN, at)
-        except NoAnswer:
-            if tcp.remaining(at):
-                self._fail(at)
-            raise  # nothing of a packet read yet: the session is still in step and usable
-        try:
-            tcp.read_exact(self.sock, memoryview(buf)[:2], at)  # every packet has at least two bytes
-            h = buf[0]
-            t = h >> 4
-            # Only packet types a server sends, with valid flags; QoS 2 is never asked for.
-            if (t not in (_T_CONNACK, _T_PUBLISH, _T_PUBACK, _T_SUBACK, _T_UNSUBACK, _T_PINGRESP)
-                    or (h & 0x0F if t != _T_PUBLISH else h & 0x06 > 0x02)):
-                raise BadAnswer("bad packet 0x%02x" % h)
-            n = buf[1] & 0x7F
-            shift = 7
-            more = buf[1] & 0x80
-            while more:
-                if shift > 21:
-                    raise BadAnswer("length over 4 bytes")
-                tcp.read_exact(self.sock, memoryview(buf)[:1], at)
-                n |= (buf[0] & 0x7F) << shift
-                shift += 7
-                more = buf[0] & 0x80
-            if n > self.max_packet:
-                raise BadAnswer("packet of %d bytes > max_packet" % n)
-            if n > len(buf):
-                buf = self._rbuf = bytearray(n)
-            if n:
-                tcp.read_exact(self.sock, memoryview(buf)[:n], at)
-        except BadAnswer:
-            self.close()
-            raise
-        except NoAnswer:
-            self._fail(at)
-        return h, n
-
-    def _await(self, kind, pid, at):
-        # Reads packets until one of `kind` (with packet id `pid`, if given) arrives; returns its length.
-        while True:
-            h, n = self._read_packet(at)
-            t = h >> 4
-            if t == kind and (pid is None or (n >= 2 and (self._rbuf[0] << 8 | self._rbuf[1]) == pid)):
+            sock = self.sock
+            if sock is None:
+                raise NoAnswer("not connected")
+            got = False  # whether this packet has begun to arrive
+            try:
+                tcp.wait(sock, select.POLLIN, at)
+                got = True
+                buf = self.buf
+                tcp.read_exact(sock, memoryview(buf)[:2], at)  # every packet has at least two bytes
+                h = buf[0]
+                t = h >> 4
+                # Only packet types a server sends (before the CONNACK nothing else), with valid flags; QoS 2 is
+                # never asked for.
+                if (not (1 << t) & (1 << _T_CONNACK if kind == _T_CONNACK else _FROM_SERVER)
+                        or (h & 0x06 > 0x02 if t == _T_PUBLISH else h & 0x0F)):
+                    raise BadAnswer("bad packet 0x%02x" % h)
+                # The remaining length: 7 bits a byte, low bits first, the top bit set while more follow.
+                b = buf[1]
+                n = b & 0x7F
+                shift = 7
+                while b & 0x80:
+                    if shift > 21:
+                        raise BadAnswer("bad packet 0x%02x" % h)  # more than four length bytes
+                    tcp.read_exact(sock, memoryview(buf)[:1], at)
+                    b = buf[0]
+                    n |= (b & 0x7F) << shift
+                    shift += 7
+                if n > _MAX_IN:
+                    raise BadAnswer("too long: %d bytes" % n)
+                if n > len(buf):
+                    buf = self.buf = bytearray(n)
+                if n:
+                    tcp.read_exact(sock, memoryview(buf)[:n], at)
+                qos = h >> 1 & 3
+                if t == _T_PUBLISH:
+                    # Where the payload starts: after the topic and, at QoS 1, the packet id.
+                    start = 2 + (buf[0] << 8 | buf[1]) + (2 if qos else 0) if n >= 2 else n + 1
+                    if start > n:
+                        raise BadAnswer("bad packet 0x%02x" % h)
+            except NoAnswer:
+                left = tcp.remaining(at)
+                if got or left or kind == _T_PINGRESP:
+                    # Inside a packet, the peer closed, or no PINGRESP: the stream is out of step or gone. Silence
+                    # before any other packet leaves the session in step and usable.
+                    self.close(False)
+                if left and kind == _T_PUBACK:
+                    raise Rejected(None, "closed instead of PUBACK")
+                raise
+            except BadAnswer:
+                self.close(False)
+                raise
+            if t == kind and (pid < 0 or n >= 2 and buf[0] << 8 | buf[1] == pid):
                 return n
-            self._handle(h, n)
+            if t == _T_PUBLISH:
+                topic = bytes(buf[2 : start - 2 if qos else start])
+                ack = [_PUBACK, buf[start - 2 : start]]  # taken now: on_message may send packets through buf
+                payload = bytes(buf[start:n])
+                if self.on_message:
+                    self.on_message(topic, payload)
+                if qos:
+                    self.send(ack, tcp.deadline(self.cfg.timeout * 1000))
+            if not kind:
+                return 0
 
-    def _handle(self, h, n):
-        # A packet nobody waits for: PUBLISH goes to on_message (QoS 1 acknowledged), PINGRESP ends a
-        # pending keep-alive, stray acknowledgements (and CONNACKs) are dropped.
-        t = h >> 4
-        buf = self._rbuf
-        if t == _T_PINGRESP:
-            self._ping_due = None
-        elif t == _T_PUBLISH:
-            qos = (h >> 1) & 3
-            start = 2 + (buf[0] << 8 | buf[1]) + (2 if qos else 0) if n >= 2 else n + 1
-            if start > n:
-                self.close()
-                raise BadAnswer("bad packet 0x%02x" % h)
-            topic = bytes(buf[2 : start - 2 if qos else start])
-            pid = buf[start - 2] << 8 | buf[start - 1]
-            payload = bytes(buf[start:n])
-            if self.on_message:
-                self.on_message(topic, payload)
-            if qos:
-                # Filled only now: on_message may itself have acknowledged other messages.
-                self._ack[2] = pid >> 8
-                self._ack[3] = pid & 0xFF
-                self._send(self._ack, tcp.deadline(self.timeout_ms))
-
+    def send(self, data, at=None):
+        # Sends one packet, built whole in self.buf and written in one go. data: a list of its first byte (type
+        # and flags), then the parts that follow the remaining length: bytes-like as they are, str as an MQTT
+        # string (2-byte length, UTF-8), checked before anything is sent. A failed write closes the connection
+        # (part of a packet may be out). Without a deadline `at` the packet is only built.
+        n = 0
+        for k in range(1, len(data)):
+            p = data[k]
+            if isinstance(p, str):
+                p = p.encode()
+                if len(p) > 65535:
+                    raise ValueError("too long: %d bytes" % len(p))
+                data[k] = p = len(p).to_bytes(2, "big") + p
+            n += len(p)
+        if n > _MAX_REMAINING:
+            raise ValueError("too long: %d bytes" % n)
+        buf = self.buf
+        if n + 5 > len(buf):
+            buf = self.buf = bytearray(n + 5)
+        buf[0] = data[0]
+        i = 1
+        while True:
+            buf[i] = n & 0x7F | (0x80 if n > 0x7F else 0)
+            i += 1
+            n >>= 7
+            if not n:
+                break
+        for k in range(1, len(data)):
+            p = data[k]
+            buf[i : i + len(p)] = p
+            i += len(p)
+        if at is None:
+            return
+        sock = self.sock
+        if sock is None:
+            raise NoAnswer("not connected")
+        try:
+            tcp.write_all(sock, memoryview(buf)[:i], at)
+        except NoAnswer:
+            self.close(False)
+            raise
+        self._last_tx = time.ticks_ms()
