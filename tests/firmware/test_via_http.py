@@ -1,7 +1,7 @@
 # The HTTP adapter's mapping of ThingsBoard answers, over a scripted TCP stream in place of tcp.connect.
 from fakesock import FakeSocket
 from mptest import eq, raises
-from tbfleet import tcp, via_http
+from tbfleet import http, tcp, via_http
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
 
@@ -119,3 +119,20 @@ def test_tls_context_is_made_once_and_passed():
     link.send_telemetry(b"{}")
     assert isinstance(seen[0], ssl.SSLContext), seen
     assert seen[0] is seen[1]
+
+
+def test_every_request_reads_through_the_links_one_buffer():
+    # A buffer per request would split the free heap a little more on every message.
+    seen = []
+
+    def request(method, host, port, path, body, ssl_ctx, timeout_ms, buf):
+        seen.append(buf)
+        return 200, b"{}"
+    http.request = request
+    link = via_http.Link(Cfg())
+    link.provision(b"{}")
+    link.open({"type": "ACCESS_TOKEN", "token": "T"})
+    link.send_telemetry(b"{}")
+    link.send_telemetry(b"{}")
+    eq(len(seen), 3)
+    assert isinstance(seen[0], bytearray) and seen[0] is seen[1] and seen[1] is seen[2], seen
