@@ -9,7 +9,7 @@ from mptest import eq
 from tbfleet import via_coap
 
 CON, NON, ACK, RST = 0, 1, 2, 3
-GET, POST, PUT = 1, 2, 3
+GET, POST = 1, 2
 CREATED, VALID, CHANGED, CONTENT = 0x41, 0x43, 0x44, 0x45
 
 
