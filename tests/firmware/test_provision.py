@@ -59,65 +59,76 @@ def test_request_x509_sends_the_certificate_as_pem_in_hash():
     eq("".join(lines[1:-1]), CERT_B64)
 
 
+def parse(body, cfg):
+    return provision.outcome(body, cfg)
+
+
 def test_success_access_token():
-    o = provision.parse(b'{"credentialsValue":"Xx9Yy8Zz7Ww6Vv5Uu4Tt","credentialsType":"ACCESS_TOKEN",'
-                        b'"status":"SUCCESS"}', cfg_with())
-    eq(o.status, provision.SUCCESS)
-    eq(o.creds, {"type": "ACCESS_TOKEN", "token": "Xx9Yy8Zz7Ww6Vv5Uu4Tt"})
+    o = parse(b'{"credentialsValue":"Xx9Yy8Zz7Ww6Vv5Uu4Tt","credentialsType":"ACCESS_TOKEN",'
+              b'"status":"SUCCESS"}', cfg_with())
+    eq(o, ("SUCCESS", {"type": "ACCESS_TOKEN", "token": "Xx9Yy8Zz7Ww6Vv5Uu4Tt"}, ""))
 
 
 def test_success_mqtt_basic_nested_object_with_userName():
     body = (b'{"credentialsValue":{"clientId":"gh-7","userName":"gh","password":""},'
             b'"credentialsType":"MQTT_BASIC","status":"SUCCESS"}')
-    o = provision.parse(body, cfg_with(credentials_type="MQTT_BASIC", client_id="gh-7", username="gh"))
-    eq(o.creds, {"type": "MQTT_BASIC", "client_id": "gh-7", "username": "gh", "password": ""})
+    o = parse(body, cfg_with(credentials_type="MQTT_BASIC", client_id="gh-7", username="gh"))
+    eq(o[1], {"type": "MQTT_BASIC", "client_id": "gh-7", "username": "gh", "password": ""})
+    # The legacy form: the credentials as a JSON string, with "username".
+    body = (b'{"credentialsValue":"{\\"clientId\\":\\"gh-7\\",\\"username\\":\\"gh\\",\\"password\\":\\"pw\\"}",'
+            b'"credentialsType":"MQTT_BASIC","status":"SUCCESS"}')
+    eq(parse(body, cfg_with())[1], {"type": "MQTT_BASIC", "client_id": "gh-7", "username": "gh", "password": "pw"})
 
 
 def test_success_mqtt_basic_with_nulls_from_a_pre_provisioned_device():
     body = b'{"credentialsValue":{"clientId":null,"userName":"gh","password":"pw"},"credentialsType":"MQTT_BASIC","status":"SUCCESS"}'
-    eq(provision.parse(body, cfg_with()).creds["client_id"], "")
+    eq(parse(body, cfg_with())[1]["client_id"], "")
 
 
 def test_mqtt_basic_answer_is_unusable_over_http():
     body = b'{"credentialsValue":{"clientId":"a","userName":"b","password":"c"},"credentialsType":"MQTT_BASIC","status":"SUCCESS"}'
-    o = provision.parse(body, cfg_with(transport="http"))
-    eq(o.status, provision.FAILURE)
-    assert "only over MQTT" in o.message
+    eq(parse(body, cfg_with(transport="http")),
+       ("FAILURE", None, "the server issued MQTT_BASIC credentials, which this config cannot use"))
+    # With its own credentials configured, the board gets those back to try.
+    own = parse(body, cfg_with(transport="http", credentials_type="ACCESS_TOKEN", token="Own0Token"))
+    eq(own[:2], ("FAILURE", {"type": "ACCESS_TOKEN", "token": "Own0Token"}))
 
 
 def test_success_x509_checks_the_certificate_is_ours():
     cfg = x509_cfg()
-    ok = provision.parse(('{"credentialsValue":"%s","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"}'
-                          % CERT_B64).encode(), cfg)
-    eq(ok.creds, {"type": "X509_CERTIFICATE"})
-    other = provision.parse(b'{"credentialsValue":"MIIBother","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"}',
-                            cfg)
-    eq(other.status, provision.FAILURE)
-    assert "another certificate" in other.message
+    ok = parse(('{"credentialsValue":"%s","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"}'
+                % CERT_B64).encode(), cfg)
+    eq(ok, ("SUCCESS", {"type": "X509_CERTIFICATE"}, ""))
+    other = parse(b'{"credentialsValue":"MIIBother","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"}', cfg)
+    eq(other, ("FAILURE", {"type": "X509_CERTIFICATE"}, "the server holds another certificate for this device"))
 
 
 def test_x509_answer_without_a_certificate_configured():
-    o = provision.parse(b'{"credentialsValue":"MIIB","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"}',
-                        cfg_with())
-    eq(o.status, provision.FAILURE)
+    o = parse(b'{"credentialsValue":"MIIB","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"}', cfg_with())
+    eq(o[:2], ("FAILURE", None))
 
 
 def test_lwm2m_answer_is_a_failure_not_a_crash():
-    o = provision.parse(b'{"credentialsType":"LWM2M_CREDENTIALS","status":"SUCCESS"}', cfg_with())
-    eq(o.status, provision.FAILURE)
+    o = parse(b'{"credentialsType":"LWM2M_CREDENTIALS","status":"SUCCESS"}', cfg_with())
+    eq(o, ("FAILURE", None, "the server issued LWM2M_CREDENTIALS credentials, which this config cannot use"))
 
 
 def test_not_found_and_failure_carry_the_server_message():
-    o = provision.parse(b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}', cfg_with())
-    eq((o.status, o.message, o.creds), (provision.NOT_FOUND, "Provision data was not found!", None))
-    o = provision.parse(b'{"errorMsg":"Failed to provision device!","status":"FAILURE"}', cfg_with())
-    eq((o.status, o.message), (provision.FAILURE, "Failed to provision device!"))
+    o = parse(b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}', cfg_with())
+    eq(o, ("NOT_FOUND", None, "Provision data was not found!"))
+    o = parse(b'{"errorMsg":"Failed to provision device!","status":"FAILURE"}', cfg_with())
+    eq(o, ("FAILURE", None, "Failed to provision device!"))
+    o = parse(b'{"errorMsg":"Failed to provision device!","status":"FAILURE"}',
+              cfg_with(credentials_type="MQTT_BASIC", client_id="gh-7"))
+    eq(o[1], {"type": "MQTT_BASIC", "client_id": "gh-7", "username": "", "password": ""})
+    eq(parse(b'{"status":"NOT_FOUND"}', cfg_with()), ("NOT_FOUND", None, ""))
 
 
 def test_legacy_keys_are_tolerated():
-    o = provision.parse(b'{"deviceId":"3b5c","credentialsType":"ACCESS_TOKEN","credentialsId":"Legacy0Token1",'
-                        b'"provisionDeviceStatus":"SUCCESS"}', cfg_with())
-    eq(o.creds, {"type": "ACCESS_TOKEN", "token": "Legacy0Token1"})
+    o = parse(b'{"deviceId":"3b5c","credentialsType":"ACCESS_TOKEN","credentialsId":"Legacy0Token1",'
+              b'"provisionDeviceStatus":"SUCCESS"}', cfg_with())
+    eq(o[1], {"type": "ACCESS_TOKEN", "token": "Legacy0Token1"})
+    eq(parse(b'{"credentialsValue":"NoType0Token","status":"SUCCESS"}', cfg_with())[1]["token"], "NoType0Token")
 
 
 def test_garbage_answers():
@@ -125,7 +136,7 @@ def test_garbage_answers():
                  b'{"status":"SUCCESS","credentialsType":"ACCESS_TOKEN"}',
                  b'{"status":"SUCCESS","credentialsType":"ACCESS_TOKEN","credentialsValue":42}',
                  b'{"status":"SUCCESS","credentialsType":"MQTT_BASIC","credentialsValue":"nope"}'):
-        raises(BadAnswer, provision.parse, body, cfg_with())
+        eq((body, parse(body, cfg_with())[:2]), (body, ("BAD_ANSWER", None)))
 
 
 class Link:
@@ -163,12 +174,10 @@ OK = b'{"credentialsValue":"T0k3n","credentialsType":"ACCESS_TOKEN","status":"SU
 
 
 def test_provision_turns_every_ending_into_an_outcome():
-    o = provision.outcome(OK, cfg_with())
-    eq((o.status, o.creds), (provision.SUCCESS, {"type": "ACCESS_TOKEN", "token": "T0k3n"}))
-    o = provision.outcome(None, cfg_with(), NoAnswer("no answer in time"))
-    eq((o.status, o.message), (provision.NO_ANSWER, "no answer in time"))
-    eq(provision.outcome(b"\x00\xff", cfg_with()).status, provision.BAD_ANSWER)
-    eq(provision.outcome(None, cfg_with(), BadAnswer("junk")).status, provision.BAD_ANSWER)
+    eq(provision.outcome(OK, cfg_with()), ("SUCCESS", {"type": "ACCESS_TOKEN", "token": "T0k3n"}, ""))
+    eq(provision.outcome(None, cfg_with(), NoAnswer("no answer in time")), ("NO_ANSWER", None, "no answer in time"))
+    eq(provision.outcome(b"\x00\xff", cfg_with())[0], "BAD_ANSWER")
+    eq(provision.outcome(None, cfg_with(), BadAnswer("junk")), ("BAD_ANSWER", None, "junk"))
 
 
 def test_one_exchange_per_attempt_and_the_link_dropped_however_it_ended():

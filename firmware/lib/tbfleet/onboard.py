@@ -6,17 +6,18 @@
 from tbfleet import log, unload
 
 
-def configured_credentials(cfg):
-    # The credentials config.json supplies itself (None for a server-generated token).
-    ctype = cfg.credentials_type
-    if ctype == "ACCESS_TOKEN":
-        return {"type": ctype, "token": cfg.token}
-    if ctype == "MQTT_BASIC":
-        return {"type": ctype, "client_id": cfg.client_id or "", "username": cfg.username or "",
-                "password": cfg.password or ""}
-    if ctype == "X509_CERTIFICATE":
-        return {"type": ctype}
-    return None
+def saved(cfg):
+    # The saved credentials when they fit this config, else None (and those that do not fit set aside).
+    from tbfleet import store
+
+    try:
+        rec = store.load()
+        if rec and not store.matches(rec, cfg):
+            store.discard("issued for another device or server than config.json names")
+            rec = None
+        return rec
+    finally:
+        unload("store")
 
 
 def request(cfg):
@@ -35,51 +36,31 @@ def settle(body, error, cfg):
     from tbfleet import provision
 
     try:
-        outcome = provision.outcome(body, cfg, error)
+        status, creds, message = provision.outcome(body, cfg, error)
     finally:
         unload("provision")
-    # The outcome's class would keep provision alive: only its fields are kept.
-    status, creds, message = outcome.status, outcome.creds, outcome.message
-    del provision, outcome
+    del provision
     if status == "SUCCESS":
         log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
         from tbfleet import store
 
         try:
-            record = store.stamp(creds, cfg)
-            store.save(record)
+            creds = store.stamp(creds, cfg)
+            store.save(creds)
         finally:
             unload("store")
-        return record, False, False
+        return creds, False, False
     if status == "NOT_FOUND":
-        log.error("provisioning refused (NOT_FOUND: %s): check provision_key and provision_secret, and that the "
-                  "device profile allows provisioning; nothing saved", message)
+        log.error("provisioning refused (NOT_FOUND: %s): check provision_key, provision_secret and that the "
+                  "profile allows provisioning", message)
         return None, False, True
     if status == "FAILURE":
-        own = configured_credentials(cfg)
-        if own:
-            log.warn("provisioning answered FAILURE (%s): %s exists already; trying the credentials from "
-                     "config.json", message, cfg.device_name)
-            return own, True, False
-        log.error("provisioning failed (FAILURE: %s): %s already exists on the server, or is not "
-                  "pre-provisioned there, or was provisioned before; delete it on the server or change "
-                  "device_name", message, cfg.device_name)
+        if creds:
+            # The device exists already: the credentials config.json gives may be the ones it has.
+            log.warn("provisioning answered FAILURE (%s): trying the credentials in config.json", message)
+            return creds, True, False
+        log.error("provisioning failed (FAILURE: %s): %s already exists, is not pre-provisioned, or was "
+                  "provisioned before", message, cfg.device_name)
         return None, False, True
     log.warn("provisioning got %s: %s", status, message)
     return None, False, False
-
-
-def saved(cfg):
-    # The saved credentials when they fit this config, else None.
-    from tbfleet import store
-
-    try:
-        record = store.load()
-        if record is not None and not store.matches(record, cfg):
-            log.warn("saved credentials belong to %s at %s, not to %s: provisioning again",
-                     record["device"], record["server"], cfg.device_name)
-            store.discard(reason="config.json names another device or server")
-            record = None
-        return record
-    finally:
-        unload("store")
