@@ -1,5 +1,6 @@
 # Wi-Fi bring-up against a scripted network module (the Unix port has none), including a reload of tbfleet.net
 # between bring-up and the RSSI sensor, as app does.
+import json
 import sys
 
 from mptest import eq, raises
@@ -88,14 +89,45 @@ def test_a_wifi_that_never_joins_is_no_answer_within_the_deadline():
     eq(WLAN(0).connected, False)
 
 
+class Link:
+    def __init__(self):
+        self.payloads = []
+
+    def send_telemetry(self, payload):
+        self.payloads.append(json.loads(payload))
+
+
+class Device:
+    # What telemetry.send asks of app.Device.
+    def __init__(self, sensors):
+        self.cfg = Cfg()
+        self.cfg.sensors = sensors
+        self.cfg.telemetry_interval = 0
+        self.link = Link()
+        self.sensors = None
+        self.sent = 0
+        self.booted = 0
+
+    def accepted(self):
+        pass
+
+
+def values(device):
+    sent = device.link.payloads[0]
+    return sent.get("values", sent)
+
+
 def test_net_is_loaded_for_sending_only_when_rssi_is_configured():
     from tbfleet import telemetry
 
     unload("net")
-    eq(telemetry._rssi_source(["uptime", "free_heap"]), None)
+    device = Device(["uptime", "free_heap"])
+    telemetry.send(device, 1)
+    eq(sorted(values(device)), ["free_heap", "uptime"])
     assert "tbfleet.net" not in sys.modules
     WLAN(0).joins_after = 0
     WLAN(0).connect("greenhouse", "w1f1-pa55")
-    rssi = telemetry._rssi_source(["uptime", "rssi"])
+    device = Device(["uptime", "rssi"])
+    telemetry.send(device, 1)
     assert "tbfleet.net" in sys.modules  # a board with Wi-Fi keeps net while sending
-    eq(rssi(), -58)
+    eq(values(device)["rssi"], -58)
