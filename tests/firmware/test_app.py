@@ -218,16 +218,27 @@ def test_main_gives_back_the_modules_its_run_loaded():
     eq((len(links), len(links[2].payloads), links[2].requests), (3, 1, []))
 
 
-def test_a_link_the_device_made_goes_with_its_modules_when_dropped():
+def test_a_link_the_device_made_goes_with_its_modules_after_provisioning():
+    # Parsing and saving the answer get the transport's RAM; connecting makes the link again.
+    made = []
+
+    class Transport:
+        # Stands in for tbfleet.via_http in sys.modules; what it imports is given back with it.
+        @staticmethod
+        def Link(cfg):
+            import tbfleet.tls  # noqa: F401 - a module the transport loads, to be unloaded with it
+
+            made.append(Link(provisions=[OK]))
+            return made[-1]
+
+    sys.modules["tbfleet.via_http"] = Transport
     device = app.Device(cfg_with(transport="http"))
-    link = device.get_link()
-    assert "tbfleet.via_http" in sys.modules and "tbfleet.http" in sys.modules
-    assert device.get_link() is link
-    device.drop_link()
-    assert device.link is None
-    assert "tbfleet.via_http" not in sys.modules and "tbfleet.http" not in sys.modules
-    assert device.get_link() is not link and "tbfleet.via_http" in sys.modules
-    passed_in = Link()
-    device = app.Device(cfg_with(), passed_in)
-    device.drop_link()
+    creds, unsaved, wait_long = app._onboard(device, device.cfg)
+    eq((creds["token"], unsaved, wait_long, len(made)), (TOKEN, False, False, 1))
+    assert device.link is None and "tbfleet.tls" not in sys.modules
+    assert device.get_link() is not made[0] and len(made) == 2
+    passed_in = Link(provisions=[OK])
+    device = app.Device(cfg_with(device_name="greenhouse-9"), passed_in)
+    app._onboard(device, device.cfg)
+    eq(len(passed_in.requests), 1)
     assert device.get_link() is passed_in  # not the device's to drop

@@ -156,18 +156,11 @@ class Link:
         self.closed = True
 
 
-class Device:
-    # What onboard asks of app.Device: the link, and dropping it once the exchange is over.
-    def __init__(self, link):
-        self.link = link
-        self.dropped = 0
+def Device(link):
+    # app.Device over a link passed in: the exchange closes it but leaves it in place (not the device's to drop).
+    from tbfleet import app
 
-    def get_link(self):
-        return self.link
-
-    def drop_link(self):
-        self.dropped += 1
-        self.link.close()
+    return app.Device(cfg_with(), link)
 
 
 OK = b'{"credentialsValue":"T0k3n","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'
@@ -188,14 +181,14 @@ def test_one_exchange_per_attempt_and_the_link_dropped_however_it_ended():
     creds, unsaved, wait_long = app._onboard(device, cfg_with())
     eq((creds["token"], unsaved, wait_long), ("T0k3n", False, False))
     eq(store.load()["token"], "T0k3n")  # saved before it is used
-    assert link.closed and device.dropped == 1 and json.loads(link.sent)["deviceName"] == "greenhouse-7"
+    assert link.closed and device.link is link and json.loads(link.sent)["deviceName"] == "greenhouse-7"
     eq(app._onboard(Device(Link(error=AssertionError("no exchange"))), cfg_with())[0]["token"], "T0k3n")  # saved
     store.discard("provisioning again")
     for error in (NoAnswer("no answer in time"), BadAnswer("junk")):
         link = Link(error=error)
         device = Device(link)
         eq(app._onboard(device, cfg_with()), (None, False, False))
-        assert link.closed and device.dropped == 1
+        assert link.closed and device.link is link
     link = Link(b"\x00\xff")
     eq(app._onboard(Device(link), cfg_with()), (None, False, False))
     assert link.closed

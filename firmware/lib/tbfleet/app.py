@@ -16,14 +16,6 @@ LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon,
 _REFUSALS_BEFORE_REPROVISION = const(3)
 
 
-def _import(name):
-    # tbfleet.<name>, imported by a name built at run time: literal module names would intern every transport's
-    # on every board.
-    name = "tbfleet." + name
-    __import__(name)
-    return sys.modules[name]
-
-
 def _imported_since(loaded):
     # The tbfleet modules (short names) imported since sys.modules held the names in loaded.
     return [n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded]
@@ -33,8 +25,11 @@ def _step(name, fn, *args):
     # tbfleet.<name>.<fn>(*args), with that module and whatever it imports loaded only for the call. A module bound
     # to a local of a long-running frame would stay alive (with everything it imported) until that frame returns.
     loaded = list(sys.modules)
+    # Module names are built at run time: a literal one would intern every transport's name on every board.
+    name = "tbfleet." + name
     try:
-        return getattr(_import(name), fn)(*args)
+        __import__(name)
+        return getattr(sys.modules[name], fn)(*args)
     finally:
         unload(*_imported_since(loaded))
 
@@ -53,7 +48,13 @@ def _onboard(device, cfg):
     except (NoAnswer, BadAnswer) as e:
         error = e
     finally:
-        device.drop_link()
+        # A link this device made goes, with the modules it imported, so that parsing and saving the answer get
+        # the transport's RAM; get_link makes it again to connect. A link passed in is not the device's to drop.
+        if device.link is not None:
+            device.link.close()
+            if device.link_modules is not None:
+                device.link = None
+                unload(*device.link_modules)
     return _step("onboard", "settle", body, error, cfg)
 
 
@@ -75,18 +76,11 @@ class Device:
         if self.link is None:
             loaded = list(sys.modules)
             # Only the configured transport is imported: a board that speaks MQTT never loads HTTP or CoAP.
-            self.link = _import("via_" + self.cfg.transport).Link(self.cfg)
+            name = "tbfleet.via_" + self.cfg.transport
+            __import__(name)
+            self.link = sys.modules[name].Link(self.cfg)
             self.link_modules = _imported_since(loaded)
         return self.link
-
-    def drop_link(self):
-        # Closes the link; one this device made goes, with the modules it imported, so that parsing and saving a
-        # provisioning answer get the transport's RAM. get_link makes it again to connect.
-        if self.link is not None:
-            self.link.close()
-            if self.link_modules is not None:
-                self.link = None
-                unload(*self.link_modules)
 
     def accepted(self):
         # Called on the first telemetry a connection sent: the proof that the credentials work (HTTP and CoAP have
