@@ -13,11 +13,9 @@ _CLOCK_SET_AFTER_S = const(1704067200)
 _POLL_EVERY_MS = const(1000)
 
 
-def now_ms(epoch_year=None):
+def now_ms(epoch_year):
     # Milliseconds since 1970, or None while the board's clock is unset. epoch_year: the year this port's
-    # time.time() counts from (default: asked of the port; 2000 on ESP32).
-    if epoch_year is None:
-        epoch_year = time.gmtime(0)[0]
+    # clock counts from, time.gmtime(0)[0] (2000 on ESP32).
     ms = time.time_ns() // 1000000
     if epoch_year == 2000:
         ms += _EPOCH_2000_S * 1000
@@ -92,10 +90,11 @@ def send(dev, max_messages):
     # While waiting, MQTT answers pings and takes server pushes; HTTP and CoAP have nothing to poll.
     poll = getattr(link, "poll", None)
     interval_ms = int(cfg.telemetry_interval * 1000)
+    epoch_year = time.gmtime(0)[0]
     next_at = time.ticks_ms()
     first = True
     while max_messages is None or dev.sent < max_messages:
-        link.send_telemetry(payload(dev.sensors.read(), now_ms()))
+        link.send_telemetry(payload(dev.sensors.read(), now_ms(epoch_year)))
         dev.sent += 1
         if first:
             dev.accepted()
