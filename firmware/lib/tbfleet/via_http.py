@@ -1,6 +1,5 @@
 # ThingsBoard's device API over HTTP(S): provisioning and telemetry, one connection per request.
-from tbfleet import http
-from tbfleet.errors import BadAnswer, Refused, Rejected
+from tbfleet import errors, http
 
 
 class Link:
@@ -20,7 +19,7 @@ class Link:
                                     int(cfg.timeout * 1000), self.buf)
         # ThingsBoard answers 200 for SUCCESS, NOT_FOUND and FAILURE alike: the caller reads "status".
         if status != 200:
-            raise BadAnswer("provisioning got HTTP %d: %r" % (status, body[:60]))
+            raise errors.BadAnswer("provisioning got HTTP %d: %r" % (status, body[:60]))
         return body
 
     def open(self, creds):
@@ -43,14 +42,14 @@ class Link:
         status, body = http.request("POST", cfg.host, cfg.port, self.path, payload, self.ctx,
                                     int(cfg.timeout * 1000), self.buf)
         if status == 401:
-            raise Refused(401, "unauthorized")
+            raise errors.Refused(401, "unauthorized")
         if status != 200:
             # 413 over the server's size limit, 500 for a payload it cannot parse: the server's own words say which
             try:
                 text = body[:60].decode().strip()
             except UnicodeError:
                 text = ""
-            raise Rejected(status, text or "HTTP %d" % status)
+            raise errors.Rejected(status, text or "HTTP %d" % status)
 
     def close(self):
         self.path = None
