@@ -1,9 +1,9 @@
-# The MQTT 3.1.1 client, byte for byte against a scripted socket.
+# The MQTT 3.1.1 client (the MQTT half of tbfleet.via_mqtt.Link), byte for byte against a scripted socket.
 import time
 
 from fakesock import scripted
 from mptest import eq, raises
-from tbfleet import mqtt, tcp
+from tbfleet import tcp, via_mqtt
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
 CONNACK_OK = b"\x20\x02\x00\x00"
@@ -29,7 +29,7 @@ def client(sock, on_message=None, **kw):
         return sock
 
     tcp.connect = fake_connect
-    c = mqtt.MQTTClient(Cfg(**kw))
+    c = via_mqtt.Link(Cfg(**kw))
     c.seen = seen
     if on_message:
         c.on_message = on_message
@@ -302,13 +302,13 @@ def test_subscribe_bytes_and_granted_codes():
 def test_subscribe_refused_filter_is_rejected():
     c, s = connected(b"\x90\x04\x00\x01\x01\x80")
     e = raises(Rejected, c.subscribe, [("ok/#", 1), ("nope/#", 1)])
-    eq(e.args, (0x80, "refused nope/#"))
+    eq(e.args, (0x80, "nope/#"))
     assert c.sock is not None
 
 
 def test_suback_with_the_wrong_count_is_bad_answer():
     c, s = connected(b"\x90\x03\x00\x01\x01")
-    raises(BadAnswer, c.subscribe, [("a", 1), ("b", 1)])
+    eq(str(raises(BadAnswer, c.subscribe, [("a", 1), ("b", 1)])), "bad packet 0x90")
     assert s.closed and c.sock is None
 
 
@@ -328,7 +328,7 @@ def test_poll_acknowledges_incoming_qos1_publish():
     eq(s.writes[1:], [b"\x40\x02\xbe\xef"])
 
 
-def test_poll_without_on_message_still_acknowledges():
+def test_pushes_nobody_waits_for_are_acknowledged_and_dropped():
     c, s = connected()
     s.feed(b"\x32\x06\x00\x01t\x00\x09x" + b"\x30\x04\x00\x01ty")
     c.poll()

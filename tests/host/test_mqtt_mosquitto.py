@@ -1,4 +1,4 @@
-"""The firmware's MQTT client (tbfleet.mqtt through tbfleet.via_mqtt, on the Unix port) against a real mosquitto
+"""The firmware's MQTT client (tbfleet.via_mqtt on the Unix port) against a real mosquitto
 broker with a password file, observed by a paho-mqtt subscriber.
 
 mosquitto 2.0 has no password-less users in its password file, so the token user has a password here and the
