@@ -108,6 +108,20 @@ def test_provision_connection_closed_by_server_is_no_answer():
     assert time.ticks_diff(time.ticks_ms(), t0) < 1000
 
 
+def test_provision_closed_instead_of_puback_is_no_answer():
+    def close_on_request(sock, data):
+        if data[0] == 0x10:
+            sock.feed(CONNACK_OK)
+        elif data[0] == 0x32:
+            sock.hang_up()
+
+    s = FakeSocket(close_on_request)
+    e = raises(NoAnswer, link(s, timeout=5).provision, b"{}")
+    assert not isinstance(e, Rejected)
+    assert "instead of PUBACK" in str(e)
+    assert s.closed
+
+
 def test_provision_refused_session_is_no_answer():
     s = scripted(b"\x20\x02\x00\x03")
     e = raises(NoAnswer, link(s).provision, b"{}")

@@ -270,11 +270,12 @@ class Link:
         try:
             try:
                 self.connect(self.cfg.device_name, "provision")
-            except Refused as e:
-                # ThingsBoard accepts every provisioning session; a refusal means it cannot serve us now.
+                at = tcp.deadline(self.ms)
+                self.publish("/provision/request", request, 1)
+            except (Refused, Rejected) as e:
+                # ThingsBoard accepts every provisioning session and request: a refused session, or one closed
+                # instead of a PUBACK, means it cannot serve us now.
                 raise NoAnswer(e.args[1])
-            at = tcp.deadline(self.ms)
-            self.publish("/provision/request", request, 1)
             while self._answer is None:
                 self.wait(at)
             return self._answer
