@@ -88,7 +88,7 @@ def test_success_mqtt_basic_with_nulls_from_a_pre_provisioned_device():
 def test_mqtt_basic_answer_is_unusable_over_http():
     body = b'{"credentialsValue":{"clientId":"a","userName":"b","password":"c"},"credentialsType":"MQTT_BASIC","status":"SUCCESS"}'
     eq(parse(body, cfg_with(transport="http")),
-       ("FAILURE", None, "the server issued MQTT_BASIC credentials, which this config cannot use"))
+       ("FAILURE", None, "the server issued MQTT_BASIC credentials, unusable with this config"))
     # With its own credentials configured, the board gets those back to try.
     own = parse(body, cfg_with(transport="http", credentials_type="ACCESS_TOKEN", token="Own0Token"))
     eq(own[:2], ("FAILURE", {"type": "ACCESS_TOKEN", "token": "Own0Token"}))
@@ -100,7 +100,7 @@ def test_success_x509_checks_the_certificate_is_ours():
                 % CERT_B64).encode(), cfg)
     eq(ok, ("SUCCESS", {"type": "X509_CERTIFICATE"}, ""))
     other = parse(b'{"credentialsValue":"MIIBother","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"}', cfg)
-    eq(other, ("FAILURE", {"type": "X509_CERTIFICATE"}, "the server holds another certificate for this device"))
+    eq(other, ("FAILURE", {"type": "X509_CERTIFICATE"}, "the server holds another certificate"))
 
 
 def test_x509_answer_without_a_certificate_configured():
@@ -110,7 +110,7 @@ def test_x509_answer_without_a_certificate_configured():
 
 def test_lwm2m_answer_is_a_failure_not_a_crash():
     o = parse(b'{"credentialsType":"LWM2M_CREDENTIALS","status":"SUCCESS"}', cfg_with())
-    eq(o, ("FAILURE", None, "the server issued LWM2M_CREDENTIALS credentials, which this config cannot use"))
+    eq(o, ("FAILURE", None, "the server issued LWM2M_CREDENTIALS credentials, unusable with this config"))
 
 
 def test_not_found_and_failure_carry_the_server_message():

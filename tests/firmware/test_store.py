@@ -200,7 +200,7 @@ def test_complete_temporary_file_without_record_finishes_the_save():
     lines = capture_log()
     eq(store.load(), BASIC)
     eq(os.listdir(), ["creds.json"])
-    assert "completed the save" in lines[0], lines
+    eq(lines, ["store: completed the cut save in creds.json.tmp"])
 
 
 def test_damaged_temporary_file_without_record_is_removed():

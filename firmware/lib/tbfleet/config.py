@@ -77,7 +77,7 @@ def validate(data):
                 try:
                     os.stat(value)
                 except OSError:
-                    raise ConfigError(name, "no such file on the board: " + value)
+                    raise ConfigError(name, "no such file: " + value)
         elif kind <= _NUMBER:
             if type(value) is not int and (kind == _INTEGER or type(value) is not float):
                 raise ConfigError(name, "must be an integer" if kind == _INTEGER else "must be a number")
@@ -95,10 +95,10 @@ def validate(data):
     transport = cfg.transport
     tls = cfg.tls
     if tls and transport == "coap":
-        raise ConfigError("tls", "not with transport coap (no DTLS here)")
+        raise ConfigError("tls", "not with coap (no DTLS)")
     if ctype and ctype != "ACCESS_TOKEN" and transport != "mqtt":
-        raise ConfigError("credentials_type", "%s works only with transport mqtt; HTTP and CoAP devices take an "
-                          "access token" % ctype)
+        raise ConfigError("credentials_type", "%s works only with transport mqtt: HTTP and CoAP take tokens" %
+                          ctype)
     # What each credentials type needs; MQTT_BASIC a client_id or a username.
     needs = {"ACCESS_TOKEN": "token", "MQTT_BASIC": "" if cfg.username else "client_id",
              "X509_CERTIFICATE": "tls cert_file key_file"}.get(ctype, "")

@@ -39,7 +39,7 @@ def up(cfg):
 
         ntptime.settime()
     except Exception as e:  # noqa: BLE001 - no clock only means the server stamps the telemetry
-        log.warn("clock not set from NTP (%s); the server stamps telemetry", e)
+        log.warn("clock not set (%s): the server stamps telemetry", e)
 
 
 def rssi():

@@ -13,7 +13,7 @@ def saved(cfg):
     try:
         rec = store.load()
         if rec and not store.matches(rec, cfg):
-            store.discard("issued for another device or server than config.json names")
+            store.discard("issued for another device or server")
             rec = None
         return rec
     finally:
@@ -51,16 +51,16 @@ def settle(body, error, cfg):
             unload("store")
         return creds, False, False
     if status == "NOT_FOUND":
-        log.error("provisioning refused (NOT_FOUND: %s): check provision_key, provision_secret and that the "
-                  "profile allows provisioning", message)
+        log.error("provisioning refused (NOT_FOUND: %s): check provision_key, provision_secret, the profile",
+                  message)
         return None, False, True
     if status == "FAILURE":
         if creds:
             # The device exists already: the credentials config.json gives may be the ones it has.
-            log.warn("provisioning answered FAILURE (%s): trying the credentials in config.json", message)
+            log.warn("provisioning answered FAILURE (%s): trying config.json's credentials", message)
             return creds, True, False
-        log.error("provisioning failed (FAILURE: %s): %s already exists, is not pre-provisioned, or was "
-                  "provisioned before", message, cfg.device_name)
+        log.error("provisioning failed (FAILURE: %s): %s already exists or is not pre-provisioned", message,
+                  cfg.device_name)
         return None, False, True
     log.warn("provisioning got %s: %s", status, message)
     return None, False, False

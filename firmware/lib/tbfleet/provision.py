@@ -64,13 +64,13 @@ def outcome(body, cfg, error=None):
     if status == "FAILURE":
         return status, own, answer.get("errorMsg") or ""
     if status != "SUCCESS":
-        return "BAD_ANSWER", None, "not a provisioning answer (a JSON object with a known status)"
+        return "BAD_ANSWER", None, "not a provisioning answer"
     # Legacy servers answer with credentialsId and no credentialsType for a token.
     ctype = answer.get("credentialsType", "ACCESS_TOKEN")
     value = answer.get("credentialsValue", answer.get("credentialsId"))
     creds = {"type": ctype}
     # Credentials this board cannot use: MQTT_BASIC over HTTP or CoAP, X.509 without a cert_file, other types.
-    unusable = "the server issued %s credentials, which this config cannot use" % ctype
+    unusable = "the server issued %s credentials, unusable with this config" % ctype
     if ctype == "ACCESS_TOKEN":
         if type(value) is not str or not value:
             return "BAD_ANSWER", None, "SUCCESS without %s credentials" % ctype
@@ -92,5 +92,5 @@ def outcome(body, cfg, error=None):
     elif ctype != "X509_CERTIFICATE" or not cfg.cert_file:
         return "FAILURE", own, unusable
     elif value is not None and value != _cert(cfg):
-        return "FAILURE", own, "the server holds another certificate for this device"
+        return "FAILURE", own, "the server holds another certificate"
     return "SUCCESS", creds, ""

@@ -55,7 +55,7 @@ def _read(path):
     try:
         rec = json.loads(data.decode())
     except ValueError:  # an empty file, invalid UTF-8 too (a UnicodeError is a ValueError)
-        raise ValueError("not valid JSON (empty, truncated or damaged)")
+        raise ValueError("not valid JSON")
     if type(rec) is dict:
         version = rec.pop("v", None)
         if type(version) is not int or version != _VERSION:
@@ -99,7 +99,7 @@ def load(path="creds.json"):
             try:
                 _read(tmp)
                 os.rename(tmp, path)
-                log.info("store: completed the save that %s was left from", tmp)
+                log.info("store: completed the cut save in %s", tmp)
                 why = None
             except ValueError as e:
                 why = e.args[0]
