@@ -54,6 +54,15 @@ def test_get_request_bytes_default_ports():
     assert b"Host: tb:443\r\n" in sent("GET", "tb", 443, "/x")
 
 
+def test_a_request_larger_than_the_buffer_still_leaves_in_one_write():
+    big = b'{"v":"' + b"x" * 300 + b'"}'
+    for buf in (None, bytearray(7)):
+        sock, _ = serve(OK)
+        eq(http.request("POST", "tb", 80, "/p", big, None, 200, buf), (200, b""))
+        eq(sock.writes, [b"POST /p HTTP/1.1\r\nHost: tb\r\nContent-Type: application/json\r\nContent-Length: 308\r\n"
+                         b"Connection: close\r\n\r\n" + big])
+
+
 def test_empty_body_has_zero_length():
     assert sent("POST", "tb", 80, "/x", b"").endswith(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
 

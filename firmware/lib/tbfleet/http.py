@@ -22,21 +22,30 @@ _BODY = const(6)
 def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, buf=None, limit=_MAX_BODY):
     # Sends method path (body: JSON bytes, or None for none) to host:port and returns (status, body bytes) of the
     # final answer. Connecting is bounded by timeout_ms, then one deadline of timeout_ms bounds sending and the
-    # whole answer. buf: a bytearray to read through; a caller making many requests passes the same one, as a
-    # buffer per request splits the free heap.
+    # whole answer. buf: a bytearray that the request is written and the answer read through; a caller making many
+    # requests passes the same one, as a buffer per request splits the free heap.
     for s in (method, host, path):
         if not s or " " in s or "\r" in s or "\n" in s:
             raise ValueError("bad HTTP %s: %r" % ("request", s))
-    # One bytes object made in one go (MicroPython's bytes formatting takes str), so that the request leaves in one
-    # write and no copy of it is made. Host names the port unless it is the default.
-    req = b"%s %s HTTP/1.1\r\nHost: %s%s\r\n%sConnection: close\r\n\r\n%s" % (
+    # MicroPython's bytes formatting takes str: the head is made in one go, with no str copy of it.
+    head = b"%s %s HTTP/1.1\r\nHost: %s%s\r\n%sConnection: close\r\n\r\n" % (
         method, path, host, "" if port == (80 if ssl_ctx is None else 443) else ":%d" % port,
-        "" if body is None else "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body), body or "")
+        "" if body is None else "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
+    body = body or b""
+    mv = memoryview(buf or bytearray(256))
+    n = len(head)
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
         at = tcp.deadline(timeout_ms)
-        tcp.write_all(sock, req, at)
-        mv = memoryview(buf or bytearray(256))
+        # The request leaves in one write (Nagle's algorithm would hold back a second). Head and body go through buf
+        # when they fit: a block as large as both together is the one a busy heap most often lacks.
+        if n + len(body) <= len(mv):
+            mv[:n] = head
+            mv[n:n + len(body)] = body
+            tcp.write_all(sock, mv[:n + len(body)], at)
+        else:
+            tcp.write_all(sock, head + body, at)
+        head = None  # garbage from here, while the answer is read
         data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
         out = bytearray()  # a chunked body, decoded
         state = _STATUS
