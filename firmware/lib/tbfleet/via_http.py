@@ -6,7 +6,7 @@ class Link:
     def __init__(self, cfg):
         self.cfg = cfg
         self.path = None
-        self.buf = bytearray(256)  # every request reads through it: a buffer per request splits the free heap
+        self.buf = bytearray(256)  # every request is sent and read through it: one per request splits the free heap
         self.ctx = None
         if cfg.tls:
             from tbfleet import tls  # only a board configured for TLS spends RAM on it
