@@ -1,7 +1,7 @@
-# The HTTP/1.1 client: exact request bytes and response parsing over a scripted TCP stream in place of tcp.connect.
+# The HTTP/1.1 client in via_http: exact request bytes and response parsing over a scripted TCP stream in place of tcp.connect.
 from fakesock import FakeSocket
 from mptest import eq, raises
-from tbfleet import http, tcp
+from tbfleet import tcp, via_http
 from tbfleet.errors import BadAnswer, NoAnswer
 
 
@@ -25,7 +25,7 @@ def serve(*pieces, close=True):
 
 def run(*pieces, close=True, limit=8192, ms=200, buf=None):
     serve(*pieces, close=close)
-    return http.request("POST", "tb", 80, "/p", b"{}", None, ms, buf, limit)
+    return via_http.request("POST", "tb", 80, "/p", b"{}", None, ms, buf, limit)
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
@@ -34,7 +34,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 def sent(method, host, port, path, body=None, ssl_ctx=None):
     # The bytes a request puts on the wire (answered with an empty 200).
     sock, _ = serve(OK)
-    eq(http.request(method, host, port, path, body, ssl_ctx, 200), (200, b""))
+    eq(via_http.request(method, host, port, path, body, ssl_ctx, 200), (200, b""))
     eq(len(sock.writes), 1)  # head and body leave in one write
     return sock.writes[0]
 
@@ -58,7 +58,7 @@ def test_a_request_larger_than_the_buffer_still_leaves_in_one_write():
     big = b'{"v":"' + b"x" * 300 + b'"}'
     for buf in (None, bytearray(7)):
         sock, _ = serve(OK)
-        eq(http.request("POST", "tb", 80, "/p", big, None, 200, buf), (200, b""))
+        eq(via_http.request("POST", "tb", 80, "/p", big, None, 200, buf), (200, b""))
         eq(sock.writes, [b"POST /p HTTP/1.1\r\nHost: tb\r\nContent-Type: application/json\r\nContent-Length: 308\r\n"
                          b"Connection: close\r\n\r\n" + big])
 
@@ -71,7 +71,7 @@ def test_bad_request_fields_are_refused_before_connecting():
     _, calls = serve(OK)
     for args in (("POST", "tb", 80, "/a b"), ("POST", "tb", 80, "/a\r\nX: y"), ("POST", "", 80, "/"),
                  ("PO ST", "tb", 80, "/"), ("POST", "tb", 80, None)):
-        e = raises(ValueError, http.request, *args)
+        e = raises(ValueError, via_http.request, *args)
         assert "bad HTTP request" in str(e), e
     eq(calls, [])
 
@@ -111,7 +111,7 @@ def test_no_content_has_no_body():
 
 def test_connects_once_with_the_timeout_and_closes():
     sock, calls = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    eq(http.request("POST", "tb", 8080, "/p", b"{}", timeout_ms=300), (200, b"ok"))
+    eq(via_http.request("POST", "tb", 8080, "/p", b"{}", timeout_ms=300), (200, b"ok"))
     eq(calls, [("tb", 8080, 300, None)])
     assert sock.closed
 
@@ -170,4 +170,4 @@ def test_silent_server_hits_the_deadline():
 
 
 def test_request_to_nobody_is_no_answer():
-    raises(NoAnswer, http.request, "GET", "127.0.0.1", 1, "/", timeout_ms=300)
+    raises(NoAnswer, via_http.request, "GET", "127.0.0.1", 1, "/", timeout_ms=300)

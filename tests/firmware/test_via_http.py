@@ -1,7 +1,7 @@
 # The HTTP adapter's mapping of ThingsBoard answers, over a scripted TCP stream in place of tcp.connect.
 from fakesock import FakeSocket
 from mptest import eq, raises
-from tbfleet import http, tcp, via_http
+from tbfleet import tcp, via_http
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
 
@@ -128,7 +128,7 @@ def test_every_request_reads_through_the_links_one_buffer():
     def request(method, host, port, path, body, ssl_ctx, timeout_ms, buf):
         seen.append(buf)
         return 200, b"{}"
-    http.request = request
+    via_http.request = request
     link = via_http.Link(Cfg())
     link.provision(b"{}")
     link.open({"type": "ACCESS_TOKEN", "token": "T"})

@@ -1,6 +1,6 @@
-"""The firmware's HTTP/1.1 client and HTTP adapter, running on the MicroPython Unix port, against Python's
-http.server (Content-Length, chunked and close-framed answers, a ThingsBoard-like device API, over plain TCP and
-TLS with certificate verification) and against raw sockets that linger or never answer."""
+"""The firmware's HTTP/1.1 client and ThingsBoard adapter (tbfleet.via_http), running on the MicroPython Unix port,
+against Python's http.server (Content-Length, chunked and close-framed answers, a ThingsBoard-like device API, over
+plain TCP and TLS with certificate verification) and against raw sockets that linger or never answer."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def run_firmware(tmp_path: Path, body: str, port: int, *args: str) -> dict:
     """Run `body` on the Unix port with `port` in scope (and `args` from sys.argv[2:]); the script prints one
     JSON object, returned here."""
     script = tmp_path / "interop.py"
-    script.write_text("import sys, json, time\nfrom tbfleet import http, via_http\nfrom tbfleet.errors import *\n"
+    script.write_text("import sys, json, time\nfrom tbfleet import via_http\nfrom tbfleet.errors import *\n"
                       "port = int(sys.argv[1])\n" + body)
     proc = run_micropython([str(script), str(port), *args], cwd=tmp_path, timeout=60, env=micropython_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -171,10 +171,10 @@ def test_chunked_and_close_framed_answers(http_server, tmp_path):
     got = run_firmware(tmp_path, """
 out = {}
 for path in ("/chunked", "/close", "/missing"):
-    status, body = http.request("GET", "127.0.0.1", port, path, timeout_ms=3000)
+    status, body = via_http.request("GET", "127.0.0.1", port, path, timeout_ms=3000)
     out[path] = [status, body.decode()]
 try:
-    http.request("GET", "127.0.0.1", port, "/close", timeout_ms=3000, limit=100)
+    via_http.request("GET", "127.0.0.1", port, "/close", timeout_ms=3000, limit=100)
 except BadAnswer as e:
     out["limit"] = str(e)
 print(json.dumps(out))
@@ -225,7 +225,7 @@ def test_content_length_answer_does_not_wait_for_close(raw_server, tmp_path):
     port, _ = raw_server
     got = run_firmware(tmp_path, """
 t0 = time.ticks_ms()
-status, body = http.request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=3000)
+status, body = via_http.request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=3000)
 print(json.dumps({"answer": [status, body.decode()], "ms": time.ticks_diff(time.ticks_ms(), t0)}))
 """, port)
     assert got["answer"] == [200, "ok"]
@@ -238,7 +238,7 @@ def test_silent_server_is_no_answer_at_the_deadline(raw_server, tmp_path):
     got = run_firmware(tmp_path, """
 t0 = time.ticks_ms()
 try:
-    http.request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=300)
+    via_http.request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=300)
 except NoAnswer as e:
     print(json.dumps({"error": str(e), "ms": time.ticks_diff(time.ticks_ms(), t0)}))
 """, port)

@@ -1,5 +1,129 @@
-# ThingsBoard's device API over HTTP(S): provisioning and telemetry, one connection per request.
-from tbfleet import errors, http
+# ThingsBoard's device API over HTTP(S): provisioning and telemetry, with the firmware's own compact HTTP/1.1 client:
+# one request per connection (Connection: close), TLS through an ssl.SSLContext, and one deadline that bounds every
+# wait of the exchange (the frozen requests module has neither). Client and adapter are one module, and one function
+# does the whole exchange: on a board every module, class and function costs heap, a long function does not.
+from micropython import const
+
+from tbfleet import errors, tcp
+from tbfleet.errors import BadAnswer
+
+_MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
+_LINE_MAX = const(512)  # status line, header line or chunk-size line: what the parser holds at most
+# What the parser of the answer waits for next: a line (the status line, a header, a chunk's size, the empty line
+# after a chunk's data, a trailer) or bytes (a chunk's data; a body framed by Content-Length or by the close).
+_STATUS = const(0)
+_HEADER = const(1)
+_SIZE = const(2)
+_CRLF = const(3)
+_TRAILER = const(4)
+_CHUNK = const(5)
+_BODY = const(6)
+
+
+def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, buf=None, limit=_MAX_BODY):
+    # Sends method path (body: JSON bytes, or None for none) to host:port and returns (status, body bytes) of the
+    # final answer. Connecting is bounded by timeout_ms, then one deadline of timeout_ms bounds sending and the
+    # whole answer. buf: a bytearray that the request is written and the answer read through; a caller making many
+    # requests passes the same one, as a buffer per request splits the free heap.
+    for s in (method, host, path):
+        if not s or " " in s or "\r" in s or "\n" in s:
+            raise ValueError("bad HTTP %s: %r" % ("request", s))
+    # MicroPython's bytes formatting takes str: the head is made in one go, with no str copy of it.
+    head = b"%s %s HTTP/1.1\r\nHost: %s%s\r\n%sConnection: close\r\n\r\n" % (
+        method, path, host, "" if port == (80 if ssl_ctx is None else 443) else ":%d" % port,
+        "" if body is None else "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
+    body = body or b""
+    mv = memoryview(buf or bytearray(256))
+    n = len(head)
+    sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
+    try:
+        at = tcp.deadline(timeout_ms)
+        # The request leaves in one write (Nagle's algorithm would hold back a second). Head and body go through buf
+        # when they fit: a block as large as both together is the one a busy heap most often lacks.
+        if n + len(body) <= len(mv):
+            mv[:n] = head
+            mv[n:n + len(body)] = body
+            tcp.write_all(sock, mv[:n + len(body)], at)
+        else:
+            tcp.write_all(sock, head + body, at)
+        head = None  # garbage from here, while the answer is read
+        data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
+        out = bytearray()  # a chunked body, decoded
+        state = _STATUS
+        while True:
+            if state == _BODY:
+                if length > limit or length < 0 and len(data) > limit:
+                    raise BadAnswer("HTTP %s larger than %d bytes" % ("body", limit))
+                if 0 <= length <= len(data):
+                    return status, bytes(data[:length])  # bytes past Content-Length are not ours
+            elif state == _CHUNK:
+                n = min(size, len(data))
+                out += data[:n]
+                data = data[n:]
+                size -= n
+                if not size:
+                    state = _CRLF
+                    continue
+            else:
+                j = data.find(10)  # LF
+                if j > _LINE_MAX or j < 0 and len(data) > _LINE_MAX:
+                    raise BadAnswer("HTTP %s larger than %d bytes" % ("line", _LINE_MAX))
+                if j >= 0:
+                    try:
+                        line = str(data[:j - 1 if j and data[j - 1] == 13 else j], "utf-8")  # CRLF, or a bare LF
+                    except UnicodeError:
+                        raise BadAnswer("bad HTTP %s: %r" % ("line", bytes(data[:j])))
+                    data = data[j + 1:]
+                    if state == _STATUS:
+                        # "HTTP/1.1 200 OK" or "HTTP/1.1 200": the code ends the line or a space follows it
+                        if (len(line) < 12 or line[:7] != "HTTP/1." or line[8] != " " or line[12:13] not in " "
+                                or not line[9:12].isdigit()):
+                            raise BadAnswer("bad HTTP %s: %r" % ("status", line))
+                        status = int(line[9:12])
+                        length = -1  # no Content-Length
+                        chunked = False
+                        state = _HEADER
+                    elif state == _HEADER:
+                        if line:
+                            n = line.find(":")
+                            name = line[:n].lower()
+                            value = line[n + 1:].strip()
+                            if n <= 0 or name == "content-length" and not value.isdigit():
+                                raise BadAnswer("bad HTTP %s: %r" % ("header", line))
+                            if name == "content-length":
+                                length = int(value)
+                            elif name == "transfer-encoding":
+                                chunked = value.lower().endswith("chunked")
+                        elif status < 200:
+                            state = _STATUS  # 1xx: the answer's head follows
+                        elif status == 204:
+                            return status, bytes(out)  # none
+                        else:
+                            state = _SIZE if chunked else _BODY
+                    elif state == _SIZE:
+                        try:
+                            size = int(line.split(";")[0], 16)  # chunk extensions are ignored
+                        except ValueError:
+                            size = -1
+                        if size < 0:
+                            raise BadAnswer("bad HTTP %s: %r" % ("chunk", line))
+                        if len(out) + size > limit:
+                            raise BadAnswer("HTTP %s larger than %d bytes" % ("body", limit))
+                        state = _CHUNK if size else _TRAILER
+                    elif state == _CRLF:
+                        if line:
+                            raise BadAnswer("bad HTTP %s: %r" % ("chunk", line))
+                        state = _SIZE
+                    elif not line:  # the empty line after the trailer fields
+                        return status, bytes(out)
+                    continue
+            # Only a body framed by the close may end with the stream.
+            n = tcp.read_some(sock, mv, at, state == _BODY and length < 0)
+            if not n:
+                return status, bytes(data)
+            data += mv[:n]
+    finally:
+        sock.close()
 
 
 class Link:
@@ -13,13 +137,13 @@ class Link:
 
             self.ctx = tls.context(cfg)
 
-    def provision(self, request):
+    def provision(self, payload):
         cfg = self.cfg
-        status, body = http.request("POST", cfg.host, cfg.port, "/api/v1/provision", request, self.ctx,
+        status, body = request("POST", cfg.host, cfg.port, "/api/v1/provision", payload, self.ctx,
                                     int(cfg.timeout * 1000), self.buf)
         # ThingsBoard answers 200 for SUCCESS, NOT_FOUND and FAILURE alike: the caller reads "status".
         if status != 200:
-            raise errors.BadAnswer("provisioning got HTTP %d: %r" % (status, body[:60]))
+            raise BadAnswer("provisioning got HTTP %d: %r" % (status, body[:60]))
         return body
 
     def open(self, creds):
@@ -39,7 +163,7 @@ class Link:
         if self.path is None:
             raise ValueError("HTTP needs a token; %s has none" % "the link")  # open was not called
         cfg = self.cfg
-        status, body = http.request("POST", cfg.host, cfg.port, self.path, payload, self.ctx,
+        status, body = request("POST", cfg.host, cfg.port, self.path, payload, self.ctx,
                                     int(cfg.timeout * 1000), self.buf)
         if status == 401:
             raise errors.Refused(401, "unauthorized")
