@@ -28,25 +28,27 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
     for s in (method, host, path):
         if not s or " " in s or "\r" in s or "\n" in s:
             raise ValueError("bad HTTP %s: %r" % ("request", s))
-    # MicroPython's bytes formatting takes str: the head is made in one go, with no str copy of it.
-    head = b"%s %s HTTP/1.1\r\nHost: %s%s\r\n%sConnection: close\r\n\r\n" % (
-        method, path, host, "" if port == (80 if ssl_ctx is None else 443) else ":%d" % port,
-        "" if body is None else "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
+    # MicroPython's bytes formatting takes str. The head is made in two parts, neither as large as a whole head.
+    head = b"%s %s HTTP/1.1\r\nHost: %s%s\r\n" % (
+        method, path, host, "" if port == (80 if ssl_ctx is None else 443) else ":%d" % port)
+    tail = b"Connection: close\r\n\r\n" if body is None else (
+        b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
     body = body or b""
     mv = memoryview(buf or bytearray(256))
-    n = len(head)
+    n = len(head) + len(tail)
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
         at = tcp.deadline(timeout_ms)
-        # The request leaves in one write (Nagle's algorithm would hold back a second). Head and body go through buf
-        # when they fit: a block as large as both together is the one a busy heap most often lacks.
+        # The request leaves in one write (Nagle's algorithm would hold back a second). It goes through buf when it
+        # fits: a block as large as the whole request is the one a busy heap most often lacks.
         if n + len(body) <= len(mv):
-            mv[:n] = head
+            mv[:len(head)] = head
+            mv[len(head):n] = tail
             mv[n:n + len(body)] = body
             tcp.write_all(sock, mv[:n + len(body)], at)
         else:
-            tcp.write_all(sock, head + body, at)
-        head = None  # garbage from here, while the answer is read
+            tcp.write_all(sock, head + tail + body, at)
+        head = tail = None  # garbage from here, while the answer is read
         data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
         out = bytearray()  # a chunked body, decoded
         state = _STATUS
