@@ -25,14 +25,16 @@ def up(cfg):
     wlan.connect(cfg.wifi_ssid, cfg.wifi_password or "")
     import time
 
-    at = time.ticks_ms()
-    while not wlan.isconnected():
-        if time.ticks_diff(time.ticks_ms(), at) > cfg.timeout * 3000:
-            wlan.disconnect()
-            from tbfleet.errors import NoAnswer
-
-            raise NoAnswer("Wi-Fi %s not joined" % cfg.wifi_ssid)
+    # Joining may take three network waits; asked every 100 ms.
+    for _ in range(int(cfg.timeout * 30)):
+        if wlan.isconnected():
+            break
         time.sleep_ms(100)
+    else:
+        wlan.disconnect()
+        from tbfleet.errors import NoAnswer
+
+        raise NoAnswer("Wi-Fi %s not joined" % cfg.wifi_ssid)
     log.info("Wi-Fi up, address %s", wlan.ifconfig()[0])
     try:
         import ntptime

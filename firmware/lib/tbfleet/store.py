@@ -74,9 +74,8 @@ def save(rec, path="creds.json"):
     if len(data) > _MAX_BYTES:
         raise ValueError("larger than %d bytes" % _MAX_BYTES)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb") as f:  # closing flushes
         f.write(data)
-        f.flush()
     os.rename(tmp, path)
     log.info("store: %s credentials saved to %s", kind, path)
 
