@@ -65,31 +65,31 @@ def outcome(body, cfg, error=None):
         return status, own, answer.get("errorMsg") or ""
     if status != "SUCCESS":
         return "BAD_ANSWER", None, "not a provisioning answer"
-    # Legacy servers answer with credentialsId and no credentialsType for a token.
-    ctype = answer.get("credentialsType", "ACCESS_TOKEN")
+    # Legacy servers answer with credentialsId, and without credentialsType for a token.
+    kind = answer.get("credentialsType", "ACCESS_TOKEN")
     value = answer.get("credentialsValue", answer.get("credentialsId"))
-    creds = {"type": ctype}
+    creds = {"type": kind}
     # Credentials this board cannot use: MQTT_BASIC over HTTP or CoAP, X.509 without a cert_file, other types.
-    unusable = "the server issued %s credentials, unusable with this config" % ctype
-    if ctype == "ACCESS_TOKEN":
+    unusable = "the server issued %s credentials, unusable with this config" % kind
+    if kind == "ACCESS_TOKEN":
         if type(value) is not str or not value:
-            return "BAD_ANSWER", None, "SUCCESS without %s credentials" % ctype
+            return "BAD_ANSWER", None, "SUCCESS without %s credentials" % kind
         creds["token"] = value
-    elif ctype == "MQTT_BASIC":
+    elif kind == "MQTT_BASIC":
         if type(value) is str:
             try:
                 value = json.loads(value)
             except ValueError:
                 pass
         if type(value) is not dict:
-            return "BAD_ANSWER", None, "SUCCESS without %s credentials" % ctype
+            return "BAD_ANSWER", None, "SUCCESS without %s credentials" % kind
         if cfg.transport != "mqtt":
             return "FAILURE", own, unusable
         # Kept as the server gave them, but null as "" (a pre-provisioned device may have null parts).
         creds["client_id"] = value.get("clientId") or ""
         creds["username"] = value.get("userName", value.get("username")) or ""
         creds["password"] = value.get("password") or ""
-    elif ctype != "X509_CERTIFICATE" or not cfg.cert_file:
+    elif kind != "X509_CERTIFICATE" or not cfg.cert_file:
         return "FAILURE", own, unusable
     elif value is not None and value != _cert(cfg):
         return "FAILURE", own, "the server holds another certificate"
