@@ -39,7 +39,7 @@ def client(sock, on_message=None, **kw):
 def connected(*replies, **kw):
     s = scripted(CONNACK_OK, *replies)
     c = client(s, **kw)
-    c.connect("dev-1")
+    c.connect("dev-1", None, None, False)
     return c, s
 
 
@@ -52,7 +52,7 @@ def elapsed_ms(fn, *args):
 def test_connect_with_username_and_password():
     s = scripted(CONNACK_OK)
     c = client(s, keepalive=60)
-    c.connect("dev-1", "alice", "s3cret")
+    c.connect("dev-1", "alice", "s3cret", False)
     eq(c.seen, [("tb.example", 1883, 200, None)])
     eq(s.writes, [b"\x10\x20\x00\x04MQTT\x04\xc2\x00\x3c\x00\x05dev-1\x00\x05alice\x00\x06s3cret"])
     assert c.sock is not None
@@ -60,35 +60,35 @@ def test_connect_with_username_and_password():
 
 def test_connect_with_username_only():
     s = scripted(CONNACK_OK)
-    client(s, keepalive=30).connect("esp32-a1", "A1_TEST_TOKEN")
+    client(s, keepalive=30).connect("esp32-a1", "A1_TEST_TOKEN", None, False)
     eq(s.writes, [b"\x10\x23\x00\x04MQTT\x04\x82\x00\x1e\x00\x08esp32-a1\x00\x0dA1_TEST_TOKEN"])
 
 
 def test_connect_without_username_or_password():
     s = scripted(CONNACK_OK)
-    client(s, keepalive=0).connect("dev-1")
+    client(s, keepalive=0).connect("dev-1", None, None, False)
     eq(s.writes, [b"\x10\x11\x00\x04MQTT\x04\x02\x00\x00\x00\x05dev-1"])
 
 
 def test_connect_with_empty_client_id_and_empty_password_present():
     # None is absent; an empty string is sent as a present, zero-length field.
     s = scripted(CONNACK_OK)
-    client(s, keepalive=60).connect("", "user", "")
+    client(s, keepalive=60).connect("", "user", "", False)
     eq(s.writes, [b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x04user\x00\x00"])
 
 
 def test_bad_connect_fields_are_refused_before_connecting():
     s = scripted(CONNACK_OK)
     c = client(s)
-    e = raises(ValueError, c.connect, "dev", None, "pw")
+    e = raises(ValueError, c.connect, "dev", None, "pw", False)
     assert "password" in str(e)
-    e = raises(ValueError, c.connect, "dev", "u" * 65536)
+    e = raises(ValueError, c.connect, "dev", "u" * 65536, None, False)
     eq(str(e), "too long: 65536 bytes")
     # The limit is on UTF-8 bytes, not characters: 32768 two-byte characters are one byte too many.
-    e = raises(ValueError, c.connect, "dev", "\u00e9" * 32768)
+    e = raises(ValueError, c.connect, "dev", "\u00e9" * 32768, None, False)
     eq(str(e), "too long: 65536 bytes")
     eq(s.writes, [])
-    c.connect("dev", "\u00e9" * 32767)
+    c.connect("dev", "\u00e9" * 32767, None, False)
     eq(len(s.writes[0]), 1 + 3 + 10 + 5 + 2 + 65534)
 
 
@@ -103,7 +103,7 @@ def test_connack_refusals_have_names():
     for code, name in names.items():
         s = scripted(b"\x20\x02\x00" + bytes([code]))
         c = client(s)
-        e = raises(Refused, c.connect, "dev", "WRONG_TOKEN")
+        e = raises(Refused, c.connect, "dev", "WRONG_TOKEN", None, False)
         eq(e.args, (code, name))
         assert s.closed and c.sock is None
 
@@ -112,7 +112,7 @@ def test_connack_unknown_code_or_bad_length_is_bad_answer():
     for connack in (b"\x20\x02\x00\x06", b"\x20\x03\x00\x00\x00"):
         s = scripted(connack)
         c = client(s)
-        e = raises(BadAnswer, c.connect, "dev")
+        e = raises(BadAnswer, c.connect, "dev", None, None, False)
         eq(str(e), "bad packet 0x20")
         assert s.closed and c.sock is None
 
@@ -120,7 +120,7 @@ def test_connack_unknown_code_or_bad_length_is_bad_answer():
 def test_first_packet_not_connack_is_bad_answer():
     got = []
     s = scripted(b"\x32\x07\x00\x01ab\x00\x01x")
-    raises(BadAnswer, client(s, on_message=lambda t, p: got.append(t)).connect, "dev")
+    raises(BadAnswer, client(s, on_message=lambda t, p: got.append(t)).connect, "dev", None, None, False)
     assert s.closed
     eq(got, [])
     eq(len(s.writes), 1)  # not acknowledged either
@@ -129,7 +129,7 @@ def test_first_packet_not_connack_is_bad_answer():
 def test_silent_server_is_no_answer_at_the_deadline():
     s = scripted()
     c = client(s, timeout=0.06)
-    e, took = elapsed_ms(c.connect, "dev")
+    e, took = elapsed_ms(c.connect, "dev", None, None, False)
     eq(str(e), "no answer in time")
     assert 50 <= took < 1000, took
     assert s.closed and c.sock is None
@@ -139,7 +139,7 @@ def test_server_closing_before_connack_is_no_answer_at_once():
     s = scripted()
     s.hang_up()
     c = client(s, timeout=5)
-    e, took = elapsed_ms(c.connect, "dev")
+    e, took = elapsed_ms(c.connect, "dev", None, None, False)
     eq(str(e), "connection closed")
     assert took < 1000, took
     assert s.closed
@@ -148,24 +148,18 @@ def test_server_closing_before_connack_is_no_answer_at_once():
 def test_reconnecting_ends_the_old_session_cleanly():
     first = scripted(CONNACK_OK)
     c = client(first)
-    c.connect("dev")
+    c.connect("dev", None, None, False)
     second = scripted(CONNACK_OK)
     client(second)  # the next tcp.connect returns the second socket
-    c.connect("dev")
+    c.connect("dev", None, None, False)
     eq(first.writes[1:], [b"\xe0\x00"])
     assert first.closed and c.sock is second
 
 
 def test_publish_qos0_bytes_in_one_write():
     c, s = connected()
-    c.publish("v1/devices/me/telemetry", b'{"t":21.5}')
+    c.publish("v1/devices/me/telemetry", b'{"t":21.5}', 0)
     eq(s.writes[1:], [b"\x30\x23\x00\x17v1/devices/me/telemetry{\"t\":21.5}"])
-
-
-def test_publish_qos0_retain_flag():
-    c, s = connected()
-    c.publish("a/b", b"x", 0, True)
-    eq(s.writes[1], b"\x31\x06\x00\x03a/bx")
 
 
 def test_publish_qos1_bytes_and_puback():
@@ -235,7 +229,7 @@ def test_close_instead_of_puback_is_rejected():
 def test_a_close_seen_elsewhere_is_no_answer():
     c, s = connected(timeout=5)
     s.hang_up()
-    c.publish("t", b"x")  # QoS 0: the write still succeeds and nothing is awaited
+    c.publish("t", b"x", 0)  # QoS 0: the write still succeeds and nothing is awaited
     e = raises(NoAnswer, c.poll)
     eq(str(e), "connection closed")
     assert s.closed and c.sock is None
@@ -246,7 +240,7 @@ def test_publish_header_at_length_boundaries():
     c, s = connected()
     for size, head in ((127, b"\x30\x7f"), (128, b"\x30\x80\x01"), (16383, b"\x30\xff\x7f"),
                        (16384, b"\x30\x80\x80\x01")):
-        c.publish("t", b"p" * (size - 3))
+        c.publish("t", b"p" * (size - 3), 0)
         w = s.writes[-1]
         eq(w[: len(head) + 3], head + b"\x00\x01t")
         eq(len(w), len(head) + size)
@@ -260,7 +254,7 @@ class Huge:
 
 def test_packet_over_four_length_bytes_is_refused_before_sending():
     c, s = connected()
-    e = raises(ValueError, c.publish, "t", Huge())
+    e = raises(ValueError, c.publish, "t", Huge(), 0)
     eq(str(e), "too long: 268435456 bytes")
     eq(len(s.writes), 1)
 
@@ -285,9 +279,9 @@ def test_one_buffer_for_every_packet_grows_only_when_needed():
     c.poll()
     assert c.buf is not buf and len(c.buf) == 128
     buf = c.buf
-    c.publish("t", b"c" * 100)
+    c.publish("t", b"c" * 100, 0)
     assert c.buf is buf
-    c.publish("t", b"c" * 200)
+    c.publish("t", b"c" * 200, 0)
     assert c.buf is not buf and len(c.buf) == 3 + 200 + 5
 
 
@@ -461,7 +455,7 @@ def test_every_packet_is_one_write():
 def test_operations_after_close_are_no_answer():
     c, s = connected()
     c.close()
-    for fn, args in ((c.publish, ("t", b"x")), (c.poll, ()), (c.subscribe, ([("t", 0)],)), (c.wait, (0,))):
+    for fn, args in ((c.publish, ("t", b"x", 0)), (c.poll, ()), (c.subscribe, ([("t", 0)],)), (c.wait, (0,))):
         eq(str(raises(NoAnswer, fn, *args)), "not connected")
 
 
@@ -470,5 +464,5 @@ def test_bad_arguments_are_value_errors():
     raises(ValueError, c.publish, "t", b"x", 2)
     raises(ValueError, c.subscribe, [("t", 2)])
     raises(ValueError, c.subscribe, [])
-    raises(ValueError, c.publish, "t" * 65536, b"x")
+    raises(ValueError, c.publish, "t" * 65536, b"x", 0)
     eq(len(s.writes), 1)

@@ -47,9 +47,10 @@ class Link:
         self.pid = 0  # the last packet id used
         self.buf = bytearray(64)  # every packet in and out; grows only when a bigger one comes
 
-    def connect(self, client_id, username=None, password=None, client_cert=False):
+    def connect(self, client_id, username, password, client_cert):
         # Opens the connection (TLS when cfg.tls, with the client certificate when client_cert) and sends CONNECT
-        # (clean session); Refused on a CONNACK refusal. None leaves a field out, "" is sent as an empty one.
+        # (clean session); Refused on a CONNACK refusal. None leaves a user name or password out, "" is sent as an
+        # empty one. Every argument is required: default values cost a tuple in RAM per function.
         if password is not None and username is None:
             raise ValueError("password without user name")
         cfg = self.cfg
@@ -59,7 +60,7 @@ class Link:
         for s in (username, password):
             if s is not None:
                 data.append(s)
-        self.send(data)  # a dry run: a string too long is refused before any connection is made
+        self.send(data, None)  # a dry run: a string too long is refused before any connection is made
         ctx = None
         if cfg.tls:
             from tbfleet import tls  # only a board configured for TLS spends RAM on it
@@ -100,13 +101,13 @@ class Link:
                 pass
             self.sock = None
 
-    def publish(self, topic, payload, qos=0, retain=False):
+    def publish(self, topic, payload, qos):
         # topic: str, payload: bytes. QoS 1 returns once its PUBACK arrived (packets arriving in between are
         # handled). A connection closed instead is Rejected: how an MQTT 3.1.1 server refuses a message (3.3.5).
         if not 0 <= qos <= 1:
             raise ValueError("bad qos %r" % qos)
         at = tcp.deadline(self.ms)
-        data = [_PUBLISH | qos << 1 | retain, topic, payload]
+        data = [_PUBLISH | qos << 1, topic, payload]
         if qos:
             self.pid = pid = self.pid % 65535 + 1
             data.insert(2, pid.to_bytes(2, "big"))
@@ -218,11 +219,11 @@ class Link:
             if not kind:
                 return 0
 
-    def send(self, data, at=None):
+    def send(self, data, at):
         # Sends one packet, built whole in self.buf and written in one go. data: a list of its first byte (type
         # and flags), then the parts that follow the remaining length: bytes-like as they are, str as an MQTT
         # string (2-byte length, UTF-8), checked before anything is sent. A failed write closes the connection
-        # (part of a packet may be out). Without a deadline `at` the packet is only built.
+        # (part of a packet may be out). With `at` None the packet is only built.
         n = 0
         for k in range(1, len(data)):
             p = data[k]
@@ -269,7 +270,7 @@ class Link:
         self._answer = None
         try:
             try:
-                self.connect(self.cfg.device_name, "provision")
+                self.connect(self.cfg.device_name, "provision", None, False)
                 at = tcp.deadline(self.ms)
                 self.publish("/provision/request", request, 1)
             except (Refused, Rejected) as e:
@@ -296,9 +297,9 @@ class Link:
         if kind == "MQTT_BASIC":
             # Empty means absent: ThingsBoard picks its lookup by which fields are present (reference 3.4).
             self.connect(creds.get("client_id") or "", creds.get("username") or None,
-                         creds.get("password") or None)
+                         creds.get("password") or None, False)
         elif kind == "ACCESS_TOKEN":
-            self.connect(name, creds["token"])
+            self.connect(name, creds["token"], None, False)
         elif kind == "X509_CERTIFICATE" and self.cfg.tls:
             self.connect(name, None, None, True)
         else:
