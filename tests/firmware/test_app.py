@@ -183,7 +183,6 @@ def test_only_the_configured_transport_is_loaded():
     app.Device(cfg_with(transport="coap")).get_link()
     assert "tbfleet.via_coap" in sys.modules
     assert "tbfleet.via_mqtt" not in sys.modules and "tbfleet.via_http" not in sys.modules
-    assert "tbfleet.mqtt" not in sys.modules and "tbfleet.http" not in sys.modules
 
 
 def test_main_stops_on_a_bad_config_with_one_message():
@@ -242,3 +241,23 @@ def test_a_link_the_device_made_goes_with_its_modules_after_provisioning():
     app._onboard(device, device.cfg)
     eq(len(passed_in.requests), 1)
     assert device.get_link() is passed_in  # not the device's to drop
+
+
+def test_wifi_is_brought_up_only_when_configured():
+    # net (and its names) is loaded for each attempt where config.json names a Wi-Fi, never without one.
+    calls = []
+
+    class Net:
+        @staticmethod
+        def up(cfg):
+            calls.append(cfg.wifi_ssid)
+
+    sys.modules["tbfleet.net"] = Net
+    try:
+        app.run(cfg_with(sensors=["uptime"]), 1, Link(provisions=[OK]))
+        eq(calls, [])
+        cfg = cfg_with(wifi_ssid="greenhouse", device_name="greenhouse-8", sensors=["uptime"])
+        app.run(cfg, 1, Link(provisions=[OK]))
+        eq(calls, ["greenhouse"])
+    finally:
+        sys.modules.pop("tbfleet.net")

@@ -107,6 +107,7 @@ def test_types_and_ranges():
     eq(refused("host", host="tb\x7fexample").message, text)
     eq(refused("host", host="t" * 257).message, text)
     eq(cfg_with(host="t" * 256).host, "t" * 256)
+    eq(cfg_with(device_name="gewächshaus-7").device_name, "gewächshaus-7")  # printable is not only ASCII
     refused("device_name", device_name="  ")
     eq(refused("device_name", device_name="provision").message, "'provision' is reserved")
 

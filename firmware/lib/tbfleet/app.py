@@ -106,8 +106,9 @@ class Device:
         # or None when max_messages were sent.
         cfg = self.cfg
         try:
-            # Wi-Fi and the clock; a joined Wi-Fi stays joined, as the interface belongs to the network module.
-            _step("net", "up", cfg)
+            if cfg.wifi_ssid:
+                # Wi-Fi and the clock; a joined Wi-Fi stays joined, as the interface belongs to the network module.
+                _step("net", "up", cfg)
             if self.creds is None:
                 creds, self.unsaved, wait_long = _onboard(self, cfg)
                 if creds is None:

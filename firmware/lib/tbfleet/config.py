@@ -67,7 +67,7 @@ def validate(data):
             if kind == _REQUIRED:
                 raise ConfigError(name, "is required")
         elif kind <= _FILE:
-            if type(value) is not str or len(value) > _MAX_TEXT or min(value) < " " or "\x7f" in value:
+            if type(value) is not str or len(value) > _MAX_TEXT or min(value.encode()) < 32 or "\x7f" in value:
                 raise ConfigError(name, "must be printable text, at most %d characters" % _MAX_TEXT)
             if owners.get(name, ctype) != ctype:
                 raise ConfigError(name, "only with credentials_type %s" % owners[name])

@@ -77,7 +77,7 @@ def send(dev, max_messages):
     cfg = dev.cfg
     if dev.sensors is None:
         rssi = None
-        if "rssi" in cfg.sensors:
+        if "rssi" in cfg.sensors and cfg.wifi_ssid:
             # net stays loaded while sending only on a board with Wi-Fi; elsewhere it is not kept at all.
             from tbfleet import net
 
