@@ -35,9 +35,57 @@ def test_no_timestamp_while_the_clock_is_unset():
         telemetry.time = time
 
 
+class Link:
+    def __init__(self):
+        self.payloads = []
+
+    def send_telemetry(self, payload):
+        assert type(payload) is bytes
+        self.payloads.append(json.loads(payload))
+
+
+class Device:
+    # What telemetry.send asks of app.Device.
+    def __init__(self):
+        self.cfg = type("Cfg", (), {"sensors": ["heap_used"], "telemetry_interval": 0, "wifi_ssid": None})
+        self.link = Link()
+        self.sensors = None
+        self.sent = 0
+        self.booted = time.ticks_ms()
+        self.accepts = 0
+
+    def accepted(self):
+        self.accepts += 1
+
+
 def test_payload_shapes():
-    eq(json.loads(telemetry.payload({"uptime": 5}, 1767225600000)), {"ts": 1767225600000, "values": {"uptime": 5}})
-    eq(json.loads(telemetry.payload({"uptime": 5})), {"uptime": 5})
+    # {"ts": ms since 1970, "values": {...}} while the clock is set; the bare values (stamped by the server) before.
+    dev = Device()
+    telemetry.send(dev, 2)
+    eq(dev.sent, 2)
+    eq(dev.accepts, 1)  # the first message a connection sent proves the credentials
+    first = dev.link.payloads[0]
+    eq(sorted(first), ["ts", "values"])
+    assert abs(first["ts"] - time.time() * 1000) < 2000 and first["values"]["heap_used"] > 0, first
+
+    class UnsetClock:
+        @staticmethod
+        def time_ns():
+            return 3600 * 10**9
+
+        gmtime = time.gmtime
+        ticks_ms = time.ticks_ms
+        ticks_add = time.ticks_add
+        ticks_diff = time.ticks_diff
+        sleep_ms = time.sleep_ms
+
+    telemetry.time = UnsetClock
+    try:
+        dev = Device()
+        telemetry.send(dev, 1)
+    finally:
+        telemetry.time = time
+    eq(sorted(dev.link.payloads[0]), ["heap_used"])
 
 
 def test_sensors_on_the_unix_port():

@@ -11,10 +11,6 @@ def deadline(ms):
     return time.ticks_add(time.ticks_ms(), int(ms))
 
 
-def remaining(at):
-    return max(0, time.ticks_diff(at, time.ticks_ms()))
-
-
 def connect(host, port, timeout_ms, ssl_ctx=None):
     # Returns a connected (and, with ssl_ctx, handshaken) socket; NoAnswer when the server is not there.
     try:
@@ -45,7 +41,7 @@ def wait(sock, event, at):
     p = select.poll()
     p.register(sock, event)
     while True:
-        left = remaining(at)
+        left = max(0, time.ticks_diff(at, time.ticks_ms()))
         for _, ev in p.poll(left):
             if ev & (select.POLLERR | select.POLLHUP) and not ev & event:
                 raise NoAnswer("connection closed")

@@ -1,5 +1,6 @@
 # Sensor readings turned into ThingsBoard telemetry: {"ts": <ms since 1970>, "values": {...}}, and the send loop.
 import gc
+import json
 import time
 
 from micropython import const
@@ -63,13 +64,6 @@ class Sensors:
         return values
 
 
-def payload(values, ts=None):
-    # JSON bytes of one telemetry message; without ts the server stamps it on arrival.
-    import json
-
-    return json.dumps(values if ts is None else {"ts": ts, "values": values}).encode()
-
-
 def send(dev, max_messages):
     # app's loop once connected (here, so that it takes no RAM while provisioning): sends over dev.link every
     # telemetry_interval seconds until dev.sent reaches max_messages (None: for ever).
@@ -94,7 +88,10 @@ def send(dev, max_messages):
     next_at = time.ticks_ms()
     first = True
     while max_messages is None or dev.sent < max_messages:
-        link.send_telemetry(payload(dev.sensors.read(), now_ms(epoch_year)))
+        values = dev.sensors.read()
+        ts = now_ms(epoch_year)
+        # Without ts (clock unset) the server stamps the message on arrival.
+        link.send_telemetry(json.dumps(values if ts is None else {"ts": ts, "values": values}).encode())
         dev.sent += 1
         if first:
             dev.accepted()

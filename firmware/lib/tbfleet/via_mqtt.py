@@ -196,7 +196,7 @@ class Link:
                     if start > n:
                         raise BadAnswer("bad packet 0x%02x" % h)
             except NoAnswer:
-                left = tcp.remaining(at)
+                left = time.ticks_diff(at, time.ticks_ms()) > 0  # the deadline not reached: the peer closed
                 if got or left or kind == _T_PINGRESP:
                     # Inside a packet, the peer closed, or no PINGRESP: the stream is out of step or gone. Silence
                     # before any other packet leaves the session in step and usable.
