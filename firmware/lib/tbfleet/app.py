@@ -4,8 +4,6 @@ import random
 import sys
 import time
 
-from micropython import const
-
 from tbfleet import log, unload
 from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 
@@ -13,7 +11,6 @@ from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
 RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with jitter
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
-_REFUSALS_BEFORE_REPROVISION = const(3)
 
 
 def _imported_since(loaded):
@@ -86,10 +83,7 @@ class Device:
         # Called on the first telemetry a connection sent: the proof that the credentials work (HTTP and CoAP have
         # no connect step).
         if self.unsaved:
-            from tbfleet import store
-
-            store.save(store.stamp(self.creds, self.cfg))
-            unload("store")
+            _step("onboard", "keep", self.creds, self.cfg)
             self.unsaved = False
         self.delay_ms = RETRY_FIRST_MS
         self.refusals = 0
@@ -123,21 +117,14 @@ class Device:
             return None
         except Refused as e:
             self.refusals += 1
-            log.warn("server refused the credentials (%s %s), %d in a row", e.args[0], e.args[1], self.refusals)
-            if self.unsaved:
-                log.error("the server refused the credentials from config.json too; fix them or delete %s on "
-                          "the server", cfg.device_name)
+            # What to do about refused credentials is onboard's, loaded only when it happens.
+            if _step("onboard", "refused", cfg, e, self.refusals, self.unsaved):
                 self.creds = None
                 self.refusals = 0
-                return LONG_WAIT_MS
-            if self.refusals >= _REFUSALS_BEFORE_REPROVISION:
-                _step("store", "discard", "refused %d times in a row" % self.refusals)
-                self.creds = None
-                self.refusals = 0
-        except (NoAnswer, BadAnswer, Rejected) as e:
+                if self.unsaved:
+                    return LONG_WAIT_MS  # config.json's own: a person has to act
+        except (OSError, BadAnswer, Rejected) as e:  # NoAnswer is an OSError
             log.warn("%s: %s", type(e).__name__, e)
-        except OSError as e:
-            log.warn("network error: %s", e)
         finally:
             if self.link:
                 self.link.close()

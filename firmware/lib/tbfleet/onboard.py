@@ -42,14 +42,7 @@ def settle(body, error, cfg):
     del provision
     if status == "SUCCESS":
         log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
-        from tbfleet import store
-
-        try:
-            creds = store.stamp(creds, cfg)
-            store.save(creds)
-        finally:
-            unload("store")
-        return creds, False, False
+        return keep(creds, cfg), False, False
     if status == "NOT_FOUND":
         log.error("provisioning refused (NOT_FOUND: %s): check provision_key, provision_secret, the profile",
                   message)
@@ -64,3 +57,35 @@ def settle(body, error, cfg):
         return None, False, True
     log.warn("provisioning got %s: %s", status, message)
     return None, False, False
+
+
+def keep(creds, cfg):
+    # Saves credentials for this config (the server and device they belong to stamped on them); returns the record.
+    from tbfleet import store
+
+    try:
+        rec = store.stamp(creds, cfg)
+        store.save(rec)
+        return rec
+    finally:
+        unload("store")
+
+
+def refused(cfg, e, refusals, unsaved):
+    # The server refused the credentials (e: Refused), `refusals` times in a row; unsaved: they came from
+    # config.json. True when they are to be forgotten: config.json's at once, saved ones (then set aside, so that
+    # the next attempt provisions again) after a few refusals, as one refusal may be the server's passing state.
+    log.warn("server refused the credentials (%s %s), %d in a row", e.args[0], e.args[1], refusals)
+    if unsaved:
+        log.error("the server refused the credentials in config.json too: fix them or delete %s on the server",
+                  cfg.device_name)
+        return True
+    if refusals < 3:
+        return False
+    from tbfleet import store
+
+    try:
+        store.discard("refused %d times in a row" % refusals)
+    finally:
+        unload("store")
+    return True
