@@ -145,7 +145,8 @@ class Bench:
     def board(self, transport: str, port: int | None = None) -> tuple[Path, str]:
         """A fresh board (firmware, config for a new device) and its device name."""
         self._n += 1
-        name = f"bench-{transport}-{self._n}"
+        # One name length for every board: the heap a lifecycle needs moves with it.
+        name = f"bench-{transport}-{self._n:04d}"
         path = self.work / name
         shutil.copytree(self.build, path)
         (path / "boots.py").write_text(BOOTS_SCRIPT)
