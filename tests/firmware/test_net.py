@@ -104,9 +104,9 @@ class Device:
         self.cfg.sensors = sensors
         self.cfg.telemetry_interval = 0
         self.link = Link()
-        self.sensors = None
         self.sent = 0
-        self.booted = 0
+        self.ticked = 0
+        self.up_ms = 0
 
     def accepted(self):
         pass

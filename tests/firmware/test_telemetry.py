@@ -45,13 +45,13 @@ class Link:
 
 
 class Device:
-    # What telemetry.send asks of app.Device.
-    def __init__(self):
-        self.cfg = type("Cfg", (), {"sensors": ["heap_used"], "telemetry_interval": 0, "wifi_ssid": None})
+    # What telemetry asks of app.Device.
+    def __init__(self, sensors=("heap_used",), ticked=None):
+        self.cfg = type("Cfg", (), {"sensors": sensors, "telemetry_interval": 0, "wifi_ssid": None})
         self.link = Link()
-        self.sensors = None
         self.sent = 0
-        self.booted = time.ticks_ms()
+        self.ticked = time.ticks_ms() if ticked is None else ticked
+        self.up_ms = 0
         self.accepts = 0
 
     def accepted(self):
@@ -89,27 +89,26 @@ def test_payload_shapes():
 
 
 def test_sensors_on_the_unix_port():
-    s = telemetry.Sensors(["uptime", "free_heap", "heap_used", "rssi", "mcu_temp"])
-    values = s.read()
+    values = telemetry.read(Device(["uptime", "free_heap", "heap_used", "rssi", "mcu_temp"]))
     eq(sorted(values), ["free_heap", "heap_used", "uptime"])  # no Wi-Fi and no temperature sensor here
     assert values["free_heap"] > 0 and values["heap_used"] > 0
 
 
 def test_rssi_when_there_is_wifi():
-    s = telemetry.Sensors(["rssi"], rssi=lambda: -61)
-    eq(s.read(), {"rssi": -61})
+    eq(telemetry.read(Device(["rssi"]), lambda: -61), {"rssi": -61})
 
 
 def test_uptime_survives_tick_wraparound():
     # Each reading adds the ticks since the last one, so a counter that wrapped in between still adds up.
-    s = telemetry.Sensors(["uptime"])
-    s._last = time.ticks_add(time.ticks_ms(), -5500)
-    eq(s.read(), {"uptime": 5})
-    s._last = time.ticks_add(time.ticks_ms(), -3000)
-    eq(s.read(), {"uptime": 8})
+    dev = Device(["uptime"])
+    dev.ticked = time.ticks_add(time.ticks_ms(), -5500)
+    eq(telemetry.read(dev), {"uptime": 5})
+    dev.ticked = time.ticks_add(time.ticks_ms(), -3000)
+    eq(telemetry.read(dev), {"uptime": 8})
 
 
-def test_uptime_counts_from_a_given_tick():
-    # The app makes its sensors only when it starts sending, but uptime counts from the boot.
-    s = telemetry.Sensors(["uptime"], None, time.ticks_add(time.ticks_ms(), -7200))
-    eq(s.read(), {"uptime": 7})
+def test_uptime_counts_from_the_boot():
+    # The app starts sending only once connected, but uptime counts from the device's start.
+    dev = Device(["uptime"], time.ticks_add(time.ticks_ms(), -7200))
+    telemetry.send(dev, 1)
+    eq(dev.link.payloads[0]["values"], {"uptime": 7})

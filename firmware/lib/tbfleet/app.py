@@ -63,8 +63,8 @@ class Device:
         self.link = link  # made on first use: a board with saved credentials checks them before the transport loads
         self.link_modules = None  # what making the link imported; None for a link passed in
         self.delay_ms = RETRY_FIRST_MS  # the next retry's wait; doubles per failure up to RETRY_CAP_MS
-        self.booted = time.ticks_ms()  # uptime counts from here, though the sensors are made only to send
-        self.sensors = None
+        self.ticked = time.ticks_ms()  # uptime is counted (in up_ms) from boot to here, by telemetry
+        self.up_ms = 0
         self.refusals = 0
         self.sent = 0
         self.creds = None  # kept in RAM once known, so reconnects touch neither flash nor provisioning

@@ -25,43 +25,35 @@ def now_ms(epoch_year):
     return ms
 
 
-class Sensors:
-    # names: the configured sensors; rssi: a function giving the Wi-Fi RSSI, None where there is no Wi-Fi;
-    # since: the ticks_ms value uptime counts from (default now).
-    def __init__(self, names, rssi=None, since=None):
-        self.names = names
-        self._rssi = rssi
-        self._last = time.ticks_ms() if since is None else since
-        self._up_ms = 0
+def read(dev, rssi=None):
+    # The values of every sensor dev.cfg names that this board has. rssi: a function giving the Wi-Fi RSSI, None
+    # where there is no Wi-Fi. Uptime is summed on dev (up_ms, and ticked: the ticks_ms it counts to) from tick
+    # differences: ticks_ms wraps (about 12.4 days on ESP32), so no single reading is trusted.
+    values = {}
+    for name in dev.cfg.sensors:
+        if name == "uptime":
+            now = time.ticks_ms()
+            dev.up_ms += time.ticks_diff(now, dev.ticked)
+            dev.ticked = now
+            value = dev.up_ms // 1000
+        elif name == "free_heap":
+            value = gc.mem_free()
+        elif name == "heap_used":
+            value = gc.mem_alloc()
+        elif name == "rssi":
+            value = rssi() if rssi else None
+        else:  # mcu_temp, where the chip has a sensor
+            try:
+                import esp32
 
-    def read(self):
-        # The values of every configured sensor that this board has.
-        values = {}
-        for name in self.names:
-            if name == "uptime":
-                # ticks_ms wraps (about 12.4 days on ESP32): differences are summed, no single reading trusted.
-                now = time.ticks_ms()
-                self._up_ms += time.ticks_diff(now, self._last)
-                self._last = now
-                value = self._up_ms // 1000
-            elif name == "free_heap":
-                value = gc.mem_free()
-            elif name == "heap_used":
-                value = gc.mem_alloc()
-            elif name == "rssi":
-                value = self._rssi() if self._rssi else None
-            else:  # mcu_temp, where the chip has a sensor
-                try:
-                    import esp32
-
-                    read = getattr(esp32, "mcu_temperature", None)
-                    # The original ESP32 has only raw_temperature, in degrees Fahrenheit.
-                    value = read() if read else round((esp32.raw_temperature() - 32) / 1.8, 1)
-                except (ImportError, AttributeError):
-                    value = None
-            if value is not None:
-                values[name] = value
-        return values
+                sensor = getattr(esp32, "mcu_temperature", None)
+                # The original ESP32 has only raw_temperature, in degrees Fahrenheit.
+                value = sensor() if sensor else round((esp32.raw_temperature() - 32) / 1.8, 1)
+            except (ImportError, AttributeError):
+                value = None
+        if value is not None:
+            values[name] = value
+    return values
 
 
 def send(dev, max_messages):
@@ -69,18 +61,16 @@ def send(dev, max_messages):
     # telemetry_interval seconds until dev.sent reaches max_messages (None: for ever).
     link = dev.link
     cfg = dev.cfg
-    if dev.sensors is None:
-        rssi = None
-        if "rssi" in cfg.sensors and cfg.wifi_ssid:
-            # net stays loaded while sending only on a board with Wi-Fi; elsewhere it is not kept at all.
-            from tbfleet import net
+    rssi = None
+    if "rssi" in cfg.sensors and cfg.wifi_ssid:
+        # net stays loaded while sending only on a board with Wi-Fi; elsewhere it is not kept at all.
+        from tbfleet import net
 
-            if net.has_wifi():
-                rssi = net.rssi
-            else:
-                unload("net")
-            del net  # a local would keep the module alive for the whole loop
-        dev.sensors = Sensors(cfg.sensors, rssi, dev.booted)
+        if net.has_wifi():
+            rssi = net.rssi
+        else:
+            unload("net")
+        del net  # a local would keep the module alive for the whole loop
     # While waiting, MQTT answers pings and takes server pushes; HTTP and CoAP have nothing to poll.
     poll = getattr(link, "poll", None)
     interval_ms = int(cfg.telemetry_interval * 1000)
@@ -88,7 +78,7 @@ def send(dev, max_messages):
     next_at = time.ticks_ms()
     first = True
     while max_messages is None or dev.sent < max_messages:
-        values = dev.sensors.read()
+        values = read(dev, rssi)
         ts = now_ms(epoch_year)
         # Without ts (clock unset) the server stamps the message on arrival.
         link.send_telemetry(json.dumps(values if ts is None else {"ts": ts, "values": values}).encode())
