@@ -3,8 +3,7 @@ import json
 import sys
 
 from mptest import eq
-from tbfleet import app, config, log, store
-from tbfleet.errors import NoAnswer, Refused, Rejected
+from tbfleet import NoAnswer, Refused, Rejected, app, config, log, store
 
 SECRET = "z9x8c7v6b5n4"
 TOKEN = "Gh7TkN0aQ1bC2dE3fG4h"

@@ -1,8 +1,7 @@
 # The CoAP exchanges over a scripted UDP socket, with shortened timers (ACK_TIMEOUT 10 ms).
 from mptest import eq, raises
 from test_coap import ACK, CON, CONTENT, CREATED, GET, NON, POST, RST, decode, encode, link, piggyback
-from tbfleet import via_coap
-from tbfleet.errors import NoAnswer
+from tbfleet import NoAnswer, via_coap
 
 
 def test_piggybacked_answer():

@@ -3,8 +3,7 @@ import time
 
 from fakesock import scripted
 from mptest import eq, raises
-from tbfleet import tcp, via_mqtt
-from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, tcp, via_mqtt
 
 CONNACK_OK = b"\x20\x02\x00\x00"
 

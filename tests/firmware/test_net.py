@@ -4,8 +4,7 @@ import json
 import sys
 
 from mptest import eq, raises
-from tbfleet import unload
-from tbfleet.errors import NoAnswer
+from tbfleet import NoAnswer, unload
 
 
 class WLAN:

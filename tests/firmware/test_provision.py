@@ -2,8 +2,7 @@
 import json
 
 from mptest import eq, raises
-from tbfleet import config, provision
-from tbfleet.errors import BadAnswer, NoAnswer
+from tbfleet import BadAnswer, NoAnswer, config, provision
 
 KEY = "u7i8k9l0p1o2"
 SECRET = "z9x8c7v6b5n4"

@@ -3,8 +3,7 @@ import time
 
 from fakesock import FakeSocket
 from mptest import raises
-from tbfleet import tcp
-from tbfleet.errors import NoAnswer
+from tbfleet import NoAnswer, tcp
 
 
 def test_read_exact_gathers_pieces():

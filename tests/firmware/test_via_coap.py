@@ -2,8 +2,7 @@
 from fakeudp import FakeUDP
 from mptest import eq, raises
 from test_coap import ACK, CHANGED, CON, CONTENT, CREATED, POST, VALID, Cfg, decode, encode, link
-from tbfleet import via_coap
-from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, via_coap
 
 
 def link_answering(code, body=b"", kind=ACK, sock=None):

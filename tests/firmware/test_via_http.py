@@ -1,8 +1,7 @@
 # The HTTP adapter's mapping of ThingsBoard answers, over a scripted TCP stream in place of tcp.connect.
 from fakesock import FakeSocket
 from mptest import eq, raises
-from tbfleet import tcp, via_http
-from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, tcp, via_http
 
 
 class Cfg:

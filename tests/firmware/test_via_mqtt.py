@@ -3,8 +3,7 @@ import time
 
 from fakesock import FakeSocket, scripted
 from mptest import eq, raises
-from tbfleet import tcp, tls, via_mqtt
-from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, tcp, tls, via_mqtt
 
 CONNACK_OK = b"\x20\x02\x00\x00"
 ANSWER = b'{"credentialsValue":"Xq3kT9vLm2RcW8pZa1Yb","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'

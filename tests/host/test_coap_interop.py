@@ -124,8 +124,7 @@ def test_libcoap_stopped_mid_run_is_no_answer(libcoap_server, tmp_path):
     port, server = libcoap_server
     script = tmp_path / "gone.py"
     script.write_text("""import sys
-from tbfleet import via_coap
-from tbfleet.errors import NoAnswer
+from tbfleet import NoAnswer, via_coap
 class Cfg:
     host = "127.0.0.1"
     port = int(sys.argv[1])
@@ -223,7 +222,7 @@ def aiocoap_server():
 
 
 ADAPTER = """
-from tbfleet.errors import Refused, Rejected
+from tbfleet import Refused, Rejected
 link = via_coap.Link(Cfg())
 out = {}
 """

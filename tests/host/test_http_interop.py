@@ -117,7 +117,7 @@ def run_firmware(tmp_path: Path, body: str, port: int, *args: str) -> dict:
     """Run `body` on the Unix port with `port` in scope (and `args` from sys.argv[2:]); the script prints one
     JSON object, returned here."""
     script = tmp_path / "interop.py"
-    script.write_text("import sys, json, time\nfrom tbfleet import via_http\nfrom tbfleet.errors import *\n"
+    script.write_text("import sys, json, time\nfrom tbfleet import BadAnswer, NoAnswer, Refused, Rejected, via_http\n"
                       "port = int(sys.argv[1])\n" + body)
     proc = run_micropython([str(script), str(port), *args], cwd=tmp_path, timeout=60, env=micropython_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr

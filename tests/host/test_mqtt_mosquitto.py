@@ -47,8 +47,7 @@ BASE_TS = 1732300000000
 # prints what happened as JSON. Secrets reach it through the file, never through argv.
 FIRMWARE_SCRIPT = """
 import json, time
-from tbfleet import via_mqtt
-from tbfleet.errors import Refused
+from tbfleet import Refused, via_mqtt
 
 class Cfg:
     pass

@@ -206,8 +206,7 @@ def test_stop_closes_open_connections(clients):
 # The firmware's adapter (tbfleet.via_mqtt on the Unix port) against the peer over real TCP.
 PROVISION_SCRIPT = """
 import json, sys, time
-from tbfleet import via_mqtt
-from tbfleet.errors import NoAnswer, BadAnswer
+from tbfleet import BadAnswer, NoAnswer, via_mqtt
 
 class Cfg:
     pass

@@ -5,8 +5,7 @@ import random
 import sys
 import time
 
-from tbfleet import log, unload
-from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, log, unload
 
 # Module attributes rather than const() so that tests can shorten them.
 RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with jitter

@@ -32,7 +32,7 @@ def up(cfg):
         time.sleep_ms(100)
     else:
         wlan.disconnect()
-        from tbfleet.errors import NoAnswer
+        from tbfleet import NoAnswer
 
         raise NoAnswer("Wi-Fi %s not joined" % cfg.wifi_ssid)
     log.info("Wi-Fi up, address %s", wlan.ifconfig()[0])

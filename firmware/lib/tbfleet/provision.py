@@ -51,7 +51,7 @@ def outcome(body, cfg, error=None):
         for name in {"ACCESS_TOKEN": "token", "MQTT_BASIC": "client_id username password"}.get(ctype, "").split():
             own[name] = getattr(cfg, name) or ""
     if error is not None:
-        from tbfleet.errors import NoAnswer
+        from tbfleet import NoAnswer
 
         return "NO_ANSWER" if isinstance(error, NoAnswer) else "BAD_ANSWER", None, str(error)
     try:

@@ -4,7 +4,7 @@ import select
 import socket
 import time
 
-from tbfleet.errors import BadAnswer, NoAnswer
+from tbfleet import BadAnswer, NoAnswer
 
 
 def deadline(ms):

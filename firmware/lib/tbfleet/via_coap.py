@@ -9,7 +9,7 @@ import time
 
 from micropython import const
 
-from tbfleet import errors
+import tbfleet
 
 _ACK_TIMEOUT = const(2000)  # ms; each request stretches it by a random 1 to 1.5 (ACK_RANDOM_FACTOR)
 _MAX_RETRANSMIT = const(4)
@@ -55,7 +55,7 @@ class Link:
         # 2.01 on SUCCESS and 4.00 with the JSON body on NOT_FOUND/FAILURE; servers before 3.2.2 answer 2.05.
         if code == _CREATED or code == _CONTENT or code == _BAD_REQUEST and body:
             return body
-        raise errors.BadAnswer("provisioning answered %d: %s" % _why(code, body))
+        raise tbfleet.BadAnswer("provisioning answered %d: %s" % _why(code, body))
 
     def open(self, creds):
         # Only ACCESS_TOKEN credentials hold a token: CoAP has no other way to authenticate without DTLS.
@@ -72,8 +72,8 @@ class Link:
         if code == _CREATED or code == _VALID or code == _CHANGED:
             return
         if code == _UNAUTHORIZED:
-            raise errors.Refused(401, "unauthorized")
-        raise errors.Rejected(*_why(code, body))
+            raise tbfleet.Refused(401, "unauthorized")
+        raise tbfleet.Rejected(*_why(code, body))
 
     def close(self):
         self._path = None
@@ -137,9 +137,9 @@ class Link:
                     if left:
                         continue
                     if acked:
-                        raise errors.NoAnswer("no separate response in %d s" % cfg.timeout)
+                        raise tbfleet.NoAnswer("no separate response in %d s" % cfg.timeout)
                     if sent > _MAX_RETRANSMIT:
-                        raise errors.NoAnswer("no answer after %d transmissions" % sent)
+                        raise tbfleet.NoAnswer("no answer after %d transmissions" % sent)
                     sent += 1
                     wait *= 2
                     sock.send(msg)
@@ -187,7 +187,7 @@ class Link:
                     if m != mid:
                         continue
                     if kind == 3:
-                        raise errors.NoAnswer("the server reset the request")
+                        raise tbfleet.NoAnswer("the server reset the request")
                     if c == 0:
                         # Empty ACK: the response follows separately, retransmission stops.
                         acked = True
@@ -209,7 +209,7 @@ class Link:
                 if len(self.seen) > _SEEN:
                     self.seen.pop(0)
                 return c, body
-        except errors.NoAnswer:
+        except tbfleet.NoAnswer:
             raise
         except OSError as e:
             # 111: an ICMP port unreachable came back, nobody listens there. A new socket next time (the path
@@ -217,4 +217,4 @@ class Link:
             if self.sock:
                 self.sock.close()
             self.sock = self.poll = None
-            raise errors.NoAnswer("CoAP to %s:%d failed: %s" % (cfg.host, cfg.port, e))
+            raise tbfleet.NoAnswer("CoAP to %s:%d failed: %s" % (cfg.host, cfg.port, e))

@@ -4,8 +4,8 @@
 # does the whole exchange: on a board every module, class and function costs heap, a long function does not.
 from micropython import const
 
-from tbfleet import errors, tcp
-from tbfleet.errors import BadAnswer
+import tbfleet
+from tbfleet import BadAnswer, tcp
 
 _MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
 _LINE_MAX = const(512)  # status line, header line or chunk-size line: what the parser holds at most
@@ -168,14 +168,14 @@ class Link:
         status, body = request("POST", cfg.host, cfg.port, self.path, payload, self.ctx,
                                     int(cfg.timeout * 1000), self.buf)
         if status == 401:
-            raise errors.Refused(401, "unauthorized")
+            raise tbfleet.Refused(401, "unauthorized")
         if status != 200:
             # 413 over the server's size limit, 500 for a payload it cannot parse: the server's own words say which
             try:
                 text = body[:60].decode().strip()
             except UnicodeError:
                 text = ""
-            raise errors.Rejected(status, text or "HTTP %d" % status)
+            raise tbfleet.Rejected(status, text or "HTTP %d" % status)
 
     def close(self):
         self.path = None

@@ -12,8 +12,7 @@ import time
 
 from micropython import const
 
-from tbfleet import tcp
-from tbfleet.errors import BadAnswer, NoAnswer, Refused, Rejected
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, tcp
 
 _CONNECT = const(0x10)
 _PUBLISH = const(0x30)
