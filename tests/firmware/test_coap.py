@@ -76,8 +76,8 @@ def link(on_send=None, timeout=0.2, sock=None):
     lk.ack_ms = 10
     lk.sock = sock or FakeUDP()
     lk.sock.on_send = on_send
-    lk.poll = select.poll()
-    lk.poll.register(lk.sock, select.POLLIN)
+    lk.poller = select.poll()
+    lk.poller.register(lk.sock, select.POLLIN)
     return lk
 
 

@@ -215,7 +215,7 @@ def test_port_unreachable_is_no_answer_and_the_next_request_opens_a_new_socket()
     lk.open({"type": "ACCESS_TOKEN", "token": "T"})
     e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
     assert "127.0.0.1:5683" in str(e) and "111" in str(e), e
-    eq((lk.sock, lk.poll), (None, None))
+    eq((lk.sock, lk.poller), (None, None))
     eq(lk._path, ("api", "v1", "T", "telemetry"))  # still open: only the socket went
 
 
@@ -246,9 +246,9 @@ def test_unresolvable_host_is_no_answer():
 def test_one_poller_per_socket():
     # Kept with the socket and reused by every wait, so a message leaves no poller behind.
     lk = link(piggyback(CREATED))
-    p = lk.poll
+    p = lk.poller
     lk.request(POST, ("x",), b"{}")
     lk.request(POST, ("x",), b"{}")
-    assert lk.poll is p
+    assert lk.poller is p
     lk.close()
-    assert lk.poll is None and lk.sock is None
+    assert lk.poller is None and lk.sock is None

@@ -9,7 +9,7 @@ import time
 
 from micropython import const
 
-import tbfleet
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected
 
 _ACK_TIMEOUT = const(2000)  # ms; each request stretches it by a random 1 to 1.5 (ACK_RANDOM_FACTOR)
 _MAX_RETRANSMIT = const(4)
@@ -45,7 +45,7 @@ class Link:
         self.cfg = cfg
         self.ack_ms = _ACK_TIMEOUT
         self.sock = None
-        self.poll = None
+        self.poller = None
         self.mid = int.from_bytes(os.urandom(2), "big")
         self.seen = []
         self._path = None
@@ -55,7 +55,7 @@ class Link:
         # 2.01 on SUCCESS and 4.00 with the JSON body on NOT_FOUND/FAILURE; servers before 3.2.2 answer 2.05.
         if code == _CREATED or code == _CONTENT or code == _BAD_REQUEST and body:
             return body
-        raise tbfleet.BadAnswer("provisioning answered %d: %s" % _why(code, body))
+        raise BadAnswer("provisioning answered %d: %s" % _why(code, body))
 
     def open(self, creds):
         # Only ACCESS_TOKEN credentials hold a token: CoAP has no other way to authenticate without DTLS.
@@ -72,14 +72,14 @@ class Link:
         if code == _CREATED or code == _VALID or code == _CHANGED:
             return
         if code == _UNAUTHORIZED:
-            raise tbfleet.Refused(401, "unauthorized")
-        raise tbfleet.Rejected(*_why(code, body))
+            raise Refused(401, "unauthorized")
+        raise Rejected(*_why(code, body))
 
     def close(self):
         self._path = None
         if self.sock:
             self.sock.close()
-            self.sock = self.poll = None
+            self.sock = self.poller = None
 
     def request(self, code, path, payload=None, fmt=None, query=(), rx=_RX):
         # A confirmable request. path: raw segments (one may hold "/"), query: "key=value" strings, fmt: the
@@ -95,8 +95,8 @@ class Link:
                 self.sock.setblocking(False)
                 # One poller per socket, made before any message's buffers: a poller per wait is garbage for
                 # every message, and a long-lived object made among a message's buffers splits the free heap.
-                self.poll = select.poll()
-                self.poll.register(self.sock, select.POLLIN)
+                self.poller = select.poll()
+                self.poller.register(self.sock, select.POLLIN)
             sock = self.sock
             self.mid = mid = (self.mid + 1) & 0xFFFF
             token = os.urandom(4)
@@ -133,13 +133,13 @@ class Link:
             at = time.ticks_add(time.ticks_ms(), wait)
             while True:
                 left = max(0, time.ticks_diff(at, time.ticks_ms()))
-                if not self.poll.poll(left):
+                if not self.poller.poll(left):
                     if left:
                         continue
                     if acked:
-                        raise tbfleet.NoAnswer("no separate response in %d s" % cfg.timeout)
+                        raise NoAnswer("no separate response in %d s" % cfg.timeout)
                     if sent > _MAX_RETRANSMIT:
-                        raise tbfleet.NoAnswer("no answer after %d transmissions" % sent)
+                        raise NoAnswer("no answer after %d transmissions" % sent)
                     sent += 1
                     wait *= 2
                     sock.send(msg)
@@ -187,7 +187,7 @@ class Link:
                     if m != mid:
                         continue
                     if kind == 3:
-                        raise tbfleet.NoAnswer("the server reset the request")
+                        raise NoAnswer("the server reset the request")
                     if c == 0:
                         # Empty ACK: the response follows separately, retransmission stops.
                         acked = True
@@ -209,12 +209,12 @@ class Link:
                 if len(self.seen) > _SEEN:
                     self.seen.pop(0)
                 return c, body
-        except tbfleet.NoAnswer:
+        except NoAnswer:
             raise
         except OSError as e:
             # 111: an ICMP port unreachable came back, nobody listens there. A new socket next time (the path
             # stays: the link is still open).
             if self.sock:
                 self.sock.close()
-            self.sock = self.poll = None
-            raise tbfleet.NoAnswer("CoAP to %s:%d failed: %s" % (cfg.host, cfg.port, e))
+            self.sock = self.poller = None
+            raise NoAnswer("CoAP to %s:%d failed: %s" % (cfg.host, cfg.port, e))

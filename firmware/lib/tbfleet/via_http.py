@@ -4,8 +4,7 @@
 # does the whole exchange: on a board every module, class and function costs heap, a long function does not.
 from micropython import const
 
-import tbfleet
-from tbfleet import BadAnswer, tcp
+from tbfleet import BadAnswer, Refused, Rejected, tcp
 
 _MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
 _LINE_MAX = const(512)  # status line, header line or chunk-size line: what the parser holds at most
@@ -142,7 +141,7 @@ class Link:
     def provision(self, payload):
         cfg = self.cfg
         status, body = request("POST", cfg.host, cfg.port, "/api/v1/provision", payload, self.ctx,
-                                    int(cfg.timeout * 1000), self.buf)
+                               int(cfg.timeout * 1000), self.buf)
         # ThingsBoard answers 200 for SUCCESS, NOT_FOUND and FAILURE alike: the caller reads "status".
         if status != 200:
             raise BadAnswer("provisioning got HTTP %d: %r" % (status, body[:60]))
@@ -163,19 +162,19 @@ class Link:
 
     def send_telemetry(self, payload):
         if self.path is None:
-            raise ValueError("HTTP needs a token; %s has none" % "the link")  # open was not called
+            raise ValueError("HTTP link not opened")
         cfg = self.cfg
         status, body = request("POST", cfg.host, cfg.port, self.path, payload, self.ctx,
-                                    int(cfg.timeout * 1000), self.buf)
+                               int(cfg.timeout * 1000), self.buf)
         if status == 401:
-            raise tbfleet.Refused(401, "unauthorized")
+            raise Refused(401, "unauthorized")
         if status != 200:
             # 413 over the server's size limit, 500 for a payload it cannot parse: the server's own words say which
             try:
                 text = body[:60].decode().strip()
             except UnicodeError:
                 text = ""
-            raise tbfleet.Rejected(status, text or "HTTP %d" % status)
+            raise Rejected(status, text or "HTTP %d" % status)
 
     def close(self):
         self.path = None
