@@ -146,7 +146,7 @@ def main(path="config.json", max_messages=None):
     # Entry point of main.py (max_messages: stop after that many, for benchmarks). A bad config stops here with
     # one message; it is not retried.
     # A collection after every 512 bytes allocated: left to run only when the heap is full, garbage lies between
-    # the blocks that stay, and a module loaded later finds no room large enough (the lifecycle needs 1.5-2 KB
+    # the blocks that stay, and a module loaded later finds no room large enough (the lifecycle needs 0.8-2.3 KB
     # more heap without it; one collection of a 24 KB heap takes about 12 us on the Unix port).
     gc.threshold(512)
     loaded = list(sys.modules)
