@@ -179,6 +179,14 @@ class Bench:
         ok, _, wall = self.boots(board, [0, MESSAGES], heapsize, timeout=30)
         return ok and len(self.emulator.telemetry(name)) == MESSAGES, wall
 
+    def lifecycle_seconds(self, transport: str) -> float:
+        """Wall seconds of one lifecycle with the default heap; RuntimeError naming the transport when it fails."""
+        ok, wall = self.lifecycle_passes(transport, None)
+        if not ok:
+            raise RuntimeError(f"{transport}: a timing run of the lifecycle failed or timed out ({wall:.1f} s); "
+                               "no lifecycle_ms from it")
+        return wall
+
     def min_heap(self, transport: str) -> int:
         """Bisect the smallest passing heap size (256-byte resolution)."""
         low, high = 2048, 262144
@@ -249,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         results["firmware_mpy_bytes"] = sum(files.values())
         bench = Bench(emulator, build, Path(tmp))
         for transport in transports:
-            walls = sorted(bench.lifecycle_passes(transport, None)[1] for _ in range(args.runs))
+            walls = [bench.lifecycle_seconds(transport) for _ in range(args.runs)]
             wire, us = bench.per_message(transport)
             # Pass/fail is not monotonic in the heap size (fragmentation follows every allocation, down to the
             # length of the device name), so one bisection can land a few KB off: each run bisects on a fresh
