@@ -52,3 +52,19 @@ def test_connect_refused_is_no_answer():
     # Port 1 on loopback: nothing listens there, so the kernel refuses at once.
     e = raises(NoAnswer, tcp.connect, "127.0.0.1", 1, 500)
     assert "cannot connect" in str(e)
+
+
+def test_waits_on_one_socket_share_one_poll_object():
+    # Several waits lie on every packet's path: a poll object per wait would be garbage each time.
+    s = FakeSocket()
+    s.feed(b"ab")
+    buf = memoryview(bytearray(1))
+    tcp.read_exact(s, buf, tcp.deadline(100))
+    poller = tcp._poller
+    tcp.write_all(s, b"x", tcp.deadline(100))
+    tcp.read_exact(s, buf, tcp.deadline(100))
+    assert tcp._poller is poller
+    other = FakeSocket()
+    other.feed(b"c")
+    tcp.read_exact(other, buf, tcp.deadline(100))
+    assert tcp._poller is not poller and buf[0] == ord("c")

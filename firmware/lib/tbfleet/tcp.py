@@ -36,13 +36,20 @@ def connect(host, port, timeout_ms, ssl_ctx=None):
     return sock
 
 
+_polled = _poller = None  # the socket whose waits _poller serves, and that poll object
+
+
 def wait(sock, event, at):
     # Block until sock is ready for event (select.POLLIN/POLLOUT) or the deadline passes (NoAnswer).
-    p = select.poll()
-    p.register(sock, event)
+    global _polled, _poller
+    if sock is not _polled:
+        # One poll object per socket, not per wait: there are several waits on every packet's path.
+        _poller = select.poll()
+        _polled = sock
+    _poller.register(sock, event)  # again for the same socket: only the events change
     while True:
         left = max(0, time.ticks_diff(at, time.ticks_ms()))
-        for _, ev in p.poll(left):
+        for _, ev in _poller.poll(left):
             if ev & (select.POLLERR | select.POLLHUP) and not ev & event:
                 raise NoAnswer("connection closed")
             return
