@@ -20,7 +20,8 @@ class Cfg:
             setattr(self, k, v)
 
 
-def client(sock, on_message=None, **kw):
+def client(sock, on_message=None, config=Cfg, **kw):
+    # A Link over sock (config(**kw) its cfg); every tcp.connect it makes is recorded in .seen.
     seen = []
 
     def fake_connect(host, port, timeout_ms, ssl_ctx=None):
@@ -28,7 +29,7 @@ def client(sock, on_message=None, **kw):
         return sock
 
     tcp.connect = fake_connect
-    c = via_mqtt.Link(Cfg(**kw))
+    c = via_mqtt.Link(config(**kw))
     c.seen = seen
     if on_message:
         c.on_message = on_message

@@ -3,9 +3,9 @@ import time
 
 from fakesock import FakeSocket, scripted
 from mptest import eq, raises
-from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, tcp, tls, via_mqtt
+from test_mqtt import CONNACK_OK, client
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, tls
 
-CONNACK_OK = b"\x20\x02\x00\x00"
 ANSWER = b'{"credentialsValue":"Xq3kT9vLm2RcW8pZa1Yb","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'
 TELEMETRY = b'{"ts":1732300000000,"values":{"uptime":42,"free_heap":81234}}'
 
@@ -38,16 +38,7 @@ def publish(topic, payload, pid=None):
 
 
 def link(sock, **kw):
-    seen = []
-
-    def fake_connect(host, port, timeout_ms, ssl_ctx=None):
-        seen.append((host, port, timeout_ms, ssl_ctx))
-        return sock
-
-    tcp.connect = fake_connect
-    lk = via_mqtt.Link(Cfg(**kw))
-    lk.seen = seen
-    return lk
+    return client(sock, None, Cfg, **kw)
 
 
 def no_subscribe(sock):
