@@ -304,12 +304,18 @@ class EmulatorState:
     def _load(self, config: dict) -> None:
         with self._db:
             self._db.execute("BEGIN")
-            for p in config.get("profiles", []):
-                self._db.execute(
-                    "INSERT INTO profiles VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
-                    "provision_key = excluded.provision_key, provision_secret = excluded.provision_secret, "
-                    "provision_type = excluded.provision_type",
-                    (p["name"], p["provisionDeviceKey"], p["provisionDeviceSecret"], p["provisionType"]))
+            for i, p in enumerate(config.get("profiles", [])):
+                # An empty key is stored as NULL: UNIQUE allows any number of NULLs, and provision() answers
+                # NOT_FOUND for an empty key before it looks one up.
+                try:
+                    self._db.execute(
+                        "INSERT INTO profiles VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                        "provision_key = excluded.provision_key, provision_secret = excluded.provision_secret, "
+                        "provision_type = excluded.provision_type",
+                        (p["name"], p["provisionDeviceKey"] or None, p["provisionDeviceSecret"], p["provisionType"]))
+                except sqlite3.IntegrityError:
+                    raise ConfigError(f"profiles[{i}].provisionDeviceKey: already used by another profile in the "
+                                      "database") from None
             for i, d in enumerate(config.get("devices", [])):
                 ctype, cid, value = _config_credentials(d, f"devices[{i}]")
                 self._db.execute("INSERT INTO devices VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "

@@ -126,6 +126,23 @@ def test_db_keeps_devices_across_restarts(tmp_path):
         assert "kept" in [d["name"] for d in inspect(emu, "")]
 
 
+def test_db_with_a_renamed_profile_keeping_its_key_exits_2(tmp_path):
+    db = str(tmp_path / "emulator.db")
+    with emulator_process(DEMO, "--db", db):
+        pass
+    config = json.loads(DEMO.read_text())
+    old = config["profiles"][0]["name"]
+    config["profiles"][0]["name"] = "renamed"
+    for device in config["devices"]:
+        if device["profile"] == old:
+            device["profile"] = "renamed"
+    path = tmp_path / "renamed.json"
+    path.write_text(json.dumps(config))
+    result = run_cli("--config", str(path), "--db", db, "--mqtt-port", "0", "--http-port", "0", "--coap-port", "0")
+    assert result.returncode == 2
+    assert "profiles[0].provisionDeviceKey" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_mqtts_listener_with_generated_certificates(tmp_path):
     tls_dir = tmp_path / "tls"
     with emulator_process(DEMO, "--mqtts-port", "0", "--tls-dir", str(tls_dir)) as emu:

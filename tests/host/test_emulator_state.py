@@ -338,6 +338,29 @@ def test_state_survives_a_restart_with_the_same_db(tmp_path):
     again.close()
 
 
+def test_profiles_without_a_provision_key_load_and_never_match():
+    config = copy.deepcopy(CONFIG)
+    config["profiles"][1]["provisionDeviceKey"] = ""
+    config["profiles"][2]["provisionDeviceKey"] = ""
+    state, _ = make(config=config)
+    assert state.provision(req("", CHECK_SECRET, deviceName="pre-token"), "http") == NOT_FOUND
+    assert state.provision(req("", DISABLED_SECRET), "http") == NOT_FOUND
+    assert state.provision(req(deviceName="still-works"), "http")["status"] == "SUCCESS"
+
+
+def test_renamed_profile_keeping_its_key_in_the_db_is_a_config_error(tmp_path):
+    db = str(tmp_path / "state.db")
+    EmulatorState(CONFIG, db, events=lambda _: None).close()
+    renamed = copy.deepcopy(CONFIG)
+    renamed["profiles"][0]["name"] = "allow-renamed"
+    renamed["devices"][4]["profile"] = "allow-renamed"
+    with pytest.raises(ConfigError, match=r"profiles\[0\]\.provisionDeviceKey: already used"):
+        EmulatorState(renamed, db, events=lambda _: None)
+    again = EmulatorState(CONFIG, db, events=lambda _: None)
+    assert again.provision(req(deviceName="after"), "http")["status"] == "SUCCESS"
+    again.close()
+
+
 # ---------------------------------------------------------------- config validation
 
 @pytest.mark.parametrize("mutate, field", [
