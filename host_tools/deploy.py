@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import serial
 
-from host_tools import boards, build, devconfig
+from host_tools import boards, build, devconfig, flash
 from host_tools.boards import Board, BoardError
 from host_tools.devconfig import ConfigProblem, DeviceConfig, env_flag, env_value
 
@@ -280,17 +280,23 @@ def reset_into_main(port: str) -> serial.Serial:
     return conn
 
 
+def flash_settings(env: Mapping[str, str], board: Board) -> flash.Settings:
+    """FIRMWARE, ERASE and ESPTOOL_ARGS for a board that can be flashed, read as `flash` reads them."""
+    try:
+        return flash.settings(board, env_value(env, "FIRMWARE"), env_flag(env, "ERASE"),
+                              env_value(env, "ESPTOOL_ARGS"))
+    except flash.FlashError as e:
+        raise DeployError(str(e)) from None
+
+
 def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Callable[[str], None]) -> None:
     """Write the board's MicroPython image with esptool (flash.py): FIRMWARE or the board's pinned image."""
-    from host_tools import flash
-
-    firmware = env_value(env, "FIRMWARE")
-    erase = env_flag(env, "ERASE")
+    chosen = flash_settings(env, board)
     try:
-        image = flash.resolve_image(board, Path(firmware) if firmware else None, flash.default_cache_dir())
+        image = flash.resolve_image(board, chosen.firmware, flash.default_cache_dir())
         progress(f"{port}: flashing {image.name} onto {board.name}")
-        flash.flash(board, port, image, erase=board.flash.erase_default if erase is None else erase,
-                    esptool_args=esptool_args(env), progress=lambda line: progress(f"{port}: {line}"))
+        flash.flash(board, port, image, erase=chosen.erase, esptool_args=chosen.esptool_args,
+                    progress=lambda line: progress(f"{port}: {line}"))
     except flash.FlashError as e:
         raise DeployError(str(e)) from None
 
@@ -341,20 +347,18 @@ def _wait_for_micropython(port: str) -> BoardState:
                       "deploy again; with ESPTOOL_ARGS --after no-reset the chip stays in its bootloader)")
 
 
-def esptool_args(env: Mapping[str, str]) -> list[str]:
-    """ESPTOOL_ARGS split as a shell would; DeployError naming it when it cannot be."""
-    try:
-        return shlex.split(env_value(env, "ESPTOOL_ARGS") or "")
-    except ValueError as e:
-        raise DeployError(f"ESPTOOL_ARGS: {e}") from None
-
-
 def check_flash_settings(env: Mapping[str, str], board: Board) -> None:
     """FLASH, ERASE, FIRMWARE and ESPTOOL_ARGS make sense for `board`; DeployError naming the first that does not."""
     if env_flag(env, "FLASH") and board.is_host:
         raise DeployError(f"FLASH=1: board {board.name} runs the Unix port and is never flashed")
-    env_flag(env, "ERASE")
-    esptool_args(env)
+    if board.is_host:
+        env_flag(env, "ERASE")
+        try:
+            flash.split_esptool_args(env_value(env, "ESPTOOL_ARGS"))
+        except flash.FlashError as e:
+            raise DeployError(str(e)) from None
+    else:
+        flash_settings(env, board)
     firmware = env_value(env, "FIRMWARE")
     if firmware and not Path(firmware).is_file():
         raise DeployError(f"FIRMWARE={firmware}: no such file")

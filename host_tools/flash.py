@@ -22,10 +22,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from host_tools import boards
 from host_tools.boards import Board, BoardError
+from host_tools.devconfig import ConfigProblem, env_flag
 
 LOG = logging.getLogger("flash")
 
@@ -236,15 +238,29 @@ def read_mac(board: Board, port: str, esptool_args: Sequence[str] = (), timeout:
     return macs[-1].lower()
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return None
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise FlashError(f"{name}={value!r} is not a yes/no value (use 1 or 0)")
+@dataclass(frozen=True)
+class Settings:
+    """How to flash a board: one reading of FIRMWARE, ERASE and ESPTOOL_ARGS for `flash` and `deploy` alike."""
+
+    firmware: Path | None
+    erase: bool
+    esptool_args: tuple[str, ...]
+
+
+def split_esptool_args(text: str | None) -> tuple[str, ...]:
+    """ESPTOOL_ARGS split as a shell would; FlashError naming it when it cannot be."""
+    try:
+        return tuple(shlex.split(text or ""))
+    except ValueError as e:
+        raise FlashError(f"ESPTOOL_ARGS: {e}") from None
+
+
+def settings(board: Board, firmware: str | Path | None, erase: bool | None, esptool_args: str | None) -> Settings:
+    """The flash settings for `board`; ERASE unset takes the board file's default. FlashError names what is wrong."""
+    _require_chip(board)
+    assert board.flash is not None
+    return Settings(Path(firmware) if firmware else None, board.flash.erase_default if erase is None else erase,
+                    split_esptool_args(esptool_args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -273,21 +289,16 @@ def run(args: argparse.Namespace) -> int:
         if not args.board:
             raise BoardError(f"no board given: pass BOARD=<name> (known boards: {', '.join(boards.names())})")
         board = boards.load(args.board)
-        erase = args.erase if args.erase is not None else _env_flag("ERASE")
-        if erase is None:
-            erase = board.flash.erase_default if board.flash else False
-        try:
-            extra = shlex.split(args.esptool_args)
-        except ValueError as e:
-            raise FlashError(f"ESPTOOL_ARGS cannot be parsed: {e}") from None
-        _base_args(board, args.port or "", extra)
-        image = resolve_image(board, args.firmware, args.cache_dir, download=not args.offline,
+        erase = args.erase if args.erase is not None else env_flag(os.environ, "ERASE")
+        chosen = settings(board, args.firmware, erase, args.esptool_args)
+        _base_args(board, args.port or "", chosen.esptool_args)
+        image = resolve_image(board, chosen.firmware, args.cache_dir, download=not args.offline,
                               mirror=args.image_mirror)
-    except (BoardError, FlashError) as e:
+    except (BoardError, ConfigProblem, FlashError) as e:
         LOG.error("%s", e)
         return 2
     try:
-        flash(board, args.port, image, erase=erase, esptool_args=extra)
+        flash(board, args.port, image, erase=chosen.erase, esptool_args=chosen.esptool_args)
     except FlashError as e:
         LOG.error("%s", e)
         return 1
