@@ -17,7 +17,7 @@ import json
 import logging
 import ssl
 import struct
-from typing import Any
+from typing import Any, Iterable
 
 from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError
 
@@ -32,21 +32,22 @@ PROVISION_RESPONSE = "/provision/response"
 
 TELEMETRY_TOPICS = ("v1/devices/me/telemetry", "v2/t")
 ATTRIBUTES_TOPICS = ("v1/devices/me/attributes", "v2/a")
-ATTRIBUTE_REQUEST_PREFIXES = ("v1/devices/me/attributes/request/", "v2/a/req/")
+# Attribute request prefix -> prefix of its response: the answer comes in the style (v1 or v2 short) asked in.
+ATTRIBUTE_REQUEST_PREFIXES = {"v1/devices/me/attributes/request/": "v1/devices/me/attributes/response/",
+                              "v2/a/req/": "v2/a/res/"}
 RPC_RESPONSE_PREFIXES = ("v1/devices/me/rpc/response/", "v2/r/res/")
 CLAIM_TOPICS = ("v1/devices/me/claim",)
 
-# SUBSCRIBE filters ThingsBoard grants, matched literally (§3.6); the value names what the subscription is for.
-SUBSCRIPTIONS = {
-    "v1/devices/me/attributes": "attributes", "v2/a": "attributes",
-    "v1/devices/me/attributes/response/+": "attributes-response", "v2/a/res/+": "attributes-response",
-    "v1/devices/me/rpc/request/+": "rpc", "v2/r/req/+": "rpc",
-    "v1/devices/me/rpc/response/+": "rpc-response", "v2/r/res/+": "rpc-response",
-    "v2/fw/response/+/chunk/+": "fw", "v2/fw/error": "fw",
-    "v2/sw/response/+/chunk/+": "sw", "v2/sw/error": "sw",
+# SUBSCRIBE filters ThingsBoard grants, matched literally (§3.6). A filter that turns pushes on maps to (what is
+# pushed, the topic it goes to): ThingsBoard pushes in the style (v1 or v2 short) of the latest such subscription.
+SUBSCRIPTIONS: dict[str, tuple[str, str] | None] = {
+    "v1/devices/me/attributes": ("attributes", "v1/devices/me/attributes"), "v2/a": ("attributes", "v2/a"),
+    "v1/devices/me/rpc/request/+": ("rpc", "v1/devices/me/rpc/request/{}"), "v2/r/req/+": ("rpc", "v2/r/req/{}"),
+    "v1/devices/me/attributes/response/+": None, "v2/a/res/+": None,
+    "v1/devices/me/rpc/response/+": None, "v2/r/res/+": None,
+    "v2/fw/response/+/chunk/+": None, "v2/fw/error": None,
+    "v2/sw/response/+/chunk/+": None, "v2/sw/error": None,
 }
-_PUSH_TOPICS = {"attributes": "v1/devices/me/attributes", "rpc": "v1/devices/me/rpc/request/{}",
-                "attributes-response": "v1/devices/me/attributes/response/{}"}
 
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
 _PUBREC, _PUBREL, _PUBCOMP, _SUBSCRIBE = 5, 6, 7, 8
@@ -122,15 +123,21 @@ def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _topic_id(topic: str, prefixes: tuple[str, ...]) -> int | None:
-    """The integer id ending `topic` when it starts with one of `prefixes`; None if it does not start so."""
+def _topic_id(topic: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
+    """(prefix, integer id) when `topic` is one of `prefixes` followed by an id; None if it starts otherwise."""
     for prefix in prefixes:
         if topic.startswith(prefix):
             try:
-                return int(topic[len(prefix):])
+                return prefix, int(topic[len(prefix):])
             except ValueError:
                 raise PayloadError(f"request id is not an integer in {topic!r}") from None
     return None
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    """Whether `topic` matches `topic_filter` (the granted filters use only the single-level wildcard)."""
+    levels, wanted = topic.split("/"), topic_filter.split("/")
+    return len(levels) == len(wanted) and all(w in ("+", level) for w, level in zip(wanted, levels))
 
 
 class _Closed(Exception):
@@ -345,6 +352,7 @@ class Session:
             known = topic == PROVISION_RESPONSE if self.provisioning else topic in SUBSCRIPTIONS
             if known:
                 qos = min(requested, 1)
+                self.granted.pop(topic, None)  # re-granted: now the latest subscription
                 self.granted[topic] = qos
                 codes.append(qos)
             else:
@@ -354,15 +362,17 @@ class Session:
             self.state.event(f"mqtt: device {self.device.name!r} subscribed to {granted or 'nothing'}")
         self.send(packet(_SUBACK << 4, struct.pack("!H", packet_id) + bytes(codes)))
 
-    def _qos_for(self, purpose: str, default: int = 1) -> int:
-        """Granted QoS of the subscription serving `purpose`, `default` if there is none."""
-        for topic, qos in self.granted.items():
-            if SUBSCRIPTIONS.get(topic) == purpose:
-                return qos
-        return default
+    def _qos(self, topic: str) -> int:
+        """Granted QoS of the subscription matching the outgoing `topic`; 1 when none does (the server's default)."""
+        return next((qos for f, qos in self.granted.items() if _matches(f, topic)), 1)
 
-    def _subscribed(self, purpose: str) -> bool:
-        return any(SUBSCRIPTIONS.get(topic) == purpose for topic in self.granted)
+    def _push_topic(self, kind: str) -> str | None:
+        """Topic template for pushes of `kind`, from the latest granted subscription for it; None if there is none."""
+        for topic_filter in reversed(self.granted):
+            push = SUBSCRIPTIONS.get(topic_filter)
+            if push is not None and push[0] == kind:
+                return push[1]
+        return None
 
     async def _publish(self, flags: int, r: _Reader) -> None:
         qos = (flags >> 1) & 0x03
@@ -396,7 +406,7 @@ class Session:
             await self._end()
             raise _Closed() from None
         self.send(puback)
-        self.publish(PROVISION_RESPONSE, _json_bytes(response), self.granted.get(PROVISION_RESPONSE, 1))
+        self.publish(PROVISION_RESPONSE, _json_bytes(response), self._qos(PROVISION_RESPONSE))
         if self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(self.server.provision_close_after,
                                                                       self.close)
@@ -418,13 +428,14 @@ class Session:
             elif topic in ATTRIBUTES_TOPICS:
                 self.state.post_attributes(device, payload)
                 self.send(puback)
-            elif (request_id := _topic_id(topic, ATTRIBUTE_REQUEST_PREFIXES)) is not None:
+            elif (request := _topic_id(topic, ATTRIBUTE_REQUEST_PREFIXES)) is not None:
                 answer = self._attribute_request(device, payload)
                 self.send(puback)
-                response_topic = _PUSH_TOPICS["attributes-response"].format(request_id)
-                self.publish(response_topic, _json_bytes(answer), self._qos_for("attributes-response"))
-            elif (request_id := _topic_id(topic, RPC_RESPONSE_PREFIXES)) is not None:
-                self.state.record_rpc_reply(device, request_id, payload)
+                prefix, request_id = request
+                response_topic = f"{ATTRIBUTE_REQUEST_PREFIXES[prefix]}{request_id}"
+                self.publish(response_topic, _json_bytes(answer), self._qos(response_topic))
+            elif (reply := _topic_id(topic, RPC_RESPONSE_PREFIXES)) is not None:
+                self.state.record_rpc_reply(device, reply[1], payload)
                 self.send(puback)
             else:
                 # Unknown topics (and ones the emulator does not process, e.g. claim or client-side RPC):
@@ -462,12 +473,14 @@ class Session:
             self.state.event(f"mqtt: closing the session of deleted device {self.device.name!r}"
                              if self.device else "mqtt: closing a deleted device's session")
             self.close()
-        elif kind == "attributes" and self._subscribed("attributes"):
-            self.publish(_PUSH_TOPICS["attributes"], _json_bytes(data), self._qos_for("attributes"))
-        elif kind == "rpc" and self._subscribed("rpc"):
+            return
+        push_topic = self._push_topic(kind)
+        if push_topic is None:
+            return
+        if kind == "rpc":
             rpc_id, method, params = data  # type: ignore[misc]
-            self.publish(_PUSH_TOPICS["rpc"].format(rpc_id), _json_bytes({"method": method, "params": params}),
-                         self._qos_for("rpc"))
+            push_topic, data = push_topic.format(rpc_id), {"method": method, "params": params}
+        self.publish(push_topic, _json_bytes(data), self._qos(push_topic))
 
 
 class MqttServer:

@@ -358,6 +358,37 @@ def test_paho_shared_attribute_pushes_and_server_rpc():
         assert emu.call(lambda s: s.rpc_replies("pre-token")) == {rpc_id: {"led": "on"}}
 
 
+def test_v2_short_subscriptions_get_pushes_and_answers_in_the_v2_style():
+    with mqtt_emulator() as emu, device_session(emu) as c:
+        c.send(subscribe_packet(1, ("v2/a", 0), ("v2/r/req/+", 1)))
+        assert c.read_packet() == (0x90, b"\x00\x01\x00\x01")
+        emu.call(lambda s: s.set_shared_attributes("pre-token", {"interval": 5}))
+        topic, payload, qos, _ = c.read_publish()
+        assert (topic, json.loads(payload), qos) == ("v2/a", {"interval": 5}, 0)
+        rpc_id = emu.call(lambda s: s.send_rpc("pre-token", "blink", {"n": 2}))
+        topic, payload, qos, _ = c.read_publish()
+        assert (topic, json.loads(payload), qos) == (f"v2/r/req/{rpc_id}", {"method": "blink", "params": {"n": 2}}, 1)
+        c.send(publish_packet("v2/a/req/7", b'{"sharedKeys":"interval"}', qos=0))
+        topic, payload, qos, _ = c.read_publish()
+        assert (topic, json.loads(payload), qos) == ("v2/a/res/7", {"shared": {"interval": 5}}, 1)
+        c.send(publish_packet(f"v2/r/res/{rpc_id}", b'{"done":true}', packet_id=8))
+        assert c.read_packet() == (0x40, b"\x00\x08")
+        assert emu.call(lambda s: s.rpc_replies("pre-token")) == {rpc_id: {"done": True}}
+
+
+def test_the_latest_attribute_subscription_picks_the_push_style():
+    with mqtt_emulator() as emu, device_session(emu) as c:
+        c.send(subscribe_packet(1, ("v2/a", 1), ("v1/devices/me/attributes", 1)))
+        c.read_packet()
+        emu.call(lambda s: s.set_shared_attributes("pre-token", {"a": 1}))
+        assert c.read_publish()[0] == "v1/devices/me/attributes"
+        c.send(subscribe_packet(2, ("v2/a", 1)))
+        c.read_packet()
+        emu.call(lambda s: s.set_shared_attributes("pre-token", {"a": 2}))
+        assert c.read_publish()[:2] == ("v2/a", b'{"a":2}')
+        assert c.silent(0.2), "one push per change, in one style"
+
+
 def test_pushes_need_a_subscription():
     with mqtt_emulator() as emu, device_session(emu) as c:
         emu.call(lambda s: s.set_shared_attributes("pre-token", {"a": 1}))
