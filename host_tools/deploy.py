@@ -281,10 +281,11 @@ def reset_into_main(port: str) -> serial.Serial:
 
 
 def flash_settings(env: Mapping[str, str], board: Board) -> flash.Settings:
-    """FIRMWARE, ERASE and ESPTOOL_ARGS for a board that can be flashed, read as `flash` reads them."""
+    """FIRMWARE, ERASE, ESPTOOL_ARGS and TBFLEET_IMAGE_MIRROR for a board that can be flashed, read as `flash`
+    reads them."""
     try:
         return flash.settings(board, env_value(env, "FIRMWARE"), env_flag(env, "ERASE"),
-                              env_value(env, "ESPTOOL_ARGS"))
+                              env_value(env, "ESPTOOL_ARGS"), env_value(env, "TBFLEET_IMAGE_MIRROR"))
     except flash.FlashError as e:
         raise DeployError(str(e)) from None
 
@@ -293,7 +294,7 @@ def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Calla
     """Write the board's MicroPython image with esptool (flash.py): FIRMWARE or the board's pinned image."""
     chosen = flash_settings(env, board)
     try:
-        image = flash.resolve_image(board, chosen.firmware, flash.default_cache_dir())
+        image = flash.resolve_image(board, chosen.firmware, flash.default_cache_dir(), mirror=chosen.mirror)
         progress(f"{port}: flashing {image.name} onto {board.name}")
         flash.flash(board, port, image, erase=chosen.erase, esptool_args=chosen.esptool_args,
                     progress=lambda line: progress(f"{port}: {line}"))
@@ -543,7 +544,7 @@ def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`deploy` takes its settings from make variables in the environment (secrets never as arguments)."""
     parser.epilog = ("settings come from the environment (make variables): BOARD PORT FLASH FIRMWARE ERASE "
-                     "ESPTOOL_ARGS MONITOR COUNT TRANSPORT TB_HOST TB_PORT TLS PROVISION_KEY PROVISION_SECRET "
+                     "ESPTOOL_ARGS TBFLEET_IMAGE_MIRROR MONITOR COUNT TRANSPORT TB_HOST TB_PORT TLS PROVISION_KEY PROVISION_SECRET "
                      "PROVISION_SECRET_FILE DEVICE_NAME CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME PASSWORD "
                      "CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD INTERVAL LOG_LEVEL")
 

@@ -240,11 +240,13 @@ def read_mac(board: Board, port: str, esptool_args: Sequence[str] = (), timeout:
 
 @dataclass(frozen=True)
 class Settings:
-    """How to flash a board: one reading of FIRMWARE, ERASE and ESPTOOL_ARGS for `flash` and `deploy` alike."""
+    """How to flash a board: one reading of FIRMWARE, ERASE, ESPTOOL_ARGS and TBFLEET_IMAGE_MIRROR for `flash`
+    and `deploy` alike."""
 
     firmware: Path | None
     erase: bool
     esptool_args: tuple[str, ...]
+    mirror: str | None
 
 
 def split_esptool_args(text: str | None) -> tuple[str, ...]:
@@ -255,12 +257,13 @@ def split_esptool_args(text: str | None) -> tuple[str, ...]:
         raise FlashError(f"ESPTOOL_ARGS: {e}") from None
 
 
-def settings(board: Board, firmware: str | Path | None, erase: bool | None, esptool_args: str | None) -> Settings:
+def settings(board: Board, firmware: str | Path | None, erase: bool | None, esptool_args: str | None,
+             mirror: str | None) -> Settings:
     """The flash settings for `board`; ERASE unset takes the board file's default. FlashError names what is wrong."""
     _require_chip(board)
     assert board.flash is not None
     return Settings(Path(firmware) if firmware else None, board.flash.erase_default if erase is None else erase,
-                    split_esptool_args(esptool_args))
+                    split_esptool_args(esptool_args), mirror or None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,10 +293,10 @@ def run(args: argparse.Namespace) -> int:
             raise BoardError(f"no board given: pass BOARD=<name> (known boards: {', '.join(boards.names())})")
         board = boards.load(args.board)
         erase = args.erase if args.erase is not None else env_flag(os.environ, "ERASE")
-        chosen = settings(board, args.firmware, erase, args.esptool_args)
+        chosen = settings(board, args.firmware, erase, args.esptool_args, args.image_mirror)
         _base_args(board, args.port or "", chosen.esptool_args)
         image = resolve_image(board, chosen.firmware, args.cache_dir, download=not args.offline,
-                              mirror=args.image_mirror)
+                              mirror=chosen.mirror)
     except (BoardError, ConfigProblem, FlashError) as e:
         LOG.error("%s", e)
         return 2

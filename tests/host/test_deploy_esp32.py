@@ -20,7 +20,7 @@ import pytest
 from fake_rom import FakeRom, build_image
 from host_tools import boards
 from host_tools.vboard import VirtualBoard, board_mac
-from vboard_fixtures import ArgvWatch, Server, emulator, run_tool, vboard  # noqa: F401 - fixtures
+from vboard_fixtures import ArgvWatch, Server, emulator, mirror, run_tool, vboard  # noqa: F401 - fixtures
 
 _SLIP_END = 0xC0
 
@@ -169,3 +169,19 @@ def test_board_with_the_wanted_micropython_is_not_flashed(esp32: FakeEsp32, emul
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rom" not in esp32.routes and not esp32.rom.wrote_flash()
     assert "flashing" not in proc.stderr
+
+
+def test_the_official_image_is_downloaded_from_the_image_mirror(esp32: FakeEsp32, emulator: Server, mirror,
+                                                               tmp_path: Path) -> None:
+    base, served, fetched = mirror
+    official = boards.load("esp32").micropython
+    build_image("esp32", served / official.file)  # not the pinned bytes: the download is refused after fetching
+    env = {"BOARD": "esp32", "PORT": esp32.url, "FLASH": "1", "TBFLEET_IMAGE_MIRROR": base,
+           "XDG_CACHE_HOME": str(tmp_path / "xdg"), "ESPTOOL_ARGS": "--no-stub --before no-reset --after no-reset",
+           "TB_HOST": "127.0.0.1", "TB_PORT": str(emulator.emu.ports["mqtt"]), "PROVISION_KEY": emulator.key,
+           "PROVISION_SECRET": emulator.secret, "WIFI_SSID": "lab", "MONITOR": "0"}
+    proc = run_tool(["deploy"], env, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert fetched == [f"/fw/{official.file}"]
+    assert f"downloaded {base}{official.file} has sha256" in proc.stderr
+    assert not esp32.rom.wrote_flash()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from fake_rom import FakeRom, build_image
 from host_tools import boards, cli
 from host_tools import flash as fl
 from support import ROOT
+from vboard_fixtures import mirror  # noqa: F401 - fixture
 
 # The fake cannot be reset over TCP; one connect attempt keeps failures fast.
 NO_RESET = ("--before", "no-reset", "--after", "no-reset", "--connect-attempts", "1")
@@ -63,36 +63,6 @@ def silent_port() -> Iterator[str]:
         for conn in accepted:
             conn.close()
         server.close()
-
-
-@pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
-    """A local HTTP server standing in for the image download site: (base URL, folder it serves, paths fetched)."""
-    root = tmp_path / "mirror"
-    root.mkdir()
-    fetched: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def do_GET(self):
-            fetched.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        (root / "fw").mkdir()
-        yield f"http://127.0.0.1:{server.server_address[1]}/fw/", root / "fw", fetched
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def closed_port_url() -> str:

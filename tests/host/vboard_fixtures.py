@@ -7,11 +7,13 @@
   a secret (no secret may ever be passed as an argument).
 - `run_tool(args, env)`: `python -m host_tools ...` with exactly the make variables in `env`.
 - `snapshot(dir)`: sha256 and mtime of every file below `dir`, to prove a board was left untouched.
+- `mirror(tmp_path)`: a local HTTP server standing in for the MicroPython image download site.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import secrets
 import subprocess
@@ -31,7 +33,8 @@ from support import ROOT
 MAKE_VARIABLES = ("BOARD", "PORT", "TB_HOST", "TB_PORT", "TRANSPORT", "TLS", "PROVISION_KEY", "PROVISION_SECRET",
                   "PROVISION_SECRET_FILE", "DEVICE_NAME", "CREDENTIALS_TYPE", "TOKEN", "CLIENT_ID", "USERNAME",
                   "PASSWORD", "CERT_FILE", "KEY_FILE", "CA_FILE", "WIFI_SSID", "WIFI_PASSWORD", "FIRMWARE", "FLASH",
-                  "ERASE", "ESPTOOL_ARGS", "MONITOR", "COUNT", "INTERVAL", "PORTS", "INVENTORY", "LOG_LEVEL")
+                  "ERASE", "ESPTOOL_ARGS", "MONITOR", "COUNT", "INTERVAL", "PORTS", "INVENTORY", "LOG_LEVEL",
+                  "TBFLEET_IMAGE_MIRROR")
 
 
 @dataclass
@@ -138,3 +141,33 @@ def emulator() -> Iterator[Server]:
         yield Server(emu, key, secret)
     finally:
         emu.stop()
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """A local HTTP server standing in for the image download site: (base URL, folder it serves, paths fetched)."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    fetched: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def do_GET(self):
+            fetched.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        (root / "fw").mkdir()
+        yield f"http://127.0.0.1:{server.server_address[1]}/fw/", root / "fw", fetched
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
