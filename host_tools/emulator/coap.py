@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +397,8 @@ class CoapServer(asyncio.DatagramProtocol):
             current = self.state.get_attributes(device, None, None).get("shared", {})
             return Reply(CONTENT, _json(current), options + [(OBSERVE, uint(1))], observe=device)
         query = dict(q.decode("utf-8", "replace").partition("=")[::2] for q in msg.option_values(URI_QUERY))
-        client = [k for k in query.get("clientKeys", "").split(",") if k] or None
-        shared = [k for k in query.get("sharedKeys", "").split(",") if k] or None
+        client = parse_keys(query.get("clientKeys"))
+        shared = parse_keys(query.get("sharedKeys"))
         found = self.state.get_attributes(device, client, shared)
         if not found:
             return Reply(NOT_FOUND)

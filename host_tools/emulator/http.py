@@ -23,7 +23,7 @@ from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,8 @@ class HttpApi:
         return Response(200)
 
     def _get_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
-        client = _key_list(request.param("clientKeys"))
-        shared = _key_list(request.param("sharedKeys"))
+        client = parse_keys(request.param("clientKeys"))
+        shared = parse_keys(request.param("sharedKeys"))
         return Response(200, _json_bytes(self.state.get_attributes(device, client, shared)), _JSON)
 
     def _rpc_reply(self, request: Request, device: Device, feature: list[str]) -> Response:
@@ -379,7 +379,7 @@ class HttpApi:
             state.set_shared_attributes(name, values)
             return Response(200)
         if rest == ["attributes", "shared"] and method == "DELETE":
-            keys = _key_list(request.param("keys"))
+            keys = parse_keys(request.param("keys"))
             if not keys:
                 return _inspection_error(400, "query parameter 'keys' (comma-separated) is required")
             state.delete_shared_attributes(name, keys)
@@ -402,13 +402,6 @@ def _negotiate(request: Request) -> str:
 
 def _method_not_allowed(method: str) -> Response:
     return _error_json(405, f"Request method '{method}' is not supported", 2)
-
-
-def _key_list(value: str | None) -> list[str] | None:
-    """A comma-separated key list; None when absent or empty (ThingsBoard: all keys)."""
-    if not value:
-        return None
-    return [k for k in value.split(",") if k]
 
 
 def _json_body(request: Request) -> Any:

@@ -19,7 +19,7 @@ import ssl
 import struct
 from typing import Any, Iterable
 
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ class Session:
             if value is None:
                 keys[field] = None
             elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                keys[field] = [k for k in str(value).split(",")]
+                keys[field] = parse_keys(str(value))
             else:
                 raise PayloadError(f"{field} must be a comma-separated string")
         return self.state.get_attributes(device, keys["clientKeys"], keys["sharedKeys"])

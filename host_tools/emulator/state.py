@@ -275,6 +275,13 @@ def _cast(value: Any) -> Any:
     return value
 
 
+def parse_keys(text: str | None) -> list[str] | None:
+    """A comma-separated attribute key list without empty keys; None when absent or empty (not asked for)."""
+    if not text:
+        return None
+    return [k for k in text.split(",") if k]
+
+
 def _kv(obj: dict) -> dict:
     return {k: _cast(v) for k, v in obj.items() if v is not None}
 

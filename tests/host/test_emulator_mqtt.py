@@ -339,6 +339,21 @@ def test_attribute_upload_request_and_response():
         assert json.loads(payload) == {"client": {"fw": "v2", "ok": True}, "shared": {"interval": 10, "mode": "eco"}}
 
 
+@pytest.mark.parametrize("request_body, answer", [
+    (b'{"clientKeys":""}', {"client": {"fw": "v2", "ok": True}, "shared": {"interval": 10}}),
+    (b'{"clientKeys":"","sharedKeys":"interval"}', {"shared": {"interval": 10}}),
+    (b'{"clientKeys":"fw,,ok,"}', {"client": {"fw": "v2", "ok": True}}),
+    (b'{"clientKeys":","}', {}),
+])
+def test_attribute_request_key_lists_follow_the_http_rule(request_body, answer):
+    with mqtt_emulator() as emu, device_session(emu) as c:
+        c.send(publish_packet("v1/devices/me/attributes", b'{"fw":"v2","ok":true}', qos=0))
+        emu.call(lambda s: s.set_shared_attributes("pre-token", {"interval": 10}))
+        c.send(publish_packet("v1/devices/me/attributes/request/3", request_body, qos=0))
+        topic, payload, _, _ = c.read_publish()
+        assert topic == "v1/devices/me/attributes/response/3" and json.loads(payload) == answer
+
+
 def test_paho_shared_attribute_pushes_and_server_rpc():
     with mqtt_emulator() as emu, Paho(emu.port, "d", "preTokenValue0000001") as c:
         emu.call(lambda s: s.set_shared_attributes("pre-token", {"before": 1}))

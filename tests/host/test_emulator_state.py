@@ -13,7 +13,7 @@ import pytest
 from emulator_fixtures import ALLOW_KEY, ALLOW_SECRET, CHECK_KEY, CHECK_SECRET, CONFIG, DISABLED_KEY, \
     DISABLED_SECRET
 from host_tools.emulator.state import ConfigError, EmulatorState, PayloadError, RequestError, \
-    cert_trim_newlines, load_config, parse_version, sha3_hex
+    cert_trim_newlines, load_config, parse_keys, parse_version, sha3_hex
 
 FAILURE = {"errorMsg": "Failed to provision device!", "status": "FAILURE"}
 NOT_FOUND = {"errorMsg": "Provision data was not found!", "status": "NOT_FOUND"}
@@ -399,3 +399,8 @@ def test_parse_version():
     for bad in ("4", "4.x", "1.2.3.4.5", ""):
         with pytest.raises(ValueError):
             parse_version(bad)
+
+
+def test_parse_keys_drops_empty_keys_and_empty_means_not_given():
+    assert parse_keys(None) is None and parse_keys("") is None
+    assert parse_keys("a,,b,") == ["a", "b"] and parse_keys(",") == []
