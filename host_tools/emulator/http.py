@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -141,6 +142,14 @@ class HttpApi:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.write_timeout = write_timeout
+        # Device API routes after the token: feature path ("*" = the RPC request id) -> method -> handler.
+        self._routes: dict[tuple[str, ...], dict[str, Callable[[Request, Device, list[str]], Any]]] = {
+            ("telemetry",): {"POST": self._post_telemetry},
+            ("attributes",): {"POST": self._post_attributes, "GET": self._get_attributes},
+            ("attributes", "updates"): {"GET": functools.partial(self._long_poll, "attributes")},
+            ("rpc",): {"GET": functools.partial(self._long_poll, "rpc")},
+            ("rpc", "*"): {"POST": self._rpc_reply},
+        }
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
 
@@ -264,16 +273,9 @@ class HttpApi:
             except RequestError as e:
                 return _error_json(500, str(e), 2)
             return Response(200, _json_bytes(answer), _negotiate(request))
-        routes: dict[tuple[str, ...], dict[str, Callable[[Request, Device, list[str]], Any]]] = {
-            ("telemetry",): {"POST": self._post_telemetry},
-            ("attributes",): {"POST": self._post_attributes, "GET": self._get_attributes},
-            ("attributes", "updates"): {"GET": self._poll_attributes},
-            ("rpc",): {"GET": self._poll_rpc},
-            ("rpc", "*"): {"POST": self._rpc_reply},
-        }
         token, feature = seg[0], seg[1:]
         shape = tuple(feature[:1]) + (("*",) if feature[:1] == ["rpc"] and len(feature) == 2 else tuple(feature[1:]))
-        handlers = routes.get(shape)
+        handlers = self._routes.get(shape)
         if handlers is None:
             return _error_json(404, "No static resource " + redact(request.path).lstrip("/") + ".", 32)
         handler = handlers.get(method)
@@ -320,13 +322,7 @@ class HttpApi:
             return Response(500, str(e).encode(), _TEXT)
         return Response(200)
 
-    async def _poll_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
-        return await self._long_poll(request, device, "attributes")
-
-    async def _poll_rpc(self, request: Request, device: Device, _feature: list[str]) -> Response:
-        return await self._long_poll(request, device, "rpc")
-
-    async def _long_poll(self, request: Request, device: Device, kind: str) -> Response:
+    async def _long_poll(self, kind: str, request: Request, device: Device, _feature: list[str]) -> Response:
         """Wait for one `kind` event of `device`: 200 with it, 408 on timeout, 403 if the device is deleted."""
         try:
             timeout_ms = int(request.param("timeout") or DEFAULT_POLL_TIMEOUT_MS)
