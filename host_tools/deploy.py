@@ -1,7 +1,7 @@
 """`python -m host_tools deploy` (`make deploy`): take a board to provisioned and sending telemetry.
 
 Everything the user gives is checked first (board, config, CA file, port), so a bad input changes nothing. Then:
-a real board is flashed when it has no MicroPython, another version, or FLASH=1; the firmware is compiled with
+a real board is flashed when it has no MicroPython, another version, or FLASH=1 (FIRMWARE and ERASE=1 imply it); the firmware is compiled with
 mpy-cross for the board's .mpy version (or copied as source when the board cannot load ours); only files whose
 sha256 differs from the board's are copied, with real mpremote; config.json goes through a 0600 temporary file;
 the board is soft-reset into main.py and its console followed (MONITOR=0 skips that).
@@ -302,15 +302,26 @@ def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Calla
         raise DeployError(str(e)) from None
 
 
-def flash_reason(board: Board, state: BoardState | None, force: bool) -> str | None:
-    """Why the board must be flashed before deploying (FLASH=1, no MicroPython, another version), or None."""
-    if force and not board.is_host:
-        return "FLASH=1"
+def flash_forced(env: Mapping[str, str]) -> str | None:
+    """The setting that asks for flashing whatever the board runs (FLASH=1, FIRMWARE or ERASE=1), or None.
+
+    FIRMWARE and ERASE=1 only act while flashing, so they imply it; with FLASH=0 they contradict it.
+    """
+    asked = env_flag(env, "FLASH")
+    firmware = env_value(env, "FIRMWARE")
+    implied = f"FIRMWARE={firmware}" if firmware else "ERASE=1" if env_flag(env, "ERASE") else None
+    if asked is False and implied:
+        raise DeployError(f"FLASH=0, but {implied} only acts while flashing: drop one of them")
+    return "FLASH=1" if asked else implied
+
+
+def flash_reason(board: Board, state: BoardState | None, force: str | None) -> str | None:
+    """Why the board must be flashed before deploying (no MicroPython, another version, `force`), or None."""
     if state is None:
         return "no MicroPython answers"
     if state.version != board.micropython.version:
         return f"it runs MicroPython {state.version}, board {board.name} wants {board.micropython.version}"
-    return None
+    return None if board.is_host else force
 
 
 def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceConfig], env: Mapping[str, str],
@@ -323,7 +334,7 @@ def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceC
     progress(f"{port}: asking the board what it runs")
     state = probe(port)
     flashed = False
-    why = flash_reason(board, state, bool(env_flag(env, "FLASH")))
+    why = flash_reason(board, state, flash_forced(env))
     if why:
         if board.is_host:
             raise DeployError(f"{port}: {why}, and a virtual board cannot be flashed")
@@ -349,20 +360,23 @@ def _wait_for_micropython(port: str) -> BoardState:
 
 
 def check_flash_settings(env: Mapping[str, str], board: Board) -> None:
-    """FLASH, ERASE, FIRMWARE and ESPTOOL_ARGS make sense for `board`; DeployError naming the first that does not."""
-    if env_flag(env, "FLASH") and board.is_host:
-        raise DeployError(f"FLASH=1: board {board.name} runs the Unix port and is never flashed")
+    """FLASH, ERASE, FIRMWARE and ESPTOOL_ARGS make sense for `board` (FIRMWARE an image for its chip, checked by
+    esptool); DeployError naming the first that does not."""
+    forced = flash_forced(env)
     if board.is_host:
-        env_flag(env, "ERASE")
+        if forced:
+            raise DeployError(f"{forced}: board {board.name} runs the Unix port and is never flashed")
         try:
             flash.split_esptool_args(env_value(env, "ESPTOOL_ARGS"))
         except flash.FlashError as e:
             raise DeployError(str(e)) from None
-    else:
-        flash_settings(env, board)
-    firmware = env_value(env, "FIRMWARE")
-    if firmware and not Path(firmware).is_file():
-        raise DeployError(f"FIRMWARE={firmware}: no such file")
+        return
+    chosen = flash_settings(env, board)
+    if chosen.firmware is not None:
+        try:
+            flash.check_image(board, chosen.firmware)
+        except flash.FlashError as e:
+            raise DeployError(str(e)) from None
 
 
 def env_count(env: Mapping[str, str]) -> int | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fake_rom import build_image
 from host_tools import boards, build, deploy
 from host_tools.vboard import VirtualBoard, board_mac
 from support import ROOT
@@ -88,6 +89,11 @@ def _ca_garbage(tmp_path: Path) -> str:
     return str(path)
 
 
+def _c3_image(tmp_path: Path) -> str:
+    build_image("esp32c3", tmp_path / "c3.bin")
+    return str(tmp_path / "c3.bin")
+
+
 BAD_INPUTS = [
     ({"BOARD": "esp33"}, "unknown board 'esp33'"),
     ({"PROVISION_KEY": ""}, "PROVISION_KEY is not set"),
@@ -108,6 +114,12 @@ BAD_INPUTS = [
     ({"BOARD": "esp32"}, "WIFI_SSID is not set"),
     ({"COUNT": "2"}, "COUNT needs the local emulator"),
     ({"FLASH": "maybe"}, "FLASH='maybe' is not a yes/no value"),
+    ({"FIRMWARE": "/nonexistent/fw.bin"}, "FIRMWARE=/nonexistent/fw.bin: board unix runs the Unix port and is never"),
+    ({"ERASE": "1"}, "ERASE=1: board unix runs the Unix port and is never flashed"),
+    ({"BOARD": "esp32", "WIFI_SSID": "lab", "PORT": "/dev/ttyNOSUCH0", "FIRMWARE": _c3_image},
+     "is an image for ESP32-C3, but board esp32 has an ESP32: refusing to flash it"),
+    ({"BOARD": "esp32", "WIFI_SSID": "lab", "PORT": "/dev/ttyNOSUCH0", "FLASH": "0", "ERASE": "1"},
+     "FLASH=0, but ERASE=1 only acts while flashing"),
 ]
 
 
@@ -168,12 +180,16 @@ def test_flash_decision() -> None:
     esp32, unix = boards.load("esp32"), boards.load("unix")
     same = deploy.BoardState(esp32.micropython.version, 2822, "ESP32", "246f28a1b2c3", {})
     older = deploy.BoardState("1.22.2", 2822, "ESP32", "246f28a1b2c3", {})
-    assert deploy.flash_reason(esp32, same, force=False) is None
-    assert deploy.flash_reason(esp32, same, force=True) == "FLASH=1"
-    assert deploy.flash_reason(esp32, None, force=False) == "no MicroPython answers"
-    assert deploy.flash_reason(esp32, older, force=False) == (
+    assert deploy.flash_reason(esp32, same, force=None) is None
+    assert deploy.flash_reason(esp32, same, force="FLASH=1") == "FLASH=1"
+    assert deploy.flash_reason(esp32, None, force=None) == "no MicroPython answers"
+    assert deploy.flash_reason(esp32, older, force=None) == (
         f"it runs MicroPython 1.22.2, board esp32 wants {esp32.micropython.version}")
-    assert deploy.flash_reason(unix, same, force=True) is None  # the host board is never flashed
+    assert deploy.flash_reason(unix, same, force="FLASH=1") is None  # the host board is never flashed
+    assert deploy.flash_forced({}) is None and deploy.flash_forced({"ERASE": "0"}) is None
+    assert deploy.flash_forced({"FLASH": "1", "ERASE": "1"}) == "FLASH=1"
+    assert deploy.flash_forced({"FIRMWARE": "own.bin"}) == "FIRMWARE=own.bin", "FIRMWARE alone flashes"
+    assert deploy.flash_forced({"ERASE": "1"}) == "ERASE=1", "ERASE=1 alone flashes"
 
 
 def test_monitor_follows_the_console_until_ctrl_c(vboard: VirtualBoard, emulator: Server) -> None:
