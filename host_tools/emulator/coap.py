@@ -191,6 +191,7 @@ class CoapServer(asyncio.DatagramProtocol):
                  max_retransmit: int = 4):
         self.state = state
         self.separate = separate or not state.at_least(3, 4)
+        self._posted = CREATED if state.at_least(3, 2, 2) else VALID  # what an accepted upload is answered with
         self.ack_timeout = ack_timeout
         self.max_retransmit = max_retransmit
         self.transport: asyncio.DatagramTransport | None = None
@@ -356,13 +357,13 @@ class CoapServer(asyncio.DatagramProtocol):
             except PayloadError as e:
                 log.debug("CoAP: %s refused: %s", feature[0], e)
                 return Reply(BAD_REQUEST)
-            return Reply(CREATED if self.state.at_least(3, 2, 2) else VALID)
+            return Reply(self._posted)
         if method == POST and feature[0] == "rpc" and len(feature) == 2:
             try:
                 self.state.record_rpc_reply(device, int(feature[1]), msg.payload)
             except (ValueError, PayloadError):
                 return Reply(BAD_REQUEST)
-            return Reply(CREATED if self.state.at_least(3, 2, 2) else VALID)
+            return Reply(self._posted)
         if method == GET and feature == ["attributes"]:
             if msg.uint_option(OBSERVE) == 1:
                 self._cancel_observation((addr, device.name))

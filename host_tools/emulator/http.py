@@ -286,23 +286,20 @@ class HttpApi:
         device = self.state.device_by_token(token)
         if device is None:
             return Response(401)
-        result = handler(request, device, feature)
-        if asyncio.iscoroutine(result):
-            result = await result
+        try:
+            result = handler(request, device, feature)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except PayloadError as e:
+            return Response(500, str(e).encode(), _TEXT)  # the parser's message, as DeviceAuthCallback.onError
         return result
 
     def _post_telemetry(self, request: Request, device: Device, _feature: list[str]) -> Response:
-        try:
-            self.state.post_telemetry(device, request.body)
-        except PayloadError as e:
-            return Response(500, str(e).encode(), _TEXT)
+        self.state.post_telemetry(device, request.body)
         return Response(200)
 
     def _post_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
-        try:
-            self.state.post_attributes(device, request.body)
-        except PayloadError as e:
-            return Response(500, str(e).encode(), _TEXT)
+        self.state.post_attributes(device, request.body)
         return Response(200)
 
     def _get_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
@@ -316,10 +313,7 @@ class HttpApi:
         except ValueError:
             return _error_json(400, f"Failed to convert value of type 'java.lang.String' to required type "
                                     f"'java.lang.Integer'; For input string: \"{feature[1]}\"", 31)
-        try:
-            self.state.record_rpc_reply(device, request_id, request.body)
-        except PayloadError as e:
-            return Response(500, str(e).encode(), _TEXT)
+        self.state.record_rpc_reply(device, request_id, request.body)
         return Response(200)
 
     async def _long_poll(self, kind: str, request: Request, device: Device, _feature: list[str]) -> Response:
