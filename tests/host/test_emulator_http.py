@@ -304,7 +304,7 @@ def test_mqtt_basic_credentials_are_no_http_token(emu: Emulator) -> None:
 
 @pytest.mark.parametrize("path, body", [
     ("telemetry", b'{"a":'), ("telemetry", b"42"), ("telemetry", b"[1,2]"),
-    ("attributes", b"[{}]"), ("attributes", b"{bad"),
+    ("attributes", b"[{}]"), ("attributes", b"{bad"), ("rpc/1", b"{bad"),
 ])
 def test_bad_json_is_500_with_the_parser_message(emu: Emulator, path: str, body: bytes) -> None:
     status, headers, raw = emu.request("POST", f"/api/v1/{TOKEN}/{path}", body)
