@@ -15,7 +15,6 @@ Not emulated: block-wise transfer (Block1/Block2 are critical options, so a requ
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -23,7 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, parse_keys
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
+    parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ class CoapServer(asyncio.DatagramProtocol):
             answer = self.state.provision(msg.payload, "coap")
         except RequestError:
             return Reply(BAD_REQUEST)
-        body = json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode()
+        body = json_bytes(answer)
         if not self.state.at_least(3, 2, 2):
             code = CONTENT
         else:
@@ -396,14 +396,14 @@ class CoapServer(asyncio.DatagramProtocol):
         observe = msg.uint_option(OBSERVE)
         if observe == 0:
             current = self.state.get_attributes(device, None, None).get("shared", {})
-            return Reply(CONTENT, _json(current), options + [(OBSERVE, uint(1))], observe=device)
+            return Reply(CONTENT, json_bytes(current), options + [(OBSERVE, uint(1))], observe=device)
         query = dict(q.decode("utf-8", "replace").partition("=")[::2] for q in msg.option_values(URI_QUERY))
         client = parse_keys(query.get("clientKeys"))
         shared = parse_keys(query.get("sharedKeys"))
         found = self.state.get_attributes(device, client, shared)
         if not found:
             return Reply(NOT_FOUND)
-        return Reply(CONTENT, _json(found), options)
+        return Reply(CONTENT, json_bytes(found), options)
 
     # --- observe (RFC 7641) on shared attributes -----------------------------------------------------------------
 
@@ -435,7 +435,7 @@ class CoapServer(asyncio.DatagramProtocol):
             return
         options = [(OBSERVE, uint(obs.seq)), (CONTENT_FORMAT, uint(APPLICATION_JSON))]
         obs.seq = (obs.seq + 1) & 0xFFFFFF
-        self._deliver(Message(obs.mtype, CONTENT, self._next_mid(), obs.token, options, _json(data)), obs.addr,
+        self._deliver(Message(obs.mtype, CONTENT, self._next_mid(), obs.token, options, json_bytes(data)), obs.addr,
                       key)
 
     def _deliver(self, msg: Message, addr: tuple, obs_key: tuple | None = None) -> None:
@@ -449,10 +449,6 @@ class CoapServer(asyncio.DatagramProtocol):
         obs = self._observations.pop(key, None)
         if obs is not None:
             self.state.unlisten(obs.handle)
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 _servers: dict[asyncio.AbstractEventLoop, list[CoapServer]] = {}

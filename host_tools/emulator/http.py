@@ -24,7 +24,8 @@ from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, parse_keys
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
+    parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 2 * 1024 * 1024
 _JSON = "application/json"
 _TEXT = "text/plain;charset=UTF-8"
-
-
-def _json_bytes(value: Any) -> bytes:
-    """Serialise as Gson does: compact separators, non-ASCII kept as UTF-8."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass
@@ -126,11 +122,11 @@ def payload_limit(path: str) -> int | None:
 def _error_json(status: int, message: str, error_code: int) -> Response:
     """ThingsBoard's ThingsboardErrorResponse, in its field order."""
     body = {"status": status, "message": message, "errorCode": error_code, "timestamp": int(time.time() * 1000)}
-    return Response(status, _json_bytes(body), _JSON)
+    return Response(status, json_bytes(body), _JSON)
 
 
 def _inspection_error(status: int, message: str) -> Response:
-    return Response(status, _json_bytes({"error": message}), _JSON)
+    return Response(status, json_bytes({"error": message}), _JSON)
 
 
 class HttpApi:
@@ -272,7 +268,7 @@ class HttpApi:
                 answer = self.state.provision(request.body, "http")
             except RequestError as e:
                 return _error_json(500, str(e), 2)
-            return Response(200, _json_bytes(answer), _negotiate(request))
+            return Response(200, json_bytes(answer), _negotiate(request))
         token, feature = seg[0], seg[1:]
         shape = tuple(feature[:1]) + (("*",) if feature[:1] == ["rpc"] and len(feature) == 2 else tuple(feature[1:]))
         handlers = self._routes.get(shape)
@@ -305,7 +301,7 @@ class HttpApi:
     def _get_attributes(self, request: Request, device: Device, _feature: list[str]) -> Response:
         client = parse_keys(request.param("clientKeys"))
         shared = parse_keys(request.param("sharedKeys"))
-        return Response(200, _json_bytes(self.state.get_attributes(device, client, shared)), _JSON)
+        return Response(200, json_bytes(self.state.get_attributes(device, client, shared)), _JSON)
 
     def _rpc_reply(self, request: Request, device: Device, feature: list[str]) -> Response:
         try:
@@ -342,26 +338,26 @@ class HttpApi:
         if event_kind == "rpc":
             rpc_id, rpc_method, params = data
             data = {"id": rpc_id, "method": rpc_method, "params": params}
-        return Response(200, _json_bytes(data), _JSON)
+        return Response(200, json_bytes(data), _JSON)
 
     def _inspection(self, request: Request, seg: list[str]) -> Response:
         state, method = self.state, request.method
         if not seg:
-            return Response(200, _json_bytes(state.devices()), _JSON) if method == "GET" \
+            return Response(200, json_bytes(state.devices()), _JSON) if method == "GET" \
                 else _method_not_allowed(method)
         name, rest = seg[0], seg[1:]
         if state.device(name) is None:
             return _inspection_error(404, f"no device named {name!r}")
         if not rest and method == "GET":
             entry = next(d for d in state.devices() if d["name"] == name)
-            return Response(200, _json_bytes(entry), _JSON)
+            return Response(200, json_bytes(entry), _JSON)
         if not rest and method == "DELETE":
             state.delete_device(name)
             return Response(200)
         if rest == ["telemetry"] and method == "GET":
-            return Response(200, _json_bytes(state.telemetry(name)), _JSON)
+            return Response(200, json_bytes(state.telemetry(name)), _JSON)
         if rest == ["attributes"] and method == "GET":
-            return Response(200, _json_bytes(state.attributes(name)), _JSON)
+            return Response(200, json_bytes(state.attributes(name)), _JSON)
         if rest == ["attributes", "shared"] and method == "POST":
             values = _json_body(request)
             if not isinstance(values, dict) or not values:
@@ -379,9 +375,9 @@ class HttpApi:
             if not isinstance(call, dict) or not isinstance(call.get("method"), str) or not call["method"]:
                 return _inspection_error(400, 'body must be a JSON object {"method": "<name>", "params": ...}')
             rpc_id = state.send_rpc(name, call["method"], call.get("params", {}))
-            return Response(200, _json_bytes({"id": rpc_id}), _JSON)
+            return Response(200, json_bytes({"id": rpc_id}), _JSON)
         if rest == ["rpc"] and method == "GET":
-            return Response(200, _json_bytes(state.rpc_replies(name)), _JSON)
+            return Response(200, json_bytes(state.rpc_replies(name)), _JSON)
         return _inspection_error(404, f"no inspection resource {method} {request.path}")
 
 
@@ -433,7 +429,7 @@ def _parse_head(head: bytes) -> Request:
 
 def _too_large(limit: int) -> BadRequest:
     message = f"Payload size exceeds the limit of {limit} bytes"
-    return BadRequest(413, message, _json_bytes(message))
+    return BadRequest(413, message, json_bytes(message))
 
 
 def _content_length(headers: dict[str, str]) -> int | None:

@@ -17,9 +17,10 @@ import json
 import logging
 import ssl
 import struct
-from typing import Any, Iterable
+from typing import Iterable
 
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, parse_keys
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
+    parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,6 @@ class _Reader:
         chunk = self.data[self.pos:]
         self.pos = len(self.data)
         return chunk
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _topic_id(topic: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
@@ -406,7 +403,7 @@ class Session:
             await self._end()
             raise _Closed() from None
         self.send(puback)
-        self.publish(PROVISION_RESPONSE, _json_bytes(response), self._qos(PROVISION_RESPONSE))
+        self.publish(PROVISION_RESPONSE, json_bytes(response), self._qos(PROVISION_RESPONSE))
         if self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(self.server.provision_close_after,
                                                                       self.close)
@@ -433,7 +430,7 @@ class Session:
                 self.send(puback)
                 prefix, request_id = request
                 response_topic = f"{ATTRIBUTE_REQUEST_PREFIXES[prefix]}{request_id}"
-                self.publish(response_topic, _json_bytes(answer), self._qos(response_topic))
+                self.publish(response_topic, json_bytes(answer), self._qos(response_topic))
             elif (reply := _topic_id(topic, RPC_RESPONSE_PREFIXES)) is not None:
                 self.state.record_rpc_reply(device, reply[1], payload)
                 self.send(puback)
@@ -480,7 +477,7 @@ class Session:
         if kind == "rpc":
             rpc_id, method, params = data  # type: ignore[misc]
             push_topic, data = push_topic.format(rpc_id), {"method": method, "params": params}
-        self.publish(push_topic, _json_bytes(data), self._qos(push_topic))
+        self.publish(push_topic, json_bytes(data), self._qos(push_topic))
 
 
 class MqttServer:

@@ -236,7 +236,13 @@ def _now_ms() -> int:
 
 
 def _json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """Compact JSON as Gson writes it: no spaces, non-ASCII characters kept."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_bytes(value: Any) -> bytes:
+    """A value as a JSON body on the wire (UTF-8, Gson's compact form)."""
+    return _json_text(value).encode()
 
 
 def _parse_json(body: bytes) -> Any:
