@@ -290,16 +290,45 @@ def flash_settings(env: Mapping[str, str], board: Board) -> flash.Settings:
         raise DeployError(str(e)) from None
 
 
-def flash_board(board: Board, port: str, env: Mapping[str, str], progress: Callable[[str], None]) -> None:
-    """Write the board's MicroPython image with esptool (flash.py): FIRMWARE or the board's pinned image."""
-    chosen = flash_settings(env, board)
-    try:
-        image = flash.resolve_image(board, chosen.firmware, flash.default_cache_dir(), mirror=chosen.mirror)
-        progress(f"{port}: flashing {image.name} onto {board.name}")
-        flash.flash(board, port, image, erase=chosen.erase, esptool_args=chosen.esptool_args,
-                    progress=lambda line: progress(f"{port}: {line}"))
-    except flash.FlashError as e:
-        raise DeployError(str(e)) from None
+class Flasher:
+    """Flashes boards of one kind as the settings say (flash.py, esptool), however many boards there are.
+
+    The image is FIRMWARE (checked with the settings) or the board's pinned image, resolved on first use and then
+    kept: a fleet reads and hashes it once, not once per board. Thread-safe.
+    """
+
+    def __init__(self, board: Board, settings: flash.Settings | None, force: str | None,
+                 cache_dir: Path | None = None) -> None:
+        self.board = board
+        self.settings = settings
+        self.force = force
+        self.cache_dir = cache_dir or flash.default_cache_dir()
+        self._image = settings.firmware if settings else None
+        self._lock = threading.Lock()
+
+    def reason(self, state: BoardState | None) -> str | None:
+        """Why the board that answered with `state` must be flashed first, or None."""
+        return flash_reason(self.board, state, self.force)
+
+    def image(self) -> Path:
+        """The image to write; FlashError when there is none."""
+        assert self.settings is not None, "the host board is never flashed"
+        with self._lock:
+            if self._image is None:
+                self._image = flash.resolve_image(self.board, None, self.cache_dir, mirror=self.settings.mirror)
+            return self._image
+
+    def flash(self, port: str, progress: Callable[[str], None]) -> None:
+        """Write the image onto the board at `port`."""
+        if self.settings is None:
+            raise DeployError(f"{port}: board {self.board.name} runs the Unix port and cannot be flashed")
+        try:
+            image = self.image()
+            progress(f"{port}: flashing {image.name} onto {self.board.name}")
+            flash.flash(self.board, port, image, erase=self.settings.erase, esptool_args=self.settings.esptool_args,
+                        progress=lambda line: progress(f"{port}: {line}"))
+        except flash.FlashError as e:
+            raise DeployError(str(e)) from None
 
 
 def flash_forced(env: Mapping[str, str]) -> str | None:
@@ -324,7 +353,7 @@ def flash_reason(board: Board, state: BoardState | None, force: str | None) -> s
     return None if board.is_host else force
 
 
-def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceConfig], env: Mapping[str, str],
+def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceConfig], flasher: Flasher,
                  firmware: FirmwareBuild, progress: Callable[[str], None] = log.info) -> Outcome:
     """Deploy onto the board at `port`: flash when needed, build, copy what changed, write config.json.
 
@@ -334,12 +363,12 @@ def deploy_board(board: Board, port: str, dc_for: Callable[[BoardState], DeviceC
     progress(f"{port}: asking the board what it runs")
     state = probe(port)
     flashed = False
-    why = flash_reason(board, state, flash_forced(env))
+    why = flasher.reason(state)
     if why:
         if board.is_host:
             raise DeployError(f"{port}: {why}, and a virtual board cannot be flashed")
         progress(f"{port}: flashing because {why}")
-        flash_board(board, port, env, progress)
+        flasher.flash(port, progress)
         flashed = True
         state = _wait_for_micropython(port)
     dc = dc_for(state)
@@ -359,9 +388,9 @@ def _wait_for_micropython(port: str) -> BoardState:
                       "deploy again; with ESPTOOL_ARGS --after no-reset the chip stays in its bootloader)")
 
 
-def check_flash_settings(env: Mapping[str, str], board: Board) -> None:
-    """FLASH, ERASE, FIRMWARE and ESPTOOL_ARGS make sense for `board` (FIRMWARE an image for its chip, checked by
-    esptool); DeployError naming the first that does not."""
+def check_flash_settings(env: Mapping[str, str], board: Board) -> Flasher:
+    """FLASH, ERASE, FIRMWARE, ESPTOOL_ARGS and TBFLEET_IMAGE_MIRROR make sense for `board` (FIRMWARE an image for
+    its chip, checked by esptool): the Flasher they make; DeployError naming the first that does not."""
     forced = flash_forced(env)
     if board.is_host:
         if forced:
@@ -370,13 +399,14 @@ def check_flash_settings(env: Mapping[str, str], board: Board) -> None:
             flash.split_esptool_args(env_value(env, "ESPTOOL_ARGS"))
         except flash.FlashError as e:
             raise DeployError(str(e)) from None
-        return
+        return Flasher(board, None, None)
     chosen = flash_settings(env, board)
     if chosen.firmware is not None:
         try:
             flash.check_image(board, chosen.firmware)
         except flash.FlashError as e:
             raise DeployError(str(e)) from None
+    return Flasher(board, chosen, forced)
 
 
 def env_count(env: Mapping[str, str]) -> int | None:
@@ -457,6 +487,7 @@ class Plan:
     monitor: bool
     emulator: bool
     transport: str
+    flasher: Flasher
 
 
 def plan(env: Mapping[str, str]) -> Plan:
@@ -473,7 +504,7 @@ def plan(env: Mapping[str, str]) -> Plan:
     if count is not None and not emulator:
         raise DeployError("COUNT needs the local emulator, which only runs with BOARD=unix and no TB_HOST")
     monitor = env_flag(env, "MONITOR")
-    check_flash_settings(env, board)
+    flasher = check_flash_settings(env, board)
     defaults: dict[str, object] = {}
     if emulator:
         key, secret = demo_profile()
@@ -487,7 +518,8 @@ def plan(env: Mapping[str, str]) -> Plan:
     devconfig.firmware_check(dc)
     if port:
         check_port(port)
-    return Plan(board, port, dc, count, True if monitor is None else monitor, emulator, dc.config["transport"])
+    return Plan(board, port, dc, count, True if monitor is None else monitor, emulator, dc.config["transport"],
+                flasher)
 
 
 def _device_name(dc: DeviceConfig, state: BoardState) -> str:
@@ -505,7 +537,7 @@ def _counted(emulator: EmulatorProcess, name: str, count: int, deadline: float) 
     return False
 
 
-def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
+def execute(p: Plan, console: Console) -> int:
     """Run a validated plan: emulator and virtual board when needed, deploy, reset, follow."""
     from host_tools.emulator.process import EmulatorError, EmulatorProcess
     from host_tools.vboard import VirtualBoard
@@ -528,7 +560,7 @@ def execute(p: Plan, env: Mapping[str, str], console: Console) -> int:
             port = vboard.start()
             log.info("virtual board on %s (flash %s)", port, flash_dir)
         with FirmwareBuild() as firmware:
-            outcome = deploy_board(p.board, port, lambda state: p.dc, env, firmware)
+            outcome = deploy_board(p.board, port, lambda state: p.dc, p.flasher, firmware)
         name = _device_name(p.dc, outcome.state)
         log.info("%s: device %s, %d files copied, %d unchanged, %d removed%s; resetting the board", port, name,
                  len(outcome.copied), outcome.unchanged, len(outcome.removed),
@@ -573,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     console = Console(p.dc.secrets())
     try:
-        return execute(p, env, console)
+        return execute(p, console)
     except DeployError as e:
         log.error("%s", console.scrub(str(e)))
         return 1

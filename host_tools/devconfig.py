@@ -74,6 +74,14 @@ class DeviceConfig:
         """Secret values in this config, for scrubbing any text shown to people."""
         return [v for k, v in self.config.items() if k in _SECRET_FIELDS and isinstance(v, str) and v]
 
+    def for_uid(self, uid: str) -> DeviceConfig:
+        """This config for the board whose chip MAC is `uid` (12 hex digits): {uid} in the device name expanded.
+
+        The rest is shared, so a fleet reads its files and runs the firmware's check once, not once per board.
+        """
+        return DeviceConfig({**self.config, "device_name": self.config["device_name"].replace("{uid}", uid)},
+                            self.files)
+
     def redacted(self) -> dict[str, Any]:
         """The config with every secret replaced by "***", safe to show or log."""
         return {k: ("***" if k in _SECRET_FIELDS and v else v) for k, v in self.config.items()}

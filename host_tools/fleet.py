@@ -88,31 +88,37 @@ def usb_ports() -> set[str]:
     return {p.device for p in list_ports.comports() if p.vid is not None}
 
 
-def board_config(env: Mapping[str, str], board: Board, state: BoardState) -> DeviceConfig:
-    """The config for the board that answered with `state`: its own name from its chip MAC, firmware-checked."""
+@dataclass
+class Fleet:
+    """Everything shared by the boards of a fleet, validated once before any board is touched."""
+
+    board: Board
+    template: DeviceConfig  # the device name still holds {uid}
+    flasher: deploy.Flasher
+
+
+def board_config(template: DeviceConfig, state: BoardState) -> DeviceConfig:
+    """The config for the board that answered with `state`: the fleet's, named from its chip MAC."""
     if not state.uid:
         raise DeployError("the board has no machine.unique_id(): cannot tell its chip MAC")
-    dc = devconfig.from_env(env, board.device_name, board.sensors, uid=state.uid)
-    devconfig.firmware_check(dc)
-    return dc
+    return template.for_uid(state.uid)
 
 
-def deploy_one(board: Board, port: str, env: Mapping[str, str], firmware: FirmwareBuild, progress: Progress,
-               console: Console) -> Row:
+def deploy_one(fleet: Fleet, port: str, firmware: FirmwareBuild, progress: Progress, console: Console) -> Row:
     """Deploy one board and reset it into main.py; every failure becomes the row's result, never an exception."""
     row = Row(port)
     started = time.monotonic()
 
     def dc_for(state: BoardState) -> DeviceConfig:
         row.chip_mac = state.mac() or ""
-        dc = board_config(env, board, state)
+        dc = board_config(fleet.template, state)
         row.device_name = dc.config["device_name"]
         progress.show(f"{port}: chip {row.chip_mac}, device {row.device_name}")
         return dc
 
     try:
         deploy.check_port(port)
-        outcome = deploy.deploy_board(board, port, dc_for, env, firmware, progress=progress.show)
+        outcome = deploy.deploy_board(fleet.board, port, dc_for, fleet.flasher, firmware, progress=progress.show)
         deploy.reset_into_main(port).close()
         row.result = "ok"
         progress.show(f"{port}: deployed ({len(outcome.copied)} files copied"
@@ -129,35 +135,35 @@ def deploy_one(board: Board, port: str, env: Mapping[str, str], firmware: Firmwa
     return row
 
 
-def validate(env: Mapping[str, str]) -> tuple[Board, DeviceConfig]:
+def validate(env: Mapping[str, str]) -> Fleet:
     """Check everything shared by all boards before any is touched; errors name the variable."""
     board = boards.load(devconfig.env_value(env, "BOARD") or "esp32")
     if not devconfig.env_value(env, "TB_HOST"):
         raise DeployError("TB_HOST is not set: a fleet needs the ThingsBoard server the boards will use")
     if not board.is_host and not devconfig.env_value(env, "WIFI_SSID"):
         raise DeployError(f"WIFI_SSID is not set: board {board.name} needs a Wi-Fi network to reach the server")
-    deploy.check_flash_settings(env, board)
+    flasher = deploy.check_flash_settings(env, board)
     template = devconfig.env_value(env, "DEVICE_NAME") or board.device_name
     if "{uid}" not in template and "{mac}" not in template:
         raise DeployError(f"DEVICE_NAME={template!r} has neither {{uid}} nor {{mac}}: every board of a fleet "
                           "needs its own name (ThingsBoard refuses a second device with the same name)")
-    dc = devconfig.from_env(env, board.device_name, board.sensors, uid="000000000000")
-    devconfig.firmware_check(dc)
-    return board, dc
+    template = devconfig.from_env(env, board.device_name, board.sensors)
+    # Every board's name differs only in the MAC's 12 hex digits: one check stands for them all.
+    devconfig.firmware_check(template.for_uid("000000000000"))
+    return Fleet(board, template, flasher)
 
 
-def run_fleet(board: Board, ports: list[str] | None, env: Mapping[str, str], console: Console, wait: float,
-              jobs: int, discover: Callable[[], set[str]] = usb_ports) -> list[Row]:
+def run_fleet(fleet: Fleet, ports: list[str] | None, console: Console, wait: float, jobs: int,
+              discover: Callable[[], set[str]] = usb_ports) -> list[Row]:
     """Deploy `ports` (or every port `discover` shows within `wait` seconds) in parallel; one row per board."""
     progress = Progress(console)
-    rows: list[Row] = []
     with FirmwareBuild() as firmware, ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="fleet") as pool:
         futures = []
 
         def submit(port: str) -> None:
             progress.add()
             progress.show(f"{port}: starting")
-            futures.append(pool.submit(deploy_one, board, port, env, firmware, progress, console))
+            futures.append(pool.submit(deploy_one, fleet, port, firmware, progress, console))
 
         if ports is not None:
             for port in ports:
@@ -217,14 +223,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.jobs < 1 or args.wait <= 0:
             raise DeployError("--jobs must be at least 1 and --wait more than 0")
-        board, dc = validate(env)
+        shared = validate(env)
     except (DeployError, ConfigProblem, BoardError) as e:
         log.error("%s", e)
         return 2
-    console = Console(dc.secrets())
+    console = Console(shared.template.secrets())
     ports = parse_ports(args.ports) if args.ports else None
     try:
-        rows = run_fleet(board, ports, env, console, args.wait, args.jobs)
+        rows = run_fleet(shared, ports, console, args.wait, args.jobs)
     except DeployError as e:
         log.error("%s", e)
         return 1

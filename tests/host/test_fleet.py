@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from host_tools import boards, fleet
-from host_tools.deploy import Console, DeployError
+from fake_rom import build_image
+from host_tools import boards, deploy, devconfig, flash, fleet
+from host_tools.deploy import BoardState, Console, DeployError
 from host_tools.vboard import VirtualBoard, board_mac
 from vboard_fixtures import ArgvWatch, Server, emulator, run_tool  # noqa: F401 - fixture
 
@@ -74,7 +78,7 @@ def test_fleet_picks_up_ports_as_they_appear(tmp_path: Path, emulator: Server) -
     appear_at = time.monotonic() + 0.4
     try:
         out = io.StringIO()
-        rows = fleet.run_fleet(boards.load("unix"), None, server_env(emulator), Console([emulator.secret], out),
+        rows = fleet.run_fleet(fleet.validate(server_env(emulator)), None, Console([emulator.secret], out),
                                wait=1.2, jobs=2,
                                discover=lambda: {board.port} if time.monotonic() > appear_at else set())
     finally:
@@ -83,8 +87,7 @@ def test_fleet_picks_up_ports_as_they_appear(tmp_path: Path, emulator: Server) -
     assert rows[0].device_name == "unix-" + board_mac(board.flash_dir).hex()
     assert f"[fleet 1/1] {board.port}: deployed" in out.getvalue()
     with pytest.raises(DeployError, match="no serial port appeared within 1 s"):
-        fleet.run_fleet(boards.load("unix"), None, server_env(emulator), Console([]), wait=0.6, jobs=1,
-                        discover=set)
+        fleet.run_fleet(fleet.validate(server_env(emulator)), None, Console([]), wait=0.6, jobs=1, discover=set)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -104,3 +107,39 @@ def test_fleet_refuses_bad_input_before_touching_boards(tmp_path: Path, change: 
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert not (tmp_path / "inv.csv").exists()
+
+
+def test_each_board_gets_the_fleets_config_under_its_own_name_without_reading_it_again(monkeypatch) -> None:
+    shared = fleet.validate({"BOARD": "esp32", "TB_HOST": "tb.example.com", "PROVISION_KEY": "k",
+                             "PROVISION_SECRET": "s", "WIFI_SSID": "lab", "DEVICE_NAME": "lab-{mac}"})
+
+    def again(*args, **kwargs):
+        raise AssertionError("the config is built and checked once per fleet")
+
+    monkeypatch.setattr(devconfig, "from_env", again)
+    monkeypatch.setattr(devconfig, "firmware_check", again)
+    state = BoardState("1.29.0", 6, "ESP32", "246f28a1b2c3", {})
+    dc = fleet.board_config(shared.template, state)
+    assert dc.config["device_name"] == "lab-246f28a1b2c3"
+    assert {k: v for k, v in dc.config.items() if k != "device_name"} == {
+        k: v for k, v in shared.template.config.items() if k != "device_name"}
+    assert shared.template.config["device_name"] == "lab-{uid}", "the template is left for the next board"
+    with pytest.raises(DeployError, match="no machine.unique_id"):
+        fleet.board_config(shared.template, BoardState("1.29.0", 6, "ESP32", None, {}))
+
+
+def test_the_image_is_resolved_once_for_the_whole_fleet(tmp_path: Path, monkeypatch) -> None:
+    raw = boards.load("esp32")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = build_image("esp32", cache / raw.micropython.file)
+    board = dataclasses.replace(raw, micropython=dataclasses.replace(
+        raw.micropython, sha256=hashlib.sha256(data).hexdigest()))
+    hashed: list[Path] = []
+    real_sha256 = flash.sha256_of
+    monkeypatch.setattr(flash, "sha256_of", lambda path: hashed.append(path) or real_sha256(path))
+    flasher = deploy.Flasher(board, flash.settings(board, None, None, None, None), "FLASH=1", cache_dir=cache)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        images = list(pool.map(lambda _: flasher.image(), range(8)))
+    assert images == [cache / raw.micropython.file] * 8
+    assert hashed == [cache / raw.micropython.file]
