@@ -396,8 +396,8 @@ class Session:
             raise _Closed()
         try:
             response = self.state.provision(payload, "mqtt")
-        except RequestError:
-            if self._is_json_object(payload):
+        except RequestError as e:
+            if e.json_object:
                 self.send(puback)  # parse error after JSON: PUBACK (error reason on MQTT 5), then disconnect
             self.state.event(f"mqtt: unparsable provisioning request from {self.peer}, closing")
             await self._end()
@@ -407,13 +407,6 @@ class Session:
         if self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(self.server.provision_close_after,
                                                                       self.close)
-
-    @staticmethod
-    def _is_json_object(payload: bytes) -> bool:
-        try:
-            return isinstance(json.loads(payload), dict)
-        except ValueError:
-            return False
 
     async def _device_publish(self, topic: str, payload: bytes, puback: bytes) -> None:
         device = self.device

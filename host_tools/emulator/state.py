@@ -70,7 +70,14 @@ class ConfigError(ValueError):
 
 
 class RequestError(Exception):
-    """A provisioning body the server cannot parse; str() is the server's exception message."""
+    """A provisioning body the server cannot parse; str() is the server's exception message.
+
+    `json_object` says whether the body was a JSON object at all (MQTT acknowledges those before it closes).
+    """
+
+    def __init__(self, message: str, json_object: bool) -> None:
+        super().__init__(message)
+        self.json_object = json_object
 
 
 class PayloadError(Exception):
@@ -436,10 +443,10 @@ class EmulatorState:
         except (UnicodeDecodeError, json.JSONDecodeError):
             obj = None
         if not isinstance(obj, dict):
-            raise RequestError("Can't parse value: " + body.decode("utf-8", "replace"))
+            raise RequestError("Can't parse value: " + body.decode("utf-8", "replace"), False)
         for field in ("provisionDeviceKey", "provisionDeviceSecret"):
             if field not in obj:
-                raise RequestError(f"Failed to find the field {field} in JSON body {_json_text(obj)}!")
+                raise RequestError(f"Failed to find the field {field} in JSON body {_json_text(obj)}!", True)
         req: dict[str, Any] = {}
         for field in ("deviceName", "provisionDeviceKey", "provisionDeviceSecret", "credentialsType", "token",
                       "clientId", "username", "password", "hash"):
@@ -450,11 +457,11 @@ class EmulatorState:
                 value = _json_text(value)
             elif not isinstance(value, str):
                 raise RequestError(f"Can't parse the field {field} in JSON body {_json_text(obj)}: "
-                                   "not a primitive value")
+                                   "not a primitive value", True)
             req[field] = value
         ctype = req["credentialsType"] if "credentialsType" in obj else ACCESS_TOKEN
         if ctype not in CREDENTIALS_TYPES + (LWM2M_CREDENTIALS,):
-            raise RequestError(f"No enum constant {_ENUM_CLASS}.{ctype}")
+            raise RequestError(f"No enum constant {_ENUM_CLASS}.{ctype}", True)
         req["credentialsType"] = ctype
         return req
 

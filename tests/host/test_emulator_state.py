@@ -206,6 +206,7 @@ def test_unparsable_requests_raise_with_the_server_message(body, message):
     with pytest.raises(RequestError) as info:
         state.provision(body, "http")
     assert str(info.value) == message
+    assert info.value.json_object == body.startswith(b"{")
 
 
 def test_secrets_never_in_events():
