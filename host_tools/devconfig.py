@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -241,8 +242,9 @@ def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tupl
             seconds = float(interval)
         except ValueError:
             raise ConfigProblem(f"INTERVAL={interval!r} is not a number of seconds") from None
-        if not seconds > 0:
-            raise ConfigProblem(f"INTERVAL={interval!r} must be more than 0 seconds")
+        if not math.isfinite(seconds):
+            raise ConfigProblem(f"INTERVAL={interval!r} is not a number of seconds")
+        # Its range is the firmware's own check (0 sends back to back), so that host and board agree on it.
         cfg["telemetry_interval"] = int(seconds) if seconds.is_integer() else seconds
     cfg["sensors"] = list(sensors)
     return DeviceConfig(cfg, files)

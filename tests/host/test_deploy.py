@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fake_rom import build_image
-from host_tools import boards, build, deploy
+from host_tools import boards, build, deploy, devconfig
 from host_tools.vboard import VirtualBoard, board_mac
 from support import ROOT
 from vboard_fixtures import (MAKE_VARIABLES, ArgvWatch, Server, emulator, run_tool, snapshot,  # noqa: F401
@@ -109,6 +109,9 @@ BAD_INPUTS = [
      "CREDENTIALS_TYPE (config.json credentials_type): MQTT_BASIC works only with transport mqtt"),
     ({"DEVICE_NAME": "provision"}, "DEVICE_NAME (config.json device_name): 'provision' is reserved"),
     ({"INTERVAL": "soon"}, "INTERVAL='soon' is not a number of seconds"),
+    ({"INTERVAL": "inf"}, "INTERVAL='inf' is not a number of seconds"),
+    ({"INTERVAL": "-1"}, "INTERVAL (config.json telemetry_interval): must be in 0..604800"),
+    ({"INTERVAL": "604801"}, "INTERVAL (config.json telemetry_interval): must be in 0..604800"),
     ({"PORT": "/dev/ttyNOSUCH0"}, "PORT=/dev/ttyNOSUCH0: no such serial port"),
     ({"BOARD": "esp32", "WIFI_SSID": "lab", "PORT": "/dev/ttyNOSUCH0"}, "PORT=/dev/ttyNOSUCH0: no such serial port"),
     ({"BOARD": "esp32"}, "WIFI_SSID is not set"),
@@ -215,3 +218,11 @@ def test_monitor_follows_the_console_until_ctrl_c(vboard: VirtualBoard, emulator
         proc.stdout.close()
     assert any(line.startswith("[board] ") and "provisioned" in line for line in seen), "".join(seen)
     assert "telemetry 3 sent" in seen[-1]
+
+
+def test_interval_takes_what_the_firmware_takes() -> None:
+    for interval, expected in (("0", 0), ("0.5", 0.5), ("604800", 604800)):
+        dc = devconfig.from_env({"TB_HOST": "127.0.0.1", "PROVISION_KEY": "k", "PROVISION_SECRET": "s",
+                                 "INTERVAL": interval}, "unix-{uid}", ["uptime"])
+        assert dc.config["telemetry_interval"] == expected
+        devconfig.firmware_check(dc)
