@@ -40,4 +40,4 @@ emulator: $(STAMP)
 	$(PY) -m host_tools emulator --config $(or $(EMULATOR_CONFIG),host_tools/emulator/demo.json)
 
 clean:
-	rm -rf $(VENV) .pytest_cache bench-results.json build
+	rm -rf $(VENV) .pytest_cache bench-results.json
