@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import secrets
 import sqlite3
 import string
@@ -42,6 +43,9 @@ CONNACK_NOT_AUTHORIZED = 5
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 _LONG_MIN, _LONG_MAX = -(2 ** 63), 2 ** 63 - 1
+# NumberUtils.isParsable, which gates type casting: an optional '-', ASCII digits with at most one inner or leading
+# '.'. Python's int()/float() would also take "1_000", " 12 ", "+5", "1e3" and non-ASCII digits.
+_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)")
 # ThingsBoard's DeviceCredentialsType enum, named in the exception Java's valueOf() throws.
 _ENUM_CLASS = "org.thingsboard.server.common.data.security.DeviceCredentialsType"
 
@@ -272,14 +276,12 @@ def _reject_constant(name: str) -> Any:
 def _cast(value: Any) -> Any:
     """A telemetry/attribute value as ThingsBoard stores it (§6.1, type casting on); None means skipped."""
     if isinstance(value, str):
-        try:
-            number = int(value)
-        except ValueError:
-            try:
-                number = float(value)
-            except ValueError:
-                return value
+        if not _NUMBER.fullmatch(value):
+            return value
+        if "." in value:
+            number = float(value)
             return number if math.isfinite(number) else value
+        number = int(value)
         return number if _LONG_MIN <= number <= _LONG_MAX else value
     if isinstance(value, bool) or isinstance(value, float):
         return value

@@ -270,6 +270,19 @@ def test_telemetry_shapes_and_value_typing():
     assert any("telemetry from 'pre-token'" in e for e in events)
 
 
+@pytest.mark.parametrize("text, stored", [
+    ("12", 12), ("-7", -7), ("007", 7), ("-3.5", -3.5), (".5", 0.5), ("9223372036854775807", 2 ** 63 - 1),
+    ("9223372036854775808", "9223372036854775808"), ("1_000", "1_000"), (" 12 ", " 12 "), ("12\n", "12\n"),
+    ("\u0661\u0662", "\u0661\u0662"), ("+5", "+5"), ("1e3", "1e3"), ("1.", "1."), ("-", "-"), ("1.2.3", "1.2.3"),
+    ("0x10", "0x10"), ("NaN", "NaN"), ("Infinity", "Infinity"), ("", ""),
+])
+def test_only_ascii_number_strings_are_cast(text, stored):
+    state, _ = make()
+    state.post_telemetry(state.device("pre-token"), json.dumps({"v": text}).encode())
+    value = state.telemetry("pre-token")[0]["values"]["v"]
+    assert value == stored and type(value) is type(stored)
+
+
 @pytest.mark.parametrize("body", [b"42", b"[1,2]", b'"s"', b"{bad", b"", b'{"ts":"x","values":{}}',
                                   b'{"ts":1,"values":5}', b"\xff"])
 def test_bad_telemetry_raises_payload_error(body):
