@@ -24,12 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-from host_tools.build import compile_firmware
+from host_tools.build import MICROPYTHON, ROOT, compile_firmware
+from host_tools.devconfig import TRANSPORTS
 from host_tools.emulator.process import EmulatorProcess
 
-ROOT = Path(__file__).resolve().parent.parent
-MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
-TRANSPORTS = ("mqtt", "http", "coap")
 MESSAGES = 100
 TARGET_HEAP = 24576
 TARGET_FOOTPRINT = 24576
@@ -130,6 +128,7 @@ class CountingRelay:
             self.sock.sendto(data, client)
 
     def close(self) -> None:
+        """Stop accepting and close the listening socket (connections already relayed end with their peers)."""
         self._closing = True
         self.sock.close()
 
@@ -239,6 +238,7 @@ class Bench:
 
 
 def footprint(build: Path) -> dict[str, int]:
+    """Bytes of each file of the compiled firmware tree, by its path in the tree."""
     return {str(p.relative_to(build)): p.stat().st_size for p in sorted(build.rglob("*")) if p.is_file()}
 
 

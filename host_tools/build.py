@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-FIRMWARE = Path(__file__).resolve().parent.parent / "firmware"
+# The one place the repository and the Unix port are located; the other tools take them from here.
+ROOT = Path(__file__).resolve().parent.parent
+FIRMWARE = ROOT / "firmware"
+MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
 
 
 class BuildError(RuntimeError):

@@ -37,6 +37,7 @@ import serial
 
 from host_tools import boards, build, devconfig, flash
 from host_tools.boards import Board, BoardError
+from host_tools.build import ROOT
 from host_tools.devconfig import ConfigProblem, DeviceConfig, env_flag, env_value
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "host_tools" / "emulator" / "demo.json"
 PACKAGE_DIR = "lib/tbfleet/"
 _PROBE_MARK = "TBFLEET-PROBE"

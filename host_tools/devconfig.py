@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from host_tools.build import FIRMWARE, MICROPYTHON
+
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-FIRMWARE_LIB = ROOT / "firmware" / "lib"
-MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
+FIRMWARE_LIB = FIRMWARE / "lib"
 TRANSPORTS = ("mqtt", "http", "coap")
 CREDENTIALS_TYPES = ("ACCESS_TOKEN", "MQTT_BASIC", "X509_CERTIFICATE")
 # Where the DER files go on the board, relative to config.json.

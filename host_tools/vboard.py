@@ -34,9 +34,10 @@ import time
 import tty
 from pathlib import Path
 
+from host_tools.build import MICROPYTHON
+
 log = logging.getLogger(__name__)
 
-MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
 HARD_RESET_EXIT = 86  # exit status of the child when the firmware calls machine.reset()
 _MIN_LIFETIME = 1.0  # main.py is rerun no sooner than this after the last start, so a crash loop cannot spin
 _CTRL_A, _CTRL_B, _CTRL_C, _CTRL_D = 1, 2, 3, 4
