@@ -9,7 +9,9 @@ rest), and version differences (2.05/2.03 codes before 3.2.2, always-separate be
 aiocoap and libcoap remain the clients that check this server's fidelity in the tests.
 
 Not emulated: block-wise transfer (Block1/Block2 are critical options, so a request carrying one is answered
-4.02 Bad Option), DTLS, OTA (`/fw`, `/sw`: 4.04), client-side RPC and claiming (5.01), protobuf payloads.
+4.02 Bad Option), DTLS, OTA (`/fw`, `/sw`: 4.04), protobuf payloads. GET on `.../rpc` (the server-side RPC
+subscription) or on `.../rpc/{id}`, POST on `.../rpc` (client-side RPC) and GET or POST on `.../claim` are answered
+5.01 Not Implemented.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A small asyncio HTTP/1.1 server of its own (stdlib only, no framework): keep-ali
 request bodies, pipelined requests answered in order. It answers as ThingsBoard's `DeviceApiController` behind
 Spring/Tomcat does (reference section 4): 200 for every provisioning outcome, 401 with an empty body for an unknown
 token, 500 with the parser message for bad JSON, 413 from the header alone over the payload limits, 408 when a long
-poll times out. Every wait has a deadline so that garbage, slow or stuck clients cost one connection, never the
+poll times out. Client-side RPC (`POST /{token}/rpc`) and claiming (`POST /{token}/claim`) are not emulated: 501, as
+CoAP answers 5.01. Every wait has a deadline so that garbage, slow or stuck clients cost one connection, never the
 server: the request head must arrive within `header_timeout` (slowloris, half-open and idle keep-alive connections
 are closed then), the body within `body_timeout`, and a client that stops reading is dropped after `write_timeout`.
 
@@ -143,8 +144,9 @@ class HttpApi:
             ("telemetry",): {"POST": self._post_telemetry},
             ("attributes",): {"POST": self._post_attributes, "GET": self._get_attributes},
             ("attributes", "updates"): {"GET": functools.partial(self._long_poll, "attributes")},
-            ("rpc",): {"GET": functools.partial(self._long_poll, "rpc")},
+            ("rpc",): {"GET": functools.partial(self._long_poll, "rpc"), "POST": _not_emulated},
             ("rpc", "*"): {"POST": self._rpc_reply},
+            ("claim",): {"POST": _not_emulated},
         }
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
@@ -277,7 +279,7 @@ class HttpApi:
         handler = handlers.get(method)
         if handler is None:
             return _method_not_allowed(method)
-        if method == "POST" and not request.body:
+        if method == "POST" and not request.body and shape != ("claim",):  # a claim's body is optional (§6.4)
             return _error_json(400, "Required request body is missing", 31)
         device = self.state.device_by_token(token)
         if device is None:
@@ -384,6 +386,10 @@ class HttpApi:
 def _negotiate(request: Request) -> str:
     """Spring's choice for a String body: JSON only when the client asks for it, else text/plain."""
     return _JSON if _JSON in request.headers.get("accept", "") else _TEXT
+
+
+def _not_emulated(_request: Request, _device: Device, feature: list[str]) -> Response:
+    return Response(501, f"{feature[0]} is not emulated over HTTP".encode(), _TEXT)
 
 
 def _method_not_allowed(method: str) -> Response:

@@ -334,6 +334,15 @@ def test_attributes_get_is_empty_object_when_nothing_is_stored(emu: Emulator) ->
     assert emu.request("GET", f"/api/v1/{TOKEN}/attributes")[::2] == (200, b"{}")
 
 
+@pytest.mark.parametrize("path, body", [("claim", b'{"secretKey":"k","durationMs":60000}'), ("claim", b""),
+                                        ("rpc", b'{"method":"getTime","params":{}}')])
+def test_claim_and_client_side_rpc_are_501_not_emulated(emu: Emulator, path: str, body: bytes) -> None:
+    status, headers, raw = emu.request("POST", f"/api/v1/{TOKEN}/{path}", body)
+    assert (status, raw) == (501, f"{path} is not emulated over HTTP".encode())
+    assert headers["content-type"].startswith("text/plain")
+    assert emu.request("POST", f"/api/v1/wrongToken/{path}", body)[0] == 401
+
+
 @pytest.mark.parametrize("path", [f"/api/v1/{TOKEN}/nothing", f"/api/v1/{TOKEN}", "/api/v1"])
 def test_unknown_paths_are_404_without_echoing_the_token(emu: Emulator, path: str) -> None:
     status, _, raw = emu.request("POST", path, b"{}")
