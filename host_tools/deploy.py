@@ -1,10 +1,10 @@
 """`python -m host_tools deploy` (`make deploy`): take a board to provisioned and sending telemetry.
 
-Everything the user gives is checked first (board, config, CA file, port), so a bad input changes nothing. Then:
-a real board is flashed when it has no MicroPython, another version, or FLASH=1 (FIRMWARE and ERASE=1 imply it); the firmware is compiled with
-mpy-cross for the board's .mpy version (or copied as source when the board cannot load ours); only files whose
-sha256 differs from the board's are copied, with real mpremote; config.json goes through a 0600 temporary file;
-the board is soft-reset into main.py and its console followed (MONITOR=0 skips that).
+Everything the user gives is checked first (board, config, CA file, FIRMWARE, port), so a bad input changes
+nothing. Then: a real board is flashed when it has no MicroPython, another version, or FLASH=1 (FIRMWARE and ERASE=1
+imply it); the firmware is compiled with mpy-cross for the board's .mpy version (or copied as source when the board
+cannot load ours); only files whose sha256 differs from the board's are copied, with real mpremote; config.json goes
+through a 0600 temporary file; the board is soft-reset into main.py and its console followed (MONITOR=0 skips that).
 
 With BOARD=unix (the default) and no PORT, the same path runs against a virtual board (the Unix port behind a pty)
 and a local ThingsBoard emulator started here; COUNT=N stops after the emulator stored N telemetry messages.
