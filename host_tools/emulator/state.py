@@ -658,18 +658,14 @@ class EmulatorState:
 
     def devices(self) -> list[dict]:
         """Every device as the inspection API shows it."""
-        out = []
-        for (name,) in self._db.execute("SELECT name FROM devices ORDER BY created_time, name").fetchall():
-            d = self.device(name)
-            if d is None:
-                continue
-            value: Any = json.loads(d.credentials_value) if d.credentials_type == MQTT_BASIC \
-                else d.credentials_value
-            out.append({"name": d.name, "profile": d.profile, "credentialsType": d.credentials_type,
-                        "credentialsValue": value,
-                        "provisionState": self._attribute(d.name, "server", "provisionState"),
-                        "createdTime": d.created_time})
-        return out
+        rows = self._db.execute(
+            "SELECT d.name, d.profile, c.type, c.value, a.value, d.created_time FROM devices d "
+            "JOIN credentials c ON c.device = d.name LEFT JOIN attributes a ON a.device = d.name "
+            "AND a.scope = 'server' AND a.key = 'provisionState' ORDER BY d.created_time, d.name").fetchall()
+        return [{"name": name, "profile": profile, "credentialsType": ctype,
+                 "credentialsValue": json.loads(value) if ctype == MQTT_BASIC else value,
+                 "provisionState": None if state is None else json.loads(state), "createdTime": created}
+                for name, profile, ctype, value, state, created in rows]
 
     def telemetry(self, name: str) -> list[dict]:
         """[{"ts", "values"}] of a device in arrival order."""
