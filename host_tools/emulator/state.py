@@ -8,6 +8,7 @@ payloads §6. Secrets (provision secrets, tokens, passwords) never appear in eve
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
@@ -19,7 +20,7 @@ import string
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ACCESS_TOKEN = "ACCESS_TOKEN"
 MQTT_BASIC = "MQTT_BASIC"
@@ -323,9 +324,19 @@ class EmulatorState:
 
     # ------------------------------------------------------------------ setup and helpers
 
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One transaction: every statement of the block or, when it raises, none (the connection autocommits)."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.rollback()
+            raise
+        self._db.commit()
+
     def _load(self, config: dict) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._tx():
             for i, p in enumerate(config.get("profiles", [])):
                 # An empty key is stored as NULL: UNIQUE allows any number of NULLs, and provision() answers
                 # NOT_FOUND for an empty key before it looks one up.
@@ -426,8 +437,7 @@ class EmulatorState:
                                     f"{profile_name!r}", profile_name)
             state = self._attribute(name, "server", "provisionState")
             if state is None:
-                with self._db:
-                    self._set_attributes(name, "server", {"provisionState": PROVISIONED})
+                self._set_attributes(name, "server", {"provisionState": PROVISIONED})
             elif state != PROVISIONED or self.at_least(4, 2, 1, 1):
                 return self._refuse("FAILURE", transport, f"device {name!r} is already provisioned "
                                     f"(provisionState {state!r})", profile_name)
@@ -496,8 +506,7 @@ class EmulatorState:
             return self._refuse("FAILURE", transport,
                                 "Device credentials are already assigned to another device!", profile)
         name = name or _random_alphanumeric()
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._tx():
             self._db.execute("INSERT INTO devices VALUES (?, ?, ?)", (name, profile, _now_ms()))
             self._db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?)", (name, ctype, cid, value))
             self._set_attributes(name, "server", {"provisionState": PROVISIONED})
@@ -615,7 +624,7 @@ class EmulatorState:
                 records.append((ts, _kv(values)))
             else:
                 records.append((now, _kv(item)))
-        with self._db:
+        with self._tx():
             self._db.executemany("INSERT INTO telemetry (device, ts, kv) VALUES (?, ?, ?)",
                                  [(device.name, ts, _json_text(kv)) for ts, kv in records])
         points = sum(len(kv) for _, kv in records)
@@ -627,7 +636,7 @@ class EmulatorState:
         data = _parse_json(body)
         if not isinstance(data, dict):
             raise PayloadError(f"Expected JSON object, got {_json_text(data)[:80]}")
-        with self._db:
+        with self._tx():
             self._set_attributes(device.name, "client", _kv(data))
         self.event(f"attributes from {device.name!r}: {', '.join(sorted(data)) or 'none'}")
 
@@ -649,9 +658,8 @@ class EmulatorState:
     def record_rpc_reply(self, device: Device, request_id: int, body: bytes) -> None:
         """Store a device's reply to server-side RPC `request_id` (any JSON)."""
         reply = _parse_json(body)
-        with self._db:
-            self._db.execute("UPDATE rpc SET reply = ? WHERE id = ? AND device = ?",
-                             (_json_text(reply), request_id, device.name))
+        self._db.execute("UPDATE rpc SET reply = ? WHERE id = ? AND device = ?",
+                         (_json_text(reply), request_id, device.name))
         self.event(f"rpc reply from {device.name!r} to request {request_id}")
 
     # ------------------------------------------------------------------ inspection and server-side actions
@@ -680,7 +688,7 @@ class EmulatorState:
         """Set shared attributes (as a user would in the UI) and push them to subscribed sessions."""
         self._require(name)
         values = _kv(values)
-        with self._db:
+        with self._tx():
             self._set_attributes(name, "shared", values)
         self.event(f"shared attributes set on {name!r}: {', '.join(sorted(values))}")
         self._notify(name, "attributes", values)
@@ -688,7 +696,7 @@ class EmulatorState:
     def delete_shared_attributes(self, name: str, keys: list[str]) -> None:
         """Delete shared attributes and push {"deleted": [...]} to subscribed sessions."""
         self._require(name)
-        with self._db:
+        with self._tx():
             self._db.executemany("DELETE FROM attributes WHERE device = ? AND scope = 'shared' AND key = ?",
                                  [(name, k) for k in keys])
         self._notify(name, "attributes", {"deleted": list(keys)})
@@ -696,9 +704,8 @@ class EmulatorState:
     def send_rpc(self, name: str, method: str, params: Any) -> int:
         """Queue a server-side RPC for device `name`, deliver it to its listeners and return its id."""
         self._require(name)
-        with self._db:
-            cur = self._db.execute("INSERT INTO rpc (device, method, params) VALUES (?, ?, ?)",
-                                   (name, method, _json_text(params)))
+        cur = self._db.execute("INSERT INTO rpc (device, method, params) VALUES (?, ?, ?)",
+                               (name, method, _json_text(params)))
         rpc_id = int(cur.lastrowid)
         self.event(f"rpc {rpc_id} {method!r} sent to {name!r}")
         self._notify(name, "rpc", (rpc_id, method, params))
@@ -712,8 +719,7 @@ class EmulatorState:
 
     def delete_device(self, name: str) -> bool:
         """Delete a device and its data; its sessions are told ("deleted") so they close. False if unknown."""
-        with self._db:
-            cur = self._db.execute("DELETE FROM devices WHERE name = ?", (name,))
+        cur = self._db.execute("DELETE FROM devices WHERE name = ?", (name,))
         if not cur.rowcount:
             return False
         self.event(f"device {name!r} deleted")

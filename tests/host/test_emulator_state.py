@@ -375,6 +375,21 @@ def test_renamed_profile_keeping_its_key_in_the_db_is_a_config_error(tmp_path):
     again.close()
 
 
+def test_a_config_refused_by_the_db_changes_nothing_in_it(tmp_path):
+    db = str(tmp_path / "state.db")
+    EmulatorState(CONFIG, db, events=lambda _: None).close()
+    refused = copy.deepcopy(CONFIG)
+    refused["profiles"][0]["provisionDeviceSecret"] = "changed-secret"
+    refused["profiles"][1]["name"] = "check-renamed"
+    refused["devices"] = []
+    with pytest.raises(ConfigError):
+        EmulatorState(refused, db, events=lambda _: None)
+    kept = EmulatorState({"profiles": [], "devices": []}, db, events=lambda _: None)
+    assert kept.provision(req(ALLOW_KEY, "changed-secret", deviceName="x"), "http") == NOT_FOUND
+    assert kept.provision(req(deviceName="y"), "http")["status"] == "SUCCESS"
+    kept.close()
+
+
 # ---------------------------------------------------------------- config validation
 
 @pytest.mark.parametrize("mutate, field", [
