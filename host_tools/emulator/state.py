@@ -44,9 +44,10 @@ CONNACK_NOT_AUTHORIZED = 5
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 _LONG_MIN, _LONG_MAX = -(2 ** 63), 2 ** 63 - 1
-# NumberUtils.isParsable, which gates type casting: an optional '-', ASCII digits with at most one inner or leading
-# '.'. Python's int()/float() would also take "1_000", " 12 ", "+5", "1e3" and non-ASCII digits.
-_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)")
+# NumberUtils.isParsable, which gates type casting: an optional '-', digits (Character.isDigit: any Unicode decimal
+# digit, as Python's \d) with at most one inner or leading '.'. Python's int()/float() would also take "1_000",
+# " 12 ", "+5" and "1e3".
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
 # ThingsBoard's DeviceCredentialsType enum, named in the exception Java's valueOf() throws.
 _ENUM_CLASS = "org.thingsboard.server.common.data.security.DeviceCredentialsType"
 
@@ -280,6 +281,8 @@ def _cast(value: Any) -> Any:
         if not _NUMBER.fullmatch(value):
             return value
         if "." in value:
+            if not value.isascii():
+                return value  # Double.parseDouble takes ASCII digits only (Long.parseLong takes any)
             number = float(value)
             return number if math.isfinite(number) else value
         number = int(value)
