@@ -8,6 +8,9 @@ poll times out. Client-side RPC (`POST /{token}/rpc`) and claiming (`POST /{toke
 CoAP answers 5.01. Every wait has a deadline so that garbage, slow or stuck clients cost one connection, never the
 server: the request head must arrive within `header_timeout` (slowloris, half-open and idle keep-alive connections
 are closed then), the body within `body_timeout`, and a client that stops reading is dropped after `write_timeout`.
+Request bodies share one byte budget (`BODY_BUDGET`): a body is read only once its size fits in what is left, and
+its bytes stay counted until its answer is written, so that concurrent large uploads wait their turn (in the
+kernel's socket buffers) instead of each taking its own 50 MB of memory.
 
 Tokens travel in the URL path, so request paths are redacted before they are logged.
 """
@@ -38,6 +41,9 @@ API_PAYLOAD_LIMIT = 52428800
 
 RPC_PAYLOAD_LIMIT = 65536
 """`transport.http.max_payload_size` for `/api/v1/*/rpc/**` (checked first, so it wins for RPC paths)."""
+
+BODY_BUDGET = 64 * 1024 * 1024
+"""Bytes of request bodies held at once, over all connections: one body at the 50 MB limit plus small ones."""
 
 DEFAULT_POLL_TIMEOUT_MS = 60000
 """`transport.http.request_timeout`: how long a long poll waits when the client gives no `timeout`."""
@@ -93,6 +99,28 @@ class Response:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 
+class BodyBudget:
+    """The bytes of request bodies held at once, over all connections of one listener."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.left = total
+        self._freed = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        """Wait until `n` more bytes fit in what is left (`n` at most `total`), then count them as held."""
+        async with self._freed:
+            await self._freed.wait_for(lambda: n <= self.left)
+            self.left -= n
+
+    async def give(self, n: int) -> None:
+        """Give back `n` bytes taken earlier."""
+        if n:
+            async with self._freed:
+                self.left += n
+                self._freed.notify_all()
+
+
 class BadRequest(Exception):
     """The request cannot be parsed; answered with `status` and the connection is closed."""
 
@@ -134,8 +162,9 @@ class HttpApi:
     """The HTTP listener of one emulator: device API and inspection API over one `EmulatorState`."""
 
     def __init__(self, state: EmulatorState, *, header_timeout: float = 20.0, body_timeout: float = 20.0,
-                 write_timeout: float = 20.0):
+                 write_timeout: float = 20.0, body_budget: int = BODY_BUDGET):
         self.state = state
+        self.budget = BodyBudget(body_budget)
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.write_timeout = write_timeout
@@ -191,30 +220,52 @@ class HttpApi:
 
     async def _serve_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
+            held = [0]  # bytes of the body budget this request holds, given back once it is answered
             try:
-                head = await asyncio.wait_for(self._read_head(reader), self.header_timeout)
-                if head is None:
+                if not await self._serve_request(reader, writer, held):
                     return
-                request = _parse_head(head)
-                limit = payload_limit(request.path)
-                length = _content_length(request.headers)
-                if limit is not None and length is not None and length > limit:
-                    raise _too_large(limit)  # PayloadSizeFilter looks at the header only, never at the body
-                if request.headers.get("expect", "").lower() == "100-continue":
-                    await self._write(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
-                request.body = await asyncio.wait_for(
-                    _read_body(reader, request.headers, length, limit or API_PAYLOAD_LIMIT), self.body_timeout)
-            except BadRequest as e:
-                log.info("HTTP bad request from %s: %s", writer.get_extra_info("peername"), e)
-                await self._write(writer, Response(e.status, e.body, _JSON).encode(False))
-                await self._linger(reader, writer)
-                return
-            response = await self._dispatch(request)
-            keep = request.keep_alive
-            log.debug("HTTP %s %s -> %d", request.method, redact(request.path), response.status)
-            await self._write(writer, response.encode(keep))
-            if not keep:
-                return
+            finally:
+                await self.budget.give(held[0])
+
+    async def _serve_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             held: list[int]) -> bool:
+        """Read, dispatch and answer one request; whether the connection stays open for another. The body's
+        bytes are taken from the budget (and added to held[0]) before they are read."""
+        try:
+            head = await asyncio.wait_for(self._read_head(reader), self.header_timeout)
+            if head is None:
+                return False
+            request = _parse_head(head)
+            limit = payload_limit(request.path)
+            length = _content_length(request.headers)
+            if limit is not None and length is not None and length > limit:
+                raise _too_large(limit)  # PayloadSizeFilter looks at the header only, never at the body
+            if length is not None and length > self.budget.total:
+                raise _too_large(self.budget.total)  # paths without a payload limit: this emulator's own
+            if length:
+                # Waiting for other bodies to be answered is not the client's slowness: outside body_timeout.
+                await self.budget.take(length)
+                held[0] = length
+            if request.headers.get("expect", "").lower() == "100-continue":
+                await self._write(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
+
+            async def take(n: int) -> None:  # a chunked body takes its bytes chunk by chunk
+                await self.budget.take(n)
+                held[0] += n
+
+            request.body = await asyncio.wait_for(
+                _read_body(reader, request.headers, length, min(limit or API_PAYLOAD_LIMIT, self.budget.total),
+                           take), self.body_timeout)
+        except BadRequest as e:
+            log.info("HTTP bad request from %s: %s", writer.get_extra_info("peername"), e)
+            await self._write(writer, Response(e.status, e.body, _JSON).encode(False))
+            await self._linger(reader, writer)
+            return False
+        response = await self._dispatch(request)
+        keep = request.keep_alive
+        log.debug("HTTP %s %s -> %d", request.method, redact(request.path), response.status)
+        await self._write(writer, response.encode(keep))
+        return keep
 
     async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
         """The request head up to the blank line; None on a clean close between requests."""
@@ -454,8 +505,9 @@ def _content_length(headers: dict[str, str]) -> int | None:
 
 
 async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], length: int | None,
-                     limit: int) -> bytes:
-    """The body by Content-Length, or de-chunked; a chunked body over `limit` is refused with 413."""
+                     limit: int, take: Callable[[int], Any]) -> bytes:
+    """The body by Content-Length, or de-chunked; a chunked body over `limit` is refused with 413, and each of its
+    chunks is first taken from the body budget by awaiting `take(size)`."""
     if length is not None:
         return await reader.readexactly(length) if length else b""
     chunks = []
@@ -477,6 +529,7 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], leng
         total += size
         if total > limit:
             raise _too_large(limit)
+        await take(size)
         chunks.append(await reader.readexactly(size))
         if await reader.readexactly(2) != b"\r\n":
             raise BadRequest(400, "chunk not followed by CRLF")
