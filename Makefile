@@ -6,13 +6,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The official ThingsBoard SDK (tb-mqtt-client) for the emulator's tests, in a venv of its own: it replaces paho-mqtt's
+# package and pip-installs at import what is missing, so everything it wants is pre-installed here, pinned.
+SDK_VENV := .venv-tbsdk
+SDK_STAMP := $(SDK_VENV)/.installed
+SDK_REQUIREMENTS := tests/host/tbsdk-requirements.txt
 
 # BOARD has no default here: deploy falls back to unix itself, fleet to esp32, and flash needs one named.
 export BOARD PORT TB_HOST TB_PORT TRANSPORT TLS PROVISION_KEY PROVISION_SECRET PROVISION_SECRET_FILE DEVICE_NAME \
        CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME PASSWORD CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD \
        INTERVAL LOG_LEVEL FIRMWARE FLASH ERASE ESPTOOL_ARGS TBFLEET_IMAGE_MIRROR MONITOR COUNT PORTS INVENTORY
 
-.PHONY: venv test bench deploy flash emulator fleet clean
+.PHONY: venv sdk-venv test bench deploy flash emulator fleet clean
 
 venv: $(STAMP)
 
@@ -21,7 +26,16 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-test: $(STAMP)
+sdk-venv: $(SDK_STAMP)
+
+$(SDK_STAMP): $(SDK_REQUIREMENTS)
+	rm -rf $(SDK_VENV)
+	$(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/pip install --disable-pip-version-check -q --no-deps -r $(SDK_REQUIREMENTS)
+	$(SDK_VENV)/bin/pip check
+	touch $@
+
+test: $(STAMP) $(SDK_STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -40,4 +54,4 @@ emulator: $(STAMP)
 	$(PY) -m host_tools emulator --config $(or $(EMULATOR_CONFIG),host_tools/emulator/demo.json)
 
 clean:
-	rm -rf $(VENV) .pytest_cache bench-results.json
+	rm -rf $(VENV) $(SDK_VENV) .pytest_cache bench-results.json

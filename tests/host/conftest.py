@@ -1,10 +1,11 @@
-"""Fixtures shared by the emulator's HTTP and CoAP tests."""
+"""Fixtures shared by the emulator's tests."""
 
 import secrets
 
 import pytest
 
 from emulator_fixtures import make_cert_pem
+from tbsdk import SdkRunner, sdk_venv_problem
 
 
 @pytest.fixture
@@ -17,3 +18,12 @@ def secret() -> str:
 def cert_pem() -> str:
     """The pre-provisioned X.509 device's certificate."""
     return make_cert_pem("pre-x509")
+
+
+@pytest.fixture(scope="session")
+def tb_sdk() -> SdkRunner:
+    """Runs tests/host/tbsdk_scripts/* with the official ThingsBoard SDK (see tbsdk.py)."""
+    problem = sdk_venv_problem()
+    if problem:
+        pytest.fail(problem)
+    return SdkRunner()
