@@ -18,6 +18,7 @@ Tokens travel in the URL path, so request paths are redacted before they are log
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -28,6 +29,8 @@ from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from host_tools.emulator import ota
+from host_tools.emulator.ota import OtaError
 from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
     parse_keys
 
@@ -305,6 +308,8 @@ class HttpApi:
                 return await self._device_api(request, seg[2:])
             if seg[:2] == ["emulator", "devices"]:
                 return self._inspection(request, seg[2:])
+            if seg[:2] in (["emulator", "ota"], ["emulator", "profiles"]):
+                return self._ota_inspection(request, seg[1:])
             return _error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, redact(request.path))
@@ -431,7 +436,106 @@ class HttpApi:
             return Response(200, json_bytes({"id": rpc_id}), _JSON)
         if rest == ["rpc"] and method == "GET":
             return Response(200, json_bytes(state.rpc_replies(name)), _JSON)
+        if rest == ["ota"]:
+            return self._ota_assignment(request, "device", name)
         return _inspection_error(404, f"no inspection resource {method} {request.path}")
+
+    def _ota_inspection(self, request: Request, seg: list[str]) -> Response:
+        """`/emulator/ota[/{id}[/data]]` (packages) and `/emulator/profiles/{name}/ota` (a profile's packages)."""
+        state, method = self.state, request.method
+        if seg[0] == "profiles":
+            if len(seg) == 3 and seg[2] == "ota":
+                return self._ota_assignment(request, "profile", seg[1])
+            return _inspection_error(404, f"no inspection resource {method} {request.path}")
+        if len(seg) == 1 and method == "GET":
+            return Response(200, json_bytes([p.info() for p in state.packages()]), _JSON)
+        if len(seg) == 1 and method == "POST":
+            return self._ota_create(request)
+        package = state.package(seg[1]) if len(seg) in (2, 3) else None
+        if package is None:
+            return _inspection_error(404, f"no inspection resource {method} {request.path}" if len(seg) > 3
+                                     else f"no OTA package with id {seg[1]!r}")
+        if len(seg) == 2 and method == "GET":
+            return Response(200, json_bytes(package.info()), _JSON)
+        if len(seg) == 2 and method == "DELETE":
+            try:
+                state.delete_package(package.id)
+            except OtaError as e:
+                return _inspection_error(400, str(e))
+            return Response(200)
+        if seg[2:] == ["data"] and method == "GET":
+            data = state.package_data(package.id)
+            if data is None:
+                return _inspection_error(404, "the package has no data")
+            return Response(200, data, package.content_type)
+        return _inspection_error(404, f"no inspection resource {method} {request.path}")
+
+    def _ota_create(self, request: Request) -> Response:
+        """POST /emulator/ota: create a package and, with "text" or "base64", upload its data in the same call."""
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            return _inspection_error(400, "body must be a JSON object describing the package")
+        for field in ("title", "version", "profile", "tag", "url", "fileName", "contentType", "checksum"):
+            if body.get(field) is not None and not isinstance(body[field], str):
+                return _inspection_error(400, f"'{field}' must be a string")
+        if "text" in body and "base64" in body:
+            return _inspection_error(400, "give the data as 'text' or as 'base64', not both")
+        data = None
+        if isinstance(body.get("text"), str):
+            data = body["text"].encode()
+        elif "text" in body:
+            return _inspection_error(400, "'text' must be a string")
+        elif "base64" in body:
+            try:
+                data = base64.b64decode(body["base64"], validate=True)
+            except (TypeError, ValueError):
+                return _inspection_error(400, "'base64' must be a string of base64")
+        state = self.state
+        try:
+            package = state.create_package(body.get("title"), body.get("version"), body.get("type"),
+                                           body.get("profile"), tag=body.get("tag"), url=body.get("url"),
+                                           additional_info=body.get("additionalInfo"))
+            if data is not None:
+                try:
+                    package = state.upload_package_data(
+                        package.id, data, file_name=body.get("fileName") or f"{package.title}-{package.version}.bin",
+                        content_type=body.get("contentType") or "application/octet-stream",
+                        checksum_algorithm=body.get("checksumAlgorithm", "SHA256"), checksum=body.get("checksum"))
+                except OtaError:
+                    state.delete_package(package.id)  # one call, one outcome: no half-made package stays
+                    raise
+        except OtaError as e:
+            return _inspection_error(400, str(e))
+        return Response(200, json_bytes(package.info()), _JSON)
+
+    def _ota_assignment(self, request: Request, owner: str, name: str) -> Response:
+        """GET or POST the packages of a device or a profile: POST {"type": "FIRMWARE", "package": id or null}."""
+        state = self.state
+        if request.method == "GET":
+            if owner == "device":
+                device = state.device(name)
+                assert device is not None
+                info = {t: {"device": state.device_package_id(name, t),
+                            "profile": state.profile_package_id(device.profile, t),
+                            "target": (p.info() if (p := state.resolve_package(name, t)) else None)}
+                        for t in ota.TYPES}
+            else:
+                info = {t: state.profile_package_id(name, t) for t in ota.TYPES}
+            return Response(200, json_bytes(info), _JSON)
+        if request.method != "POST":
+            return _method_not_allowed(request.method)
+        body = _json_body(request)
+        if not isinstance(body, dict) or body.get("type") not in ota.TYPES or \
+                not (body.get("package") is None or isinstance(body["package"], str)):
+            return _inspection_error(400, 'body must be {"type": "FIRMWARE" or "SOFTWARE", "package": id or null}')
+        assign = state.assign_device_package if owner == "device" else state.assign_profile_package
+        try:
+            assign(name, body["type"], body.get("package"))
+        except KeyError:
+            return _inspection_error(404, f"no {owner} named {name!r}")
+        except OtaError as e:
+            return _inspection_error(400, str(e))
+        return Response(200)
 
 
 def _negotiate(request: Request) -> str:

@@ -19,8 +19,13 @@ import sqlite3
 import string
 import sys
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from host_tools.emulator import ota
+from host_tools.emulator.ota import OtaError, OtaPackage
 
 ACCESS_TOKEN = "ACCESS_TOKEN"
 MQTT_BASIC = "MQTT_BASIC"
@@ -68,6 +73,18 @@ CREATE TABLE IF NOT EXISTS telemetry (
 CREATE TABLE IF NOT EXISTS rpc (
     id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL REFERENCES devices(name) ON DELETE CASCADE,
     method TEXT NOT NULL, params TEXT NOT NULL, reply TEXT);
+CREATE TABLE IF NOT EXISTS ota_packages (
+    id TEXT PRIMARY KEY, created_time INTEGER NOT NULL,
+    profile TEXT REFERENCES profiles(name) ON UPDATE CASCADE ON DELETE CASCADE,
+    type TEXT NOT NULL, title TEXT NOT NULL, version TEXT NOT NULL, tag TEXT, url TEXT, file_name TEXT,
+    content_type TEXT, checksum_algorithm TEXT, checksum TEXT, data_size INTEGER, data BLOB,
+    additional_info TEXT NOT NULL DEFAULT '{}', UNIQUE (title, version));
+CREATE TABLE IF NOT EXISTS device_ota (
+    device TEXT NOT NULL REFERENCES devices(name) ON UPDATE CASCADE ON DELETE CASCADE, type TEXT NOT NULL,
+    package TEXT NOT NULL REFERENCES ota_packages(id), PRIMARY KEY (device, type));
+CREATE TABLE IF NOT EXISTS profile_ota (
+    profile TEXT NOT NULL REFERENCES profiles(name) ON UPDATE CASCADE ON DELETE CASCADE, type TEXT NOT NULL,
+    package TEXT NOT NULL REFERENCES ota_packages(id), PRIMARY KEY (profile, type));
 """
 
 
@@ -135,6 +152,11 @@ def load_config(path: str) -> dict:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    # A package's "file" is relative to the config file's folder.
+    if isinstance(config, dict) and isinstance(config.get("otaPackages"), list):
+        for entry in config["otaPackages"]:
+            if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                entry["file"] = str(Path(path).parent / entry["file"])
     validate_config(config)
     return config
 
@@ -143,7 +165,7 @@ def validate_config(config: Any) -> None:
     """Check the config's shape and consistency; raise ConfigError naming the field that is wrong."""
     if not isinstance(config, dict):
         raise ConfigError("config: must be a JSON object with 'profiles' and 'devices'")
-    unknown = set(config) - {"profiles", "devices"}
+    unknown = set(config) - {"profiles", "devices", "otaPackages"}
     if unknown:
         raise ConfigError(f"config: unknown field {sorted(unknown)[0]!r}")
     profiles = config.get("profiles", [])
@@ -189,6 +211,98 @@ def validate_config(config: Any) -> None:
             raise ConfigError(f"{where}.credentialsValue: the same credentials are used by another device")
         device_names.add(d["name"])
         ids.add(cid)
+    _validate_ota_config(config)
+
+
+_PACKAGE_FIELDS = {"title", "version", "type", "profile", "tag", "url", "file", "text", "base64", "fileName",
+                   "contentType", "checksumAlgorithm", "checksum", "additionalInfo"}
+_PACKAGE_SOURCES = ("url", "file", "text", "base64")
+
+
+def _validate_ota_config(config: dict) -> None:
+    """Check "otaPackages" and the "firmware"/"software" references of profiles and devices."""
+    packages = config.get("otaPackages", [])
+    if not isinstance(packages, list):
+        raise ConfigError("otaPackages: must be a list")
+    profiles = {p["name"] for p in config.get("profiles", [])}
+    known: dict[tuple[str, str], dict] = {}
+    for i, entry in enumerate(packages):
+        where = f"otaPackages[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be an object")
+        unknown = set(entry) - _PACKAGE_FIELDS
+        if unknown:
+            raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        for field in ("title", "version"):
+            value = entry.get(field)
+            if not isinstance(value, str) or not value.strip() or len(value) > ota.MAX_NAME_LENGTH:
+                raise ConfigError(f"{where}.{field}: must be a non-empty string of at most "
+                                  f"{ota.MAX_NAME_LENGTH} characters")
+        if entry.get("type") not in ota.TYPES:
+            raise ConfigError(f"{where}.type: must be one of {', '.join(ota.TYPES)}")
+        if entry.get("profile") not in profiles:
+            raise ConfigError(f"{where}.profile: no profile named {entry.get('profile')!r}")
+        for field in ("tag", "fileName", "contentType", "checksum"):
+            if field in entry and not isinstance(entry[field], str):
+                raise ConfigError(f"{where}.{field}: must be a string")
+        if not isinstance(entry.get("additionalInfo", {}), dict):
+            raise ConfigError(f"{where}.additionalInfo: must be an object")
+        sources = [f for f in _PACKAGE_SOURCES if f in entry]
+        if len(sources) != 1:
+            raise ConfigError(f"{where}: needs exactly one of {', '.join(_PACKAGE_SOURCES)}")
+        if entry.get("checksumAlgorithm", "SHA256") not in ota.CHECKSUM_ALGORITHMS:
+            raise ConfigError(f"{where}.checksumAlgorithm: must be one of {', '.join(ota.CHECKSUM_ALGORITHMS)}")
+        if sources == ["url"]:
+            if not isinstance(entry["url"], str) or not entry["url"].strip():
+                raise ConfigError(f"{where}.url: must be a non-empty string")
+        else:
+            data = _config_package_data(entry, where)
+            wanted = entry.get("checksum")
+            if wanted is not None and wanted != ota.checksum(entry.get("checksumAlgorithm", "SHA256"), data):
+                raise ConfigError(f"{where}.checksum: does not match the data (Wrong otaPackage file!)")
+        key = (entry["title"], entry["version"])
+        if key in known:
+            raise ConfigError(f"{where}: another package has title {key[0]!r} and version {key[1]!r}")
+        known[key] = entry
+    for section in ("profiles", "devices"):
+        for i, owner in enumerate(config.get(section, [])):
+            profile = owner["name"] if section == "profiles" else owner["profile"]
+            for field, ota_type in (("firmware", ota.FIRMWARE), ("software", ota.SOFTWARE)):
+                if field not in owner:
+                    continue
+                ref, where = owner[field], f"{section}[{i}].{field}"
+                if not isinstance(ref, dict) or set(ref) != {"title", "version"}:
+                    raise ConfigError(f'{where}: must be {{"title": ..., "version": ...}} of an OTA package')
+                entry = known.get((ref["title"], ref["version"]))
+                if entry is None:
+                    raise ConfigError(f"{where}: no package in otaPackages with that title and version")
+                if entry["type"] != ota_type:
+                    raise ConfigError(f"{where}: Can't assign {field} with type: {entry['type']}")
+                if entry["profile"] != profile:
+                    raise ConfigError(f"{where}: Can't assign {field} with different deviceProfile!")
+
+
+def _config_package_data(entry: dict, where: str) -> bytes:
+    """The bytes of a config package: its file, its text (UTF-8) or its base64; never empty."""
+    if "file" in entry:
+        if not isinstance(entry["file"], str):
+            raise ConfigError(f"{where}.file: must be a path")
+        try:
+            data = Path(entry["file"]).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{where}.file: cannot read {entry['file']}: {e.strerror}") from None
+    elif "text" in entry:
+        if not isinstance(entry["text"], str):
+            raise ConfigError(f"{where}.text: must be a string")
+        data = entry["text"].encode()
+    else:
+        try:
+            data = base64.b64decode(entry["base64"], validate=True)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.base64: not valid base64") from None
+    if not data:
+        raise ConfigError(f"{where}: the package data is empty (OtaPackage data should be specified!)")
+    return data
 
 
 def _config_credentials(d: dict, where: str) -> tuple[str, str, str]:
@@ -364,6 +478,56 @@ class EmulatorState:
                 self._db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?) ON CONFLICT(device) DO UPDATE "
                                  "SET type = excluded.type, id = excluded.id, value = excluded.value",
                                  (d["name"], ctype, cid, value))
+            self._load_ota(config)
+        # What the configured assignments mean for each device, once: a database that already holds their effect
+        # (the target's title, version, checksum and url in the device's shared attributes) is left alone.
+        for (name,) in self._db.execute("SELECT name FROM devices ORDER BY created_time, name").fetchall():
+            for ota_type in ota.TYPES:
+                keys = [ota.attribute_key(ota_type, k) for k in ("title", "version", "checksum", "url")]
+                applied = self._scope(name, "shared", keys)
+                target = self.resolve_package(name, ota_type)
+                if target is None:
+                    if applied:
+                        self._ota_remove(name, ota_type)
+                    continue
+                wanted = {k: v for k, v in target.shared_attributes()[0].items() if k in keys}
+                if applied != wanted:
+                    self._ota_send(name, target)
+
+    def _load_ota(self, config: dict) -> None:
+        """Upsert the config's packages (by title and version) and write the assignments it names."""
+        ids: dict[tuple[str, str], str] = {}
+        for i, entry in enumerate(config.get("otaPackages", [])):
+            data = None if "url" in entry else _config_package_data(entry, f"otaPackages[{i}]")
+            algorithm = None if data is None else entry.get("checksumAlgorithm", "SHA256")
+            default_name = Path(entry["file"]).name if "file" in entry else f"{entry['title']}-{entry['version']}.bin"
+            row = (entry["profile"], entry["type"], entry.get("tag"), entry.get("url"),
+                   None if data is None else entry.get("fileName", default_name),
+                   None if data is None else entry.get("contentType", "application/octet-stream"),
+                   algorithm, None if data is None else ota.checksum(algorithm, data),
+                   None if data is None else len(data), data, _json_text(entry.get("additionalInfo", {})))
+            found = self._db.execute("SELECT id FROM ota_packages WHERE title = ? AND version = ?",
+                                     (entry["title"], entry["version"])).fetchone()
+            if found:
+                self._db.execute("UPDATE ota_packages SET profile = ?, type = ?, tag = ?, url = ?, file_name = ?, "
+                                 "content_type = ?, checksum_algorithm = ?, checksum = ?, data_size = ?, data = ?, "
+                                 "additional_info = ? WHERE id = ?", row + (found[0],))
+                ids[(entry["title"], entry["version"])] = found[0]
+            else:
+                package_id = str(uuid.uuid4())
+                self._db.execute("INSERT INTO ota_packages (id, created_time, title, version, profile, type, tag, "
+                                 "url, file_name, content_type, checksum_algorithm, checksum, data_size, data, "
+                                 "additional_info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (package_id, _now_ms(), entry["title"], entry["version"]) + row)
+                ids[(entry["title"], entry["version"])] = package_id
+        for section, table, column in (("profiles", "profile_ota", "profile"), ("devices", "device_ota", "device")):
+            for owner in config.get(section, []):
+                for field, ota_type in (("firmware", ota.FIRMWARE), ("software", ota.SOFTWARE)):
+                    if field in owner:
+                        package_id = ids[(owner[field]["title"], owner[field]["version"])]
+                        self._db.execute(f"INSERT INTO {table} ({column}, type, package) VALUES (?, ?, ?) "
+                                         f"ON CONFLICT({column}, type) DO UPDATE SET package = excluded.package",
+                                         (owner["name"], ota_type, package_id))
 
     def close(self) -> None:
         """Close the database."""
@@ -516,6 +680,7 @@ class EmulatorState:
         device = self.device(name)
         assert device is not None
         self.event(f"provisioned device {name!r} over {transport} (profile {profile!r}, new device, {ctype})")
+        self.apply_ota_targets(name, {})
         return self._success(device)
 
     @staticmethod
@@ -732,6 +897,267 @@ class EmulatorState:
     def _require(self, name: str) -> None:
         if self.device(name) is None:
             raise KeyError(f"no device named {name!r}")
+
+    # ------------------------------------------------------------------ OTA packages (REST §7, device API §4.3, §5.8, §6.5)
+
+    _PACKAGE_COLUMNS = ("id, created_time, profile, type, title, version, tag, url, file_name, content_type, "
+                        "checksum_algorithm, checksum, data_size, additional_info")
+
+    def _package_row(self, where: str, *args: object) -> OtaPackage | None:
+        row = self._db.execute(f"SELECT {self._PACKAGE_COLUMNS} FROM ota_packages WHERE {where}", args).fetchone()
+        return None if row is None else OtaPackage(*row[:-1], additional_info=json.loads(row[-1]))
+
+    def create_package(self, title: str, version: str, ota_type: str, profile: str | None, *,
+                       tag: str | None = None, url: str | None = None,
+                       additional_info: dict[str, Any] | None = None) -> OtaPackage:
+        """Create a package without data (OtaPackageController.saveOtaPackageInfo); a `url` makes it a URL package.
+
+        OtaError with ThingsBoard's message for a missing or too long title or version, an unknown type or
+        profile, and a title and version another package already has.
+        """
+        if not isinstance(title, str) or not title.strip():
+            raise OtaError("OtaPackage title should be specified!")
+        if ota_type not in ota.TYPES:
+            raise OtaError("Type should be specified!")
+        if not isinstance(version, str) or not version:
+            raise OtaError("OtaPackage version should be specified!")
+        if len(title) > ota.MAX_NAME_LENGTH:
+            raise OtaError("The length of title should be equal or shorter than 255")
+        if len(version) > ota.MAX_NAME_LENGTH:
+            raise OtaError("The length of version should be equal or shorter than 255")
+        if profile is not None and self._db.execute("SELECT 1 FROM profiles WHERE name = ?",
+                                                    (profile,)).fetchone() is None:
+            raise OtaError("OtaPackage is referencing to non-existent device profile!")
+        package_id = str(uuid.uuid4())
+        try:
+            self._db.execute("INSERT INTO ota_packages (id, created_time, profile, type, title, version, tag, url, "
+                             "additional_info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (package_id, _now_ms(), profile, ota_type, title, version, tag, url or None,
+                              _json_text(additional_info or {})))
+        except sqlite3.IntegrityError:
+            raise OtaError("OtaPackage with such title and version already exists!") from None
+        self.event(f"ota: {ota_type.lower()} package {title!r} {version!r} created")
+        package = self.package(package_id)
+        assert package is not None
+        return package
+
+    def upload_package_data(self, package_id: str, data: bytes, *, file_name: str, content_type: str,
+                            checksum_algorithm: str, checksum: str | None = None) -> OtaPackage:
+        """Store a package's file (DefaultTbOtaPackageService.saveOtaPackageData) and return the updated package.
+
+        The checksum is computed with `checksum_algorithm` when not given, else verified (case-sensitively, as
+        ThingsBoard compares). KeyError for an unknown package; OtaError with ThingsBoard's message for empty data,
+        a missing file name or content type, an unknown algorithm, a wrong checksum, a URL package or a package
+        that already has data.
+        """
+        package = self.package(package_id)
+        if package is None:
+            raise KeyError(f"no OTA package with id {package_id!r}")
+        if checksum_algorithm not in ota.CHECKSUM_ALGORITHMS:
+            raise OtaError("OtaPackage checksum algorithm should be specified!")
+        computed = ota.checksum(checksum_algorithm, data)
+        if package.url:
+            raise OtaError("File can't be saved if URL present!")
+        if not file_name:
+            raise OtaError("OtaPackage file name should be specified!")
+        if not content_type:
+            raise OtaError("OtaPackage content type should be specified!")
+        if checksum and checksum != computed:
+            raise OtaError("Wrong otaPackage file!")
+        if package.has_data:
+            raise OtaError("Updating otaPackage data is prohibited!")
+        self._db.execute("UPDATE ota_packages SET file_name = ?, content_type = ?, checksum_algorithm = ?, "
+                         "checksum = ?, data_size = ?, data = ? WHERE id = ?",
+                         (file_name, content_type, checksum_algorithm, computed, len(data), data, package_id))
+        self.event(f"ota: {len(data)} bytes uploaded to package {package.title!r} {package.version!r} "
+                   f"({checksum_algorithm} {computed})")
+        uploaded = self.package(package_id)
+        assert uploaded is not None
+        return uploaded
+
+    def package(self, package_id: str) -> OtaPackage | None:
+        """The package with id `package_id`, or None."""
+        return self._package_row("id = ?", package_id)
+
+    def package_by_title(self, title: str, version: str) -> OtaPackage | None:
+        """The package with this title and version (they are unique, as in ThingsBoard), or None."""
+        return self._package_row("title = ? AND version = ?", title, version)
+
+    def packages(self, profile: str | None = None, ota_type: str | None = None,
+                 assignable: bool = False) -> list[OtaPackage]:
+        """Every package, oldest first; only those of `profile` and `ota_type` when given, and with `assignable`
+        only those with data or a URL (what `GET /api/otaPackages/{profileId}/{type}` lists)."""
+        where, args = ["1"], []
+        if profile is not None:
+            where.append("profile = ?")
+            args.append(profile)
+        if ota_type is not None:
+            where.append("type = ?")
+            args.append(ota_type)
+        if assignable:
+            where.append("(data IS NOT NULL OR url IS NOT NULL)")
+        rows = self._db.execute(f"SELECT {self._PACKAGE_COLUMNS} FROM ota_packages WHERE {' AND '.join(where)} "
+                                "ORDER BY created_time, id", args).fetchall()
+        return [OtaPackage(*row[:-1], additional_info=json.loads(row[-1])) for row in rows]
+
+    def package_data(self, package_id: str) -> bytes | None:
+        """A package's file, or None when it has none (no upload yet, a URL package, or no such package)."""
+        row = self._db.execute("SELECT data FROM ota_packages WHERE id = ?", (package_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def delete_package(self, package_id: str) -> bool:
+        """Delete a package; False if there is none. OtaError (ThingsBoard's message) while it is assigned."""
+        package = self.package(package_id)
+        if package is None:
+            return False
+        kind = "otaPackage" if package.type == ota.FIRMWARE else "software"
+        if self._db.execute("SELECT 1 FROM device_ota WHERE package = ?", (package_id,)).fetchone():
+            raise OtaError(f"The {kind} referenced by the devices cannot be deleted!")
+        if self._db.execute("SELECT 1 FROM profile_ota WHERE package = ?", (package_id,)).fetchone():
+            raise OtaError(f"The {kind} referenced by the device profile cannot be deleted!")
+        self._db.execute("DELETE FROM ota_packages WHERE id = ?", (package_id,))
+        self.event(f"ota: package {package.title!r} {package.version!r} deleted")
+        return True
+
+    def _assignable(self, package_id: str, ota_type: str, profile: str) -> None:
+        """AbstractHasOtaPackageValidator: OtaError unless the package can be assigned within `profile`."""
+        field = ota_type.lower()
+        package = self.package(package_id)
+        if package is None:
+            raise OtaError(f"Can't assign non-existent {field}!")
+        if package.type != ota_type:
+            raise OtaError(f"Can't assign {field} with type: {package.type}")
+        if not package.has_data and not package.url:
+            raise OtaError(f"Can't assign {field} with empty data!")
+        if package.profile != profile:
+            raise OtaError(f"Can't assign {field} with different deviceProfile!")
+
+    def assign_device_package(self, name: str, ota_type: str, package_id: str | None) -> None:
+        """Set (or with None clear) device `name`'s own `ota_type` package, as saving a Device with a firmwareId
+        or softwareId does, and apply what that changes (see `apply_ota_targets`).
+
+        KeyError for an unknown device; OtaError (ThingsBoard's message) for an unknown type or a package that
+        cannot be assigned to it.
+        """
+        device = self.device(name)
+        if device is None:
+            raise KeyError(f"no device named {name!r}")
+        if ota_type not in ota.TYPES:
+            raise OtaError(f"OTA package type must be one of {', '.join(ota.TYPES)}")
+        if package_id is not None:
+            self._assignable(package_id, ota_type, device.profile)
+        before = self.ota_targets(name)
+        if package_id is None:
+            self._db.execute("DELETE FROM device_ota WHERE device = ? AND type = ?", (name, ota_type))
+        else:
+            self._db.execute("INSERT INTO device_ota VALUES (?, ?, ?) ON CONFLICT(device, type) DO UPDATE "
+                             "SET package = excluded.package", (name, ota_type, package_id))
+        self.apply_ota_targets(name, before)
+
+    def assign_profile_package(self, profile: str, ota_type: str, package_id: str | None) -> None:
+        """Set (or with None clear) a device profile's `ota_type` package, as saving a DeviceProfile with a
+        firmwareId or softwareId does; every device of the profile without a package of its own follows.
+
+        KeyError for an unknown profile; OtaError as `assign_device_package`.
+        """
+        if self._db.execute("SELECT 1 FROM profiles WHERE name = ?", (profile,)).fetchone() is None:
+            raise KeyError(f"no device profile named {profile!r}")
+        if ota_type not in ota.TYPES:
+            raise OtaError(f"OTA package type must be one of {', '.join(ota.TYPES)}")
+        if package_id is not None:
+            self._assignable(package_id, ota_type, profile)
+        names = [n for (n,) in self._db.execute("SELECT name FROM devices WHERE profile = ? "
+                                                "ORDER BY created_time, name", (profile,)).fetchall()]
+        before = {name: self.ota_targets(name) for name in names}
+        if package_id is None:
+            self._db.execute("DELETE FROM profile_ota WHERE profile = ? AND type = ?", (profile, ota_type))
+        else:
+            self._db.execute("INSERT INTO profile_ota VALUES (?, ?, ?) ON CONFLICT(profile, type) DO UPDATE "
+                             "SET package = excluded.package", (profile, ota_type, package_id))
+        for name in names:
+            self.apply_ota_targets(name, before[name])
+
+    def device_package_id(self, name: str, ota_type: str) -> str | None:
+        """The id of device `name`'s own `ota_type` package (Device.firmwareId / softwareId), or None."""
+        row = self._db.execute("SELECT package FROM device_ota WHERE device = ? AND type = ?",
+                               (name, ota_type)).fetchone()
+        return row[0] if row else None
+
+    def profile_package_id(self, profile: str, ota_type: str) -> str | None:
+        """The id of a profile's `ota_type` package (DeviceProfile.firmwareId / softwareId), or None."""
+        row = self._db.execute("SELECT package FROM profile_ota WHERE profile = ? AND type = ?",
+                               (profile, ota_type)).fetchone()
+        return row[0] if row else None
+
+    def ota_targets(self, name: str) -> dict[str, str | None]:
+        """{type: id of the package device `name` should run, or None}: its own wins over its profile's."""
+        device = self.device(name)
+        if device is None:
+            return {t: None for t in ota.TYPES}
+        return {t: self.device_package_id(name, t) or self.profile_package_id(device.profile, t)
+                for t in ota.TYPES}
+
+    def resolve_package(self, name: str, ota_type: str) -> OtaPackage | None:
+        """The `ota_type` package device `name` should run (its own, else its profile's), or None."""
+        package_id = self.ota_targets(name)[ota_type]
+        return None if package_id is None else self.package(package_id)
+
+    def ota_request(self, device: Device, ota_type: str) -> tuple[str, OtaPackage | None]:
+        """What the transports get when a device asks for its package (DefaultTransportApiService):
+        ("SUCCESS", package), ("NOT_FOUND", None) when none is assigned, ("FAILURE", package) for a URL one."""
+        package = self.resolve_package(device.name, ota_type)
+        if package is None:
+            return "NOT_FOUND", None
+        if package.url or not package.has_data:
+            return "FAILURE", package
+        return "SUCCESS", package
+
+    def apply_ota_targets(self, name: str, before: dict[str, str | None]) -> None:
+        """Do what ThingsBoard does after device `name` was saved (created: all None in `before`) or its
+        profile's packages changed (DefaultOtaPackageStateService.update): for each type whose target changed,
+        start the update to the new package, or clear the fw_*/sw_* shared attributes when there is none now."""
+        after = self.ota_targets(name)
+        for ota_type in ota.TYPES:
+            new, old = after[ota_type], before.get(ota_type)
+            if new is not None and new != old:
+                package = self.package(new)
+                if package is not None:
+                    self._ota_send(name, package)
+            elif new is None and old is not None:
+                self._ota_remove(name, ota_type)
+
+    def _ota_send(self, name: str, package: OtaPackage) -> None:
+        """Target telemetry and QUEUED, then INITIATED and the shared attributes, pushed to the device.
+
+        ThingsBoard paces the second step through a queue (about 600 ms per device); the emulator does both at once.
+        """
+        prefix = ota.PREFIX[package.type]
+        ts = _now_ms()
+        target: dict[str, Any] = {f"target_{prefix}_title": package.title, f"target_{prefix}_version": package.version}
+        if package.tag:
+            target[f"target_{prefix}_tag"] = package.tag
+        target[f"target_{prefix}_ts"] = ts
+        target[f"{prefix}_state"] = "QUEUED"
+        values, remove = package.shared_attributes()
+        with self._tx():
+            self._db.executemany("INSERT INTO telemetry (device, ts, kv) VALUES (?, ?, ?)",
+                                 [(name, ts, _json_text(target)),
+                                  (name, _now_ms(), _json_text({f"{prefix}_state": "INITIATED"}))])
+            self._db.executemany("DELETE FROM attributes WHERE device = ? AND scope = 'shared' AND key = ?",
+                                 [(name, k) for k in remove])
+            self._set_attributes(name, "shared", values)
+        self.event(f"ota: {package.type.lower()} {package.title!r} {package.version!r} sent to {name!r}")
+        self._notify(name, "attributes", {"deleted": remove})
+        self._notify(name, "attributes", values)
+
+    def _ota_remove(self, name: str, ota_type: str) -> None:
+        """Delete every fw_*/sw_* shared attribute of the device and push the deletion."""
+        keys = [ota.attribute_key(ota_type, k) for k in ota.ATTRIBUTE_KEYS]
+        with self._tx():
+            self._db.executemany("DELETE FROM attributes WHERE device = ? AND scope = 'shared' AND key = ?",
+                                 [(name, k) for k in keys])
+        self.event(f"ota: {ota_type.lower()} unassigned from {name!r}")
+        self._notify(name, "attributes", {"deleted": keys})
 
     # ------------------------------------------------------------------ listeners (sessions)
 
