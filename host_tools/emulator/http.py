@@ -90,16 +90,18 @@ class Response:
     status: int
     body: bytes = b""
     content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
     def encode(self, keep_alive: bool) -> bytes:
-        """The bytes on the wire."""
+        """The bytes on the wire (a header character outside Latin-1 is sent as '?', as Tomcat does)."""
         lines = [f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}"]
         if self.content_type and self.body:
             lines.append(f"Content-Type: {self.content_type}")
+        lines += [f"{name}: {value}" for name, value in self.headers]
         lines.append(f"Content-Length: {len(self.body)}")
         if not keep_alive:
             lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + self.body
 
 
 class BodyBudget:
@@ -179,6 +181,8 @@ class HttpApi:
             ("rpc",): {"GET": functools.partial(self._long_poll, "rpc"), "POST": _not_emulated},
             ("rpc", "*"): {"POST": self._rpc_reply},
             ("claim",): {"POST": _not_emulated},
+            ("firmware",): {"GET": functools.partial(self._ota_download, ota.FIRMWARE)},
+            ("software",): {"GET": functools.partial(self._ota_download, ota.SOFTWARE)},
         }
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
@@ -337,6 +341,10 @@ class HttpApi:
             return _method_not_allowed(method)
         if method == "POST" and not request.body and shape != ("claim",):  # a claim's body is optional (§6.4)
             return _error_json(400, "Required request body is missing", 31)
+        if shape in (("firmware",), ("software",)):
+            refused = _ota_parameters(request)  # Spring binds them before the token is looked at
+            if refused is not None:
+                return refused
         device = self.state.device_by_token(token)
         if device is None:
             return Response(401)
@@ -369,6 +377,21 @@ class HttpApi:
                                     f"'java.lang.Integer'; For input string: \"{feature[1]}\"", 31)
         self.state.record_rpc_reply(device, request_id, request.body)
         return Response(200)
+
+    def _ota_download(self, ota_type: str, request: Request, device: Device, _feature: list[str]) -> Response:
+        """GET /{token}/firmware|software?title=&version=[&size=&chunk=] (DeviceApiController.getOtaPackageCallback):
+        the bytes with the package's content type and file name; 404 when the device has no package (or a URL
+        one), 400 when title or version differ from it; a chunk past the end is an empty 200."""
+        status, package = self.state.ota_request(device, ota_type)
+        if status != "SUCCESS" or package is None:
+            return Response(404)
+        if (request.param("title"), request.param("version")) != (package.title, package.version):
+            return Response(400)
+        data = self.state.package_data(package.id) or b""
+        body = ota.chunk(data, int(request.param("size") or 0), int(request.param("chunk") or 0))
+        return Response(200, body, package.content_type,
+                        (("Content-Disposition", f"attachment;filename={package.file_name}"),
+                         ("x-filename", package.file_name or "")))
 
     async def _long_poll(self, kind: str, request: Request, device: Device, _feature: list[str]) -> Response:
         """Wait for one `kind` event of `device`: 200 with it, 408 on timeout, 403 if the device is deleted."""
@@ -541,6 +564,20 @@ class HttpApi:
 def _negotiate(request: Request) -> str:
     """Spring's choice for a String body: JSON only when the client asks for it, else text/plain."""
     return _JSON if _JSON in request.headers.get("accept", "") else _TEXT
+
+
+def _ota_parameters(request: Request) -> Response | None:
+    """Spring's 400 for a firmware download whose title or version is missing or whose size or chunk is no int."""
+    for name in ("title", "version"):
+        if request.param(name) is None:
+            return _error_json(400, f"Required request parameter '{name}' for method parameter type String is not "
+                                    "present", 31)
+    for name in ("size", "chunk"):
+        value = request.param(name)
+        if value and ota.java_int(value) is None:
+            return _error_json(400, f"Failed to convert value of type 'java.lang.String' to required type 'int'; "
+                                    f"For input string: \"{value}\"", 31)
+    return None
 
 
 def _not_emulated(_request: Request, _device: Device, feature: list[str]) -> Response:

@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import ssl
 import struct
 from typing import Iterable
 
+from host_tools.emulator import ota
 from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
     parse_keys
 
@@ -37,6 +39,11 @@ ATTRIBUTES_TOPICS = ("v1/devices/me/attributes", "v2/a")
 ATTRIBUTE_REQUEST_PREFIXES = {"v1/devices/me/attributes/request/": "v1/devices/me/attributes/response/",
                               "v2/a/req/": "v2/a/res/"}
 RPC_RESPONSE_PREFIXES = ("v1/devices/me/rpc/response/", "v2/r/res/")
+# MqttTopics.DEVICE_FIRMWARE/SOFTWARE_REQUEST_TOPIC_PATTERN, searched (Matcher.find) rather than matched whole.
+OTA_REQUEST = re.compile(r"v2/(fw|sw)/request/(\d+)/chunk/(\d+)")
+OTA_TYPES = {"fw": ota.FIRMWARE, "sw": ota.SOFTWARE}
+OTA_ERROR_TOPIC = "v2/fw/error"
+"""Where OTA errors go, for software too (MqttTransportHandler.sendOtaPackageError)."""
 CLAIM_TOPICS = ("v1/devices/me/claim",)
 
 # SUBSCRIBE filters ThingsBoard grants, matched literally (§3.6). A filter that turns pushes on maps to (what is
@@ -155,6 +162,10 @@ class Session:
         self._next_id = 0
         self._close_timer: asyncio.TimerHandle | None = None
         self._closing = False
+        # Per OTA request id, as MqttTransportHandler keeps them for the session: the chunk size last asked for and
+        # the package the first request resolved to (later chunks keep coming from it).
+        self._chunk_sizes: dict[str, int] = {}
+        self._ota_packages: dict[str, str] = {}
 
     # ------------------------------------------------------------------ I/O
 
@@ -427,6 +438,8 @@ class Session:
             elif (reply := _topic_id(topic, RPC_RESPONSE_PREFIXES)) is not None:
                 self.state.record_rpc_reply(device, reply[1], payload)
                 self.send(puback)
+            elif (request := OTA_REQUEST.search(topic)) is not None:
+                await self._ota_chunk(device, request, payload, puback)
             else:
                 # Unknown topics (and ones the emulator does not process, e.g. claim or client-side RPC):
                 # PUBACK, not processed, session kept.
@@ -435,6 +448,47 @@ class Session:
             self.state.event(f"mqtt: invalid payload from {device.name!r} on {topic!r} ({e}), closing")
             await self._end()
             raise _Closed() from None
+
+    async def _ota_chunk(self, device: Device, request: re.Match, payload: bytes, puback: bytes) -> None:
+        """One chunk of the device's package (MqttTransportHandler.getOtaPackageCallback, reference §6.5).
+
+        The payload is the chunk size in ASCII decimal (empty: the size this request id used before; 0: the whole
+        file). Over the maximum packet size, or with no package, the error goes to v2/fw/error and the session is
+        closed, with no PUBACK. A size or chunk number Integer.parseInt refuses closes the session too.
+        """
+        prefix, request_id, number_text = request.groups()
+        text = payload.decode("utf-8", "replace")
+        size, number = ota.java_int(text or "0"), ota.java_int(number_text)
+        if size is None or number is None:
+            self.state.event(f"mqtt: OTA request from {device.name!r} with a size or chunk that is not an int, "
+                             "closing")
+            await self._end()
+            raise _Closed()
+        if size > 0:
+            self._chunk_sizes[request_id] = size
+        else:
+            size = self._chunk_sizes.get(request_id, 0)
+        if size > MAX_PACKET:
+            await self._ota_error(device, "PAYLOAD_TOO_LARGE")
+        package_id = self._ota_packages.get(request_id)
+        if package_id is None:
+            status, package = self.state.ota_request(device, OTA_TYPES[prefix])
+            if status != "SUCCESS" or package is None:
+                await self._ota_error(device, status)
+            package_id = self._ota_packages[request_id] = package.id
+        self.send(puback)
+        data = self.state.package_data(package_id)
+        if data is None:
+            return  # deleted since this request id started: ThingsBoard's cache has nothing, nothing is sent
+        topic = f"v2/{prefix}/response/{request_id}/chunk/{number}"
+        self.publish(topic, ota.chunk(data, size, number), self._qos(topic))
+
+    async def _ota_error(self, device: Device, error: str) -> None:
+        """Publish `error` to v2/fw/error and close the session (MqttTransportHandler.sendOtaPackageError)."""
+        self.state.event(f"mqtt: OTA request from {device.name!r} refused with {error}, closing")
+        self.publish(OTA_ERROR_TOPIC, error.encode(), self._qos(OTA_ERROR_TOPIC))
+        await self._end()
+        raise _Closed()
 
     def _attribute_request(self, device: Device, payload: bytes) -> dict:
         if not payload:

@@ -7,6 +7,7 @@ The facts (and the ThingsBoard source files they come from) are in docs/thingsbo
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -64,6 +65,15 @@ def checksum(algorithm: str, data: bytes) -> str:
     if not data:
         raise OtaError("OtaPackage data should be specified!")
     return CHECKSUMS[algorithm](data)
+
+
+def java_int(text: str) -> int | None:
+    """Integer.parseInt, which the OTA handlers apply to sizes and chunk numbers: an optionally signed run of
+    decimal digits within 32 bits; None where it throws."""
+    if not re.fullmatch(r"[+-]?\d+", text):
+        return None
+    value = int(text)
+    return value if -2 ** 31 <= value < 2 ** 31 else None
 
 
 def attribute_key(ota_type: str, key: str) -> str:

@@ -81,3 +81,44 @@ def test_inspection_assigns_to_devices_and_profiles(emu: Emulator) -> None:
         (400, {"error": "Can't assign software with type: FIRMWARE"})
     assert call(emu, "POST", "/emulator/profiles/nothing/ota", {"type": "FIRMWARE", "package": None})[0] == 404
     assert call(emu, "POST", "/emulator/devices/pre-token/ota", {"type": "BOTH"})[0] == 400
+
+
+def assigned(emu: Emulator, **fields: object) -> dict:
+    info = create(emu, **fields)
+    assert call(emu, "POST", "/emulator/devices/pre-token/ota", {"type": info["type"], "package": info["id"]})[0] == 200
+    return info
+
+
+def test_firmware_download_whole_and_in_chunks(emu: Emulator) -> None:
+    assigned(emu, fileName="fw.bin", contentType="application/x-fw")
+    status, headers, body = emu.request("GET", f"/api/v1/{TOKEN}/firmware?title=fw&version=1.0")
+    assert (status, body) == (200, FOX)
+    assert headers["content-type"] == "application/x-fw"
+    assert headers["content-disposition"] == "attachment;filename=fw.bin" and headers["x-filename"] == "fw.bin"
+    chunks = [emu.request("GET", f"/api/v1/{TOKEN}/firmware?title=fw&version=1.0&size=10&chunk={n}")[2]
+              for n in range(6)]
+    assert [len(c) for c in chunks] == [10, 10, 10, 10, 3, 0] and b"".join(chunks) == FOX
+
+
+def test_software_download_and_its_refusals(emu: Emulator) -> None:
+    assigned(emu, title="app", type="SOFTWARE")
+    assert emu.request("GET", f"/api/v1/{TOKEN}/software?title=app&version=1.0&size=4&chunk=1")[::2] == (200, FOX[4:8])
+    assert emu.request("GET", f"/api/v1/{TOKEN}/software?title=app&version=2.0")[::2] == (400, b"")
+    assert emu.request("GET", f"/api/v1/{TOKEN}/software?title=other&version=1.0")[::2] == (400, b"")
+    assert emu.request("GET", f"/api/v1/{TOKEN}/firmware?title=app&version=1.0")[::2] == (404, b"")
+    assert emu.request("GET", "/api/v1/wrongToken/software?title=app&version=1.0")[::2] == (401, b"")
+    assert emu.request("POST", f"/api/v1/{TOKEN}/software?title=app&version=1.0", b"{}")[0] == 405
+
+
+@pytest.mark.parametrize("query, message", [
+    ("version=1.0", "Required request parameter 'title' for method parameter type String is not present"),
+    ("title=fw", "Required request parameter 'version' for method parameter type String is not present"),
+    ("title=fw&version=1.0&size=big", "Failed to convert value of type 'java.lang.String' to required type 'int'; "
+                                      'For input string: "big"'),
+])
+def test_bad_parameters_are_spring_400s_even_before_the_token_is_checked(emu: Emulator, query: str,
+                                                                        message: str) -> None:
+    for token in (TOKEN, "wrongToken"):
+        status, _, body = emu.request("GET", f"/api/v1/{token}/firmware?{query}")
+        error = json.loads(body)
+        assert (status, error["status"], error["errorCode"], error["message"]) == (400, 400, 31, message)
