@@ -1,0 +1,50 @@
+"""A firmware update with the official SDK: it asks for the fw_* attributes, downloads the package over MQTT
+(v2/fw/request/...), verifies the checksum and reports each state as telemetry.
+
+Parameters (JSON on stdin):
+  host, port                    the emulator's MQTT port
+  token                         the device's access token
+  protocol                      "5" (the SDK's default) or "3.1.1"
+  chunk_size                    the SDK's chunk size (0: the whole file in one message)
+Lines written: connected, firmware (what the SDK handed to its on-firmware-received callback), done.
+"""
+
+import hashlib
+
+import paho.mqtt.client as paho
+from tb_device_mqtt import TBDeviceMqttClient, TBFirmwareState
+
+from sdkio import Inbox, emit, params, wait
+
+p = params()
+client = TBDeviceMqttClient(p["host"], p["port"], username=p["token"], chunk_size=p["chunk_size"])
+if p["protocol"] == "3.1.1":
+    # As in device_session.py: the SDK builds its paho client for MQTT 5 only.
+    client._client._protocol = paho.MQTTv311
+    client._client._clean_session = True
+received = Inbox()
+
+
+def on_firmware(sdk, data, version):
+    # Only called once the SDK has verified the checksum (TBDeviceMqttClient.__process_firmware).
+    received.put((data, version))
+    sdk.update_firmware_info(title=sdk.firmware_info.get("fw_title"), version=version,
+                             state=TBFirmwareState.UPDATED)
+
+
+client.set_on_firmware_received_callback(on_firmware)
+connects = Inbox()
+client.connect(callback=lambda _c, _u, _flags, rc, *_rest: connects.put(int(getattr(rc, "value", rc))),
+               min_reconnect_delay=1, timeout=5)
+wait(lambda: len(connects), 15, "CONNACK")
+emit("connected", rc=connects.items[0])
+if connects.items[0] != 0:
+    raise SystemExit(2)
+client.get_firmware_update()
+wait(lambda: len(received), 30, "the verified firmware")
+data, version = received.items[0]
+emit("firmware", version=version, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+     state=client.current_firmware_info)
+client.disconnect()
+client.stop()
+emit("done")
