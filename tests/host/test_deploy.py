@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,9 +78,18 @@ def test_deploy_to_a_port_copies_only_changes_and_never_shows_secrets(vboard: Vi
 
 
 def test_argv_watch_sees_a_secret_passed_to_a_child() -> None:
+    # The child lives until the watcher has seen it (it waits on its stdin), so that the outcome does not depend on
+    # how soon a busy machine lets the watcher poll; the deadline only bounds a failing run.
     needle = "needle-" + secrets.token_hex(6)
     with ArgvWatch([needle]) as watch:
-        subprocess.run(["sh", "-c", f"sleep 0.2; : {needle}"], check=True)
+        child = subprocess.Popen(["sh", "-c", f"read line; : {needle}"], stdin=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not watch.hits and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            child.communicate(b"go\n", timeout=60)
+    assert child.returncode == 0
     assert [name for _, name in watch.hits] == ["sh"]
 
 
