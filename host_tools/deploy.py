@@ -591,8 +591,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`deploy` takes its settings from make variables in the environment (secrets never as arguments)."""
     parser.epilog = ("settings come from the environment (make variables): BOARD PORT FLASH FIRMWARE ERASE "
                      "ESPTOOL_ARGS TBFLEET_IMAGE_MIRROR MONITOR COUNT TRANSPORT TB_HOST TB_PORT TLS PROVISION_KEY "
-                     "PROVISION_SECRET PROVISION_SECRET_FILE DEVICE_NAME CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME PASSWORD "
-                     "CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD INTERVAL LOG_LEVEL")
+                     "PROVISION_SECRET PROVISION_SECRET_FILE DEVICE_NAME CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME "
+                     "PASSWORD CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD INTERVAL LOG_LEVEL")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -141,7 +141,7 @@ def _topic_id(topic: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
 def _matches(topic_filter: str, topic: str) -> bool:
     """Whether `topic` matches `topic_filter` (the granted filters use only the single-level wildcard)."""
     levels, wanted = topic.split("/"), topic_filter.split("/")
-    return len(levels) == len(wanted) and all(w in ("+", level) for w, level in zip(wanted, levels))
+    return len(levels) == len(wanted) and all(w in ("+", level) for w, level in zip(wanted, levels, strict=True))
 
 
 class _Closed(Exception):
@@ -366,7 +366,7 @@ class Session:
             else:
                 codes.append(_SUBSCRIBE_FAILURE)
         if self.device is not None:
-            granted = ", ".join(t for (t, _), code in zip(filters, codes) if code != _SUBSCRIBE_FAILURE)
+            granted = ", ".join(t for (t, _), code in zip(filters, codes, strict=True) if code != _SUBSCRIBE_FAILURE)
             self.state.event(f"mqtt: device {self.device.name!r} subscribed to {granted or 'nothing'}")
         self.send(packet(_SUBACK << 4, struct.pack("!H", packet_id) + bytes(codes)))
 

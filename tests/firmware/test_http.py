@@ -1,4 +1,5 @@
-# The HTTP/1.1 client in via_http: exact request bytes and response parsing over a scripted TCP stream in place of tcp.connect.
+# The HTTP/1.1 client in via_http: exact request bytes and response parsing over a scripted TCP stream in place of
+# tcp.connect.
 from fakesock import FakeSocket
 from mptest import eq, raises
 from tbfleet import BadAnswer, NoAnswer, tcp, via_http

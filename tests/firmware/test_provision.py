@@ -1,7 +1,7 @@
 # Provisioning requests per credentials type and every kind of answer, as ThingsBoard sends them.
 import json
 
-from mptest import eq, raises
+from mptest import eq
 from tbfleet import BadAnswer, NoAnswer, config, provision
 
 KEY = "u7i8k9l0p1o2"
@@ -80,12 +80,14 @@ def test_success_mqtt_basic_nested_object_with_userName():
 
 
 def test_success_mqtt_basic_with_nulls_from_a_pre_provisioned_device():
-    body = b'{"credentialsValue":{"clientId":null,"userName":"gh","password":"pw"},"credentialsType":"MQTT_BASIC","status":"SUCCESS"}'
+    body = (b'{"credentialsValue":{"clientId":null,"userName":"gh","password":"pw"},"credentialsType":"MQTT_BASIC",'
+            b'"status":"SUCCESS"}')
     eq(parse(body, cfg_with())[1]["client_id"], "")
 
 
 def test_mqtt_basic_answer_is_unusable_over_http():
-    body = b'{"credentialsValue":{"clientId":"a","userName":"b","password":"c"},"credentialsType":"MQTT_BASIC","status":"SUCCESS"}'
+    body = (b'{"credentialsValue":{"clientId":"a","userName":"b","password":"c"},"credentialsType":"MQTT_BASIC",'
+            b'"status":"SUCCESS"}')
     eq(parse(body, cfg_with(transport="http")),
        ("FAILURE", None, "the server issued MQTT_BASIC credentials, unusable with this config"))
     # With its own credentials configured, the board gets those back to try.

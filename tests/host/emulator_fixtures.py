@@ -3,8 +3,8 @@
 - `emulator_process(config, *extra_args)`: a context manager that starts the real CLI,
   `python -m host_tools emulator --config F --mqtt-port 0 --http-port 0 --coap-port 0 --db :memory: ...`,
   waits for its ready line and yields a `host_tools.emulator.process.EmulatorProcess` (ports, the event lines
-  so far, `wait_event`, the inspection API); it stops the process by PID (SIGTERM, then SIGKILL) on exit. Use it for end-to-end tests of anything that talks to the
-  emulator:
+  so far, `wait_event`, the inspection API); it stops the process by PID (SIGTERM, then SIGKILL) on exit. Use it for
+  end-to-end tests of anything that talks to the emulator:
 
       with emulator_process(DEMO_CONFIG, "--server-version", "3.8") as emu:
           client.connect("127.0.0.1", emu.ports["mqtt"])

@@ -263,7 +263,8 @@ def test_aiocoap_separate_response(aiocoap_server, tmp_path):
     got = run_firmware(tmp_path, ADAPTER + """
 import time
 t0 = time.ticks_ms()
-out["slow"] = json.loads(link.provision(b'{"deviceName":"slow","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
+out["slow"] = json.loads(link.provision(
+    b'{"deviceName":"slow","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
 out["ms"] = time.ticks_diff(time.ticks_ms(), t0)
 link.open({"type": "ACCESS_TOKEN", "token": out["slow"]["credentialsValue"]})
 link.send_telemetry(b'{"after":1}')

@@ -2,7 +2,8 @@
 
 For each transport: first boot provisions and saves, second boot reuses the credentials; both strategies and each
 credentials type the transport can use; wrong key; device already there; emulator down at first boot; emulator
-restarted mid-run; credentials deleted on the server; the lifecycle against an older server version; X.509 over verified TLS.
+restarted mid-run; credentials deleted on the server; the lifecycle against an older server version; X.509 over
+verified TLS.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ def test_failing_micropython_test_fails_pytest(tmp_path: Path) -> None:
         "def test_good():\n    pass\n\n"
         "def helper():\n    raise ValueError('deliberate %d' % 42)\n\n"
         "def test_bad():\n    helper()\n")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "pythonpath=tests", str(fw_tests)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "pythonpath=tests",
+                           str(fw_tests)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 failed, 1 passed" in proc.stdout
     assert "ValueError: deliberate 42" in proc.stdout

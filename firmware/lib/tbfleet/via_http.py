@@ -51,6 +51,7 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
         data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
         out = bytearray()  # a chunked body, decoded
         state = _STATUS
+        status = length = size = 0  # each set from the answer before its state reads it
         while True:
             if state == _BODY:
                 if length > limit or length < 0 and len(data) > limit:
