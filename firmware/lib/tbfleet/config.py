@@ -26,7 +26,31 @@ class ConfigError(ValueError):
 
 
 class Config:
-    pass
+    # One attribute per field of the table in validate, set there. Declared for lint's API check, which reads them as
+    # cfg's fields; MicroPython ignores annotations without a value (they cost no RAM).
+    host: str
+    transport: str
+    tls: bool
+    port: int
+    ca_file: str | None
+    provision_key: str
+    provision_secret: str
+    device_name: str
+    credentials_type: str | None
+    token: str | None
+    client_id: str | None
+    username: str | None
+    password: str | None
+    cert_file: str | None
+    key_file: str | None
+    telemetry_interval: float
+    qos: int
+    timeout: float
+    keepalive: int
+    sensors: list
+    wifi_ssid: str | None
+    wifi_password: str | None
+    log_level: str
 
 
 def validate(data):
@@ -61,7 +85,7 @@ def validate(data):
     owners = {"token": "ACCESS_TOKEN", "client_id": "MQTT_BASIC", "username": "MQTT_BASIC", "password": "MQTT_BASIC",
               "cert_file": "X509_CERTIFICATE", "key_file": "X509_CERTIFICATE"}
     ctype = cfg.credentials_type
-    for name, default, kind, *allowed in fields:
+    for name, _, kind, *allowed in fields:
         value = getattr(cfg, name)
         if value is None:
             if kind == _REQUIRED:
@@ -101,7 +125,7 @@ def validate(data):
                           ctype)
     # What each credentials type needs; MQTT_BASIC a client_id or a username.
     needs = {"ACCESS_TOKEN": "token", "MQTT_BASIC": "" if cfg.username else "client_id",
-             "X509_CERTIFICATE": "tls cert_file key_file"}.get(ctype, "")
+             "X509_CERTIFICATE": "tls cert_file key_file"}.get(ctype or "", "")
     for name in needs.split():
         if not getattr(cfg, name):
             raise ConfigError(name, "required with %s" % ctype)
