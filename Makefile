@@ -11,13 +11,15 @@ STAMP := $(VENV)/.installed
 SDK_VENV := .venv-tbsdk
 SDK_STAMP := $(SDK_VENV)/.installed
 SDK_REQUIREMENTS := tests/host/tbsdk-requirements.txt
+# The Debian packages the tests use; make test installs the missing ones (as root) or names them and stops.
+SYSTEM_PACKAGES ?= mosquitto mosquitto-clients libcoap3-bin
 
 # BOARD has no default here: deploy falls back to unix itself, fleet to esp32, and flash needs one named.
 export BOARD PORT TB_HOST TB_PORT TRANSPORT TLS PROVISION_KEY PROVISION_SECRET PROVISION_SECRET_FILE DEVICE_NAME \
        CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME PASSWORD CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD \
        INTERVAL LOG_LEVEL FIRMWARE FLASH ERASE ESPTOOL_ARGS TBFLEET_IMAGE_MIRROR MONITOR COUNT PORTS INVENTORY
 
-.PHONY: venv sdk-venv test bench deploy flash emulator fleet clean
+.PHONY: venv sdk-venv system-packages lint test bench deploy flash emulator fleet clean
 
 venv: $(STAMP)
 
@@ -35,7 +37,17 @@ $(SDK_STAMP): $(SDK_REQUIREMENTS)
 	$(SDK_VENV)/bin/pip check
 	touch $@
 
-test: $(STAMP) $(SDK_STAMP)
+system-packages:
+	@sh dev/system_packages.sh $(SYSTEM_PACKAGES)
+
+# ruff over the Python code, then firmware/ against each board's MicroPython API (dev/firmware_api.py).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check
+	$(PY) dev/firmware_api.py
+
+# In this order: system packages (before any set-up that takes time), the venv, lint, the tests.
+test: system-packages $(STAMP) $(SDK_STAMP)
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)

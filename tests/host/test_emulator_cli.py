@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -154,7 +153,6 @@ def test_mqtts_listener_with_generated_certificates(tmp_path):
             assert d.rc == 0
 
 
-@pytest.mark.skipif(not shutil.which("mosquitto_pub"), reason="mosquitto-clients is not installed")
 def test_mosquitto_clients_provision_publish_and_receive_pushes(tmp_path):
     """mosquitto_pub/sub read credentials from their XDG options file and the request from a file, not argv."""
     xdg = tmp_path / "xdg"

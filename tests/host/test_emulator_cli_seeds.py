@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import shutil
 import subprocess
 import urllib.request
 
@@ -142,7 +141,6 @@ def test_coap_seed_provisions_with_a_token_and_posts_telemetry(emu):
     assert telemetry_of(emu, "coap-seed")[0]["values"] == TO_PUBLISH
 
 
-@pytest.mark.skipif(not shutil.which("coap-client-notls"), reason="libcoap3-bin is not installed")
 def test_coap_seed_with_libcoap_client_reading_the_request_from_a_file(emu, tmp_path):
     # seeds/003: {"provisionDeviceKey", "provisionDeviceSecret", "deviceName": "DEVICE_NAME"}
     request = tmp_path / "request.json"

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import socket
 import subprocess
 import threading
@@ -33,9 +32,6 @@ from cryptography.x509.oid import NameOID
 from support import micropython_env, run_micropython
 
 log = logging.getLogger(__name__)
-
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None or shutil.which("mosquitto_passwd") is None,
-                                reason="mosquitto is not installed (.ci/run installs it)")
 
 TOKEN = "Xq3kT9vLm2RcW8pZa1Yb"
 TOKEN_PASSWORD = "mq-basic-9c1e"
@@ -109,7 +105,7 @@ def mosquitto(tmp_path: Path, settings: list[str]) -> Iterator[int]:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto did not start: {(tmp_path / 'mosquitto.log').read_text()}")
+                    raise RuntimeError(f"mosquitto did not start: {(tmp_path / 'mosquitto.log').read_text()}") from None
                 time.sleep(0.02)
         yield port
     finally:
