@@ -898,7 +898,7 @@ class EmulatorState:
         if self.device(name) is None:
             raise KeyError(f"no device named {name!r}")
 
-    # ------------------------------------------------------------------ OTA packages (REST §7, device API §4.3, §5.8, §6.5)
+    # -------------------------------------------------------------- OTA packages (REST §7, device API §4.3, §5.8, §6.5)
 
     _PACKAGE_COLUMNS = ("id, created_time, profile, type, title, version, tag, url, file_name, content_type, "
                         "checksum_algorithm, checksum, data_size, additional_info")

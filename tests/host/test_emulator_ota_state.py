@@ -196,7 +196,8 @@ def test_software_uses_sw_keys_and_a_url_package_sets_the_url():
 
 @pytest.mark.parametrize("setup, message", [
     (lambda s: "missing", "Can't assign non-existent firmware!"),
-    (lambda s: s.create_package("a", "1", "SOFTWARE", "check", url="u").id, "Can't assign firmware with type: SOFTWARE"),
+    (lambda s: s.create_package("a", "1", "SOFTWARE", "check", url="u").id,
+     "Can't assign firmware with type: SOFTWARE"),
     (lambda s: s.create_package("a", "1", "FIRMWARE", "check").id, "Can't assign firmware with empty data!"),
     (lambda s: firmware(s, profile="allow").id, "Can't assign firmware with different deviceProfile!"),
 ])
