@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from host_tools.emulator import ota
@@ -153,7 +153,7 @@ def payload_limit(path: str) -> int | None:
     return API_PAYLOAD_LIMIT
 
 
-def _error_json(status: int, message: str, error_code: int) -> Response:
+def error_json(status: int, message: str, error_code: int) -> Response:
     """ThingsBoard's ThingsboardErrorResponse, in its field order."""
     body = {"status": status, "message": message, "errorCode": error_code, "timestamp": int(time.time() * 1000)}
     return Response(status, json_bytes(body), _JSON)
@@ -167,8 +167,11 @@ class HttpApi:
     """The HTTP listener of one emulator: device API and inspection API over one `EmulatorState`."""
 
     def __init__(self, state: EmulatorState, *, header_timeout: float = 20.0, body_timeout: float = 20.0,
-                 write_timeout: float = 20.0, body_budget: int = BODY_BUDGET):
+                 write_timeout: float = 20.0, body_budget: int = BODY_BUDGET,
+                 rest: Callable[[Request], Awaitable[Response]] | None = None):
+        """`rest` answers the other `/api/` paths (the REST API, host_tools.emulator.rest); without it they are 404."""
         self.state = state
+        self.rest = rest
         self.budget = BodyBudget(body_budget)
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
@@ -314,7 +317,9 @@ class HttpApi:
                 return self._inspection(request, seg[2:])
             if seg[:2] in (["emulator", "ota"], ["emulator", "profiles"]):
                 return self._ota_inspection(request, seg[1:])
-            return _error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
+            if seg[:1] == ["api"] and self.rest is not None:
+                return await self.rest(request)
+            return error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, redact(request.path))
             return Response(500)
@@ -325,22 +330,22 @@ class HttpApi:
             if method != "POST":
                 return _method_not_allowed(method)
             if not request.body:
-                return _error_json(400, "Required request body is missing", 31)
+                return error_json(400, "Required request body is missing", 31)
             try:
                 answer = self.state.provision(request.body, "http")
             except RequestError as e:
-                return _error_json(500, str(e), 2)
+                return error_json(500, str(e), 2)
             return Response(200, json_bytes(answer), _negotiate(request))
         token, feature = seg[0], seg[1:]
         shape = tuple(feature[:1]) + (("*",) if feature[:1] == ["rpc"] and len(feature) == 2 else tuple(feature[1:]))
         handlers = self._routes.get(shape)
         if handlers is None:
-            return _error_json(404, "No static resource " + redact(request.path).lstrip("/") + ".", 32)
+            return error_json(404, "No static resource " + redact(request.path).lstrip("/") + ".", 32)
         handler = handlers.get(method)
         if handler is None:
             return _method_not_allowed(method)
         if method == "POST" and not request.body and shape != ("claim",):  # a claim's body is optional (§6.4)
-            return _error_json(400, "Required request body is missing", 31)
+            return error_json(400, "Required request body is missing", 31)
         if shape in (("firmware",), ("software",)):
             refused = _ota_parameters(request)  # Spring binds them before the token is looked at
             if refused is not None:
@@ -373,7 +378,7 @@ class HttpApi:
         try:
             request_id = int(feature[1])
         except ValueError:
-            return _error_json(400, f"Failed to convert value of type 'java.lang.String' to required type "
+            return error_json(400, f"Failed to convert value of type 'java.lang.String' to required type "
                                     f"'java.lang.Integer'; For input string: \"{feature[1]}\"", 31)
         self.state.record_rpc_reply(device, request_id, request.body)
         return Response(200)
@@ -398,14 +403,16 @@ class HttpApi:
         try:
             timeout_ms = int(request.param("timeout") or DEFAULT_POLL_TIMEOUT_MS)
         except ValueError:
-            return _error_json(400, "Failed to convert value of type 'java.lang.String' to required type 'long'",
+            return error_json(400, "Failed to convert value of type 'java.lang.String' to required type 'long'",
                                31)
         loop = asyncio.get_running_loop()
         arrived: asyncio.Future = loop.create_future()
 
-        def on_event(event_kind: str, data: Any) -> None:
+        def on_event(event_kind: str, data: Any) -> bool:
             if event_kind in (kind, "deleted") and not arrived.done():
                 arrived.set_result((event_kind, data))
+                return True
+            return False
 
         handle = self.state.listen(device.name, on_event)
         try:
@@ -570,12 +577,12 @@ def _ota_parameters(request: Request) -> Response | None:
     """Spring's 400 for a firmware download whose title or version is missing or whose size or chunk is no int."""
     for name in ("title", "version"):
         if request.param(name) is None:
-            return _error_json(400, f"Required request parameter '{name}' for method parameter type String is not "
+            return error_json(400, f"Required request parameter '{name}' for method parameter type String is not "
                                     "present", 31)
     for name in ("size", "chunk"):
         value = request.param(name)
         if value and ota.java_int(value) is None:
-            return _error_json(400, f"Failed to convert value of type 'java.lang.String' to required type 'int'; "
+            return error_json(400, f"Failed to convert value of type 'java.lang.String' to required type 'int'; "
                                     f"For input string: \"{value}\"", 31)
     return None
 
@@ -585,7 +592,7 @@ def _not_emulated(_request: Request, _device: Device, feature: list[str]) -> Res
 
 
 def _method_not_allowed(method: str) -> Response:
-    return _error_json(405, f"Request method '{method}' is not supported", 2)
+    return error_json(405, f"Request method '{method}' is not supported", 2)
 
 
 def _json_body(request: Request) -> Any:
@@ -682,8 +689,8 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], leng
 _servers: dict[asyncio.AbstractEventLoop, list[HttpApi]] = {}
 
 
-async def start(state: EmulatorState, host: str, port: int, **options: float) -> int:
-    """Start the HTTP API on the running loop and return the bound port; `options` are HttpApi's timeouts."""
+async def start(state: EmulatorState, host: str, port: int, **options: Any) -> int:
+    """Start the HTTP API on the running loop and return the bound port; `options` are HttpApi's keywords."""
     api = HttpApi(state, **options)
     bound = await api.start(host, port)
     _servers.setdefault(asyncio.get_running_loop(), []).append(api)

@@ -512,19 +512,21 @@ class Session:
 
     # ------------------------------------------------------------------ pushes from the state
 
-    def _on_push(self, kind: str, data: object) -> None:
+    def _on_push(self, kind: str, data: object) -> bool:
+        """Publish a push the session subscribed to; True when it did (the state counts RPC deliveries)."""
         if kind == "deleted":
             self.state.event(f"mqtt: closing the session of deleted device {self.device.name!r}"
                              if self.device else "mqtt: closing a deleted device's session")
             self.close()
-            return
+            return False
         push_topic = self._push_topic(kind)
         if push_topic is None:
-            return
+            return False
         if kind == "rpc":
             rpc_id, method, params = data  # type: ignore[misc]
             push_topic, data = push_topic.format(rpc_id), {"method": method, "params": params}
         self.publish(push_topic, json_bytes(data), self._qos(push_topic))
+        return True
 
 
 class MqttServer:

@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from host_tools.emulator import certs, coap, http
+from host_tools.emulator import certs, coap, http, rest
 from host_tools.emulator.mqtt import MqttServer
 from host_tools.emulator.state import ConfigError, EmulatorState, load_config, parse_version
 
@@ -84,7 +84,7 @@ async def _serve(args: argparse.Namespace, state: EmulatorState) -> None:
     ports: dict[str, object] = {"event": "ready"}
     try:
         ports["mqtt"] = await mqtt.listen(args.bind, args.mqtt_port)
-        ports["http"] = await http.start(state, args.bind, args.http_port)
+        ports["http"] = await http.start(state, args.bind, args.http_port, rest=rest.RestApi(state).handle)
         ports["coap"] = await coap.start(state, args.bind, args.coap_port, separate=args.coap_separate)
         if args.mqtts_port is not None:
             files = certs.ensure_server_files(args.tls_dir)

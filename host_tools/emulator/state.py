@@ -85,7 +85,27 @@ CREATE TABLE IF NOT EXISTS device_ota (
 CREATE TABLE IF NOT EXISTS profile_ota (
     profile TEXT NOT NULL REFERENCES profiles(name) ON UPDATE CASCADE ON DELETE CASCADE, type TEXT NOT NULL,
     package TEXT NOT NULL REFERENCES ota_packages(id), PRIMARY KEY (profile, type));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# Columns the REST API added to the first schema. A database made before them gets them when it is opened; rows
+# without an id get one then.
+_ADDED_COLUMNS = (
+    ("profiles", "id", "TEXT"), ("profiles", "created_time", "INTEGER"),
+    ("profiles", "version", "INTEGER NOT NULL DEFAULT 1"), ("profiles", "data", "TEXT NOT NULL DEFAULT '{}'"),
+    ("devices", "id", "TEXT"), ("devices", "version", "INTEGER NOT NULL DEFAULT 1"),
+    ("devices", "data", "TEXT NOT NULL DEFAULT '{}'"),
+    ("attributes", "ts", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+NULL_UUID = "13814000-1dd2-11b2-8080-808080808080"
+"""EntityId.NULL_UUID: the customerId of a device no customer owns."""
+
+DEFAULT_PROFILE = "default"
+"""The profile every ThingsBoard tenant has; devices saved without a profile get it."""
+
+JWT_DEFAULTS = {"tokenExpirationTime": 9000, "refreshTokenExpTime": 604800}
+"""security.jwt lifetimes in seconds (thingsboard.yml)."""
 
 
 class ConfigError(ValueError):
@@ -105,6 +125,14 @@ class RequestError(Exception):
 
 class PayloadError(Exception):
     """A telemetry, attributes or RPC body the server refuses; str() is a parser-like message."""
+
+
+class DataError(ValueError):
+    """An entity the REST API refuses to save (DataValidationException: 400); str() is ThingsBoard's message."""
+
+
+class VersionConflict(Exception):
+    """A save with a stale `version` (EntityVersionMismatchException: 409); str() is ThingsBoard's message."""
 
 
 @dataclass
@@ -165,9 +193,11 @@ def validate_config(config: Any) -> None:
     """Check the config's shape and consistency; raise ConfigError naming the field that is wrong."""
     if not isinstance(config, dict):
         raise ConfigError("config: must be a JSON object with 'profiles' and 'devices'")
-    unknown = set(config) - {"profiles", "devices", "otaPackages"}
+    unknown = set(config) - {"profiles", "devices", "otaPackages", "users", "jwt"}
     if unknown:
         raise ConfigError(f"config: unknown field {sorted(unknown)[0]!r}")
+    _validate_users(config.get("users", []))
+    _validate_jwt(config.get("jwt", {}))
     profiles = config.get("profiles", [])
     devices = config.get("devices", [])
     if not isinstance(profiles, list):
@@ -305,6 +335,42 @@ def _config_package_data(entry: dict, where: str) -> bytes:
     return data
 
 
+def _validate_users(users: Any) -> None:
+    """The REST API's tenant administrators: [{"email", "password", optional "firstName", "lastName"}]."""
+    if not isinstance(users, list):
+        raise ConfigError("users: must be a list")
+    emails: set[str] = set()
+    for i, u in enumerate(users):
+        where = f"users[{i}]"
+        if not isinstance(u, dict):
+            raise ConfigError(f"{where}: must be an object")
+        unknown = set(u) - {"email", "password", "firstName", "lastName"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        email = u.get("email")
+        if not isinstance(email, str) or not email.strip() or email != email.strip() or _has_control(email):
+            raise ConfigError(f"{where}.email: must be a non-empty string without surrounding spaces")
+        if not isinstance(u.get("password"), str) or not u["password"]:
+            raise ConfigError(f"{where}.password: must be a non-empty string")
+        for field in ("firstName", "lastName"):
+            if u.get(field) is not None and not isinstance(u[field], str):
+                raise ConfigError(f"{where}.{field}: must be a string")
+        if email.lower() in emails:
+            raise ConfigError(f"{where}.email: duplicate user {email!r}")
+        emails.add(email.lower())
+
+
+def _validate_jwt(jwt: Any) -> None:
+    """Token lifetimes: {"tokenExpirationTime": s, "refreshTokenExpTime": s}, positive whole seconds."""
+    if not isinstance(jwt, dict):
+        raise ConfigError("jwt: must be an object")
+    for field, value in jwt.items():
+        if field not in JWT_DEFAULTS:
+            raise ConfigError(f"jwt: unknown field {field!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"jwt.{field}: must be a whole number of seconds, at least 1")
+
+
 def _config_credentials(d: dict, where: str) -> tuple[str, str, str]:
     """(type, credentialsId, stored value) of a pre-provisioned device from the config file."""
     ctype, value = d["credentialsType"], d.get("credentialsValue")
@@ -356,6 +422,31 @@ def _basic_id(client_id: str, user_name: str) -> str:
 
 def _random_alphanumeric() -> str:
     return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(20))
+
+
+_PROFILE_COLUMNS = "name, provision_key, provision_secret, provision_type, id, created_time, version, data"
+_DEVICE_COLUMNS = "d.name, d.profile, d.id, d.created_time, d.version, d.data, p.id"
+
+
+def _entity_uuid(entity_id: Any) -> str | None:
+    """The id of an `{"entityType", "id"}` object as a canonical UUID string; None when absent.
+
+    DataError for an id that is not a UUID ("Invalid UUID string: ...", as UUID.fromString says).
+    """
+    if entity_id is None:
+        return None
+    value = entity_id.get("id") if isinstance(entity_id, dict) else entity_id
+    if value is None:
+        return None
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise DataError(f"Invalid UUID string: {value}") from None
+
+
+def _new_id() -> str:
+    """A time-based UUID as ThingsBoard gives its entities (Uuids.timeBased), with a random node."""
+    return str(uuid.uuid1(node=secrets.randbits(48) | 0x010000000000))
 
 
 def _now_ms() -> int:
@@ -435,8 +526,12 @@ class EmulatorState:
         self._db = sqlite3.connect(db_path, isolation_level=None)
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.executescript(_SCHEMA)
-        self._listeners: dict[str, dict[int, Callable[[str, object], None]]] = {}
+        self._migrate()
+        self._listeners: dict[str, dict[int, Callable[[str, object], Any]]] = {}
         self._handles = itertools.count(1)
+        self.users: dict[str, dict] = {u["email"].lower(): u for u in config.get("users", [])}
+        self.jwt_settings: dict[str, int] = {**JWT_DEFAULTS, **config.get("jwt", {})}
+        self.tenant_id = self._meta("tenantId", _new_id)
         self._load(config)
 
     # ------------------------------------------------------------------ setup and helpers
@@ -452,6 +547,37 @@ class EmulatorState:
             raise
         self._db.commit()
 
+    def _migrate(self) -> None:
+        """Add the columns a database made by an earlier emulator lacks, and ids to rows that have none."""
+        with self._tx():
+            for table, column, declaration in _ADDED_COLUMNS:
+                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            for table in ("profiles", "devices"):
+                self._db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {table}_id ON {table}(id)")
+            self._fill_ids()
+
+    def _fill_ids(self) -> None:
+        for table in ("profiles", "devices"):
+            names = [n for (n,) in self._db.execute(f"SELECT name FROM {table} WHERE id IS NULL")]
+            self._db.executemany(f"UPDATE {table} SET id = ? WHERE name = ?", [(_new_id(), n) for n in names])
+        self._db.execute("UPDATE profiles SET created_time = ? WHERE created_time IS NULL", (_now_ms(),))
+
+    def _meta(self, key: str, make: Callable[[], str]) -> str:
+        """A value kept in the database across restarts, made by `make` the first time."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row:
+            return row[0]
+        value = make()
+        self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+        return value
+
+    def jwt_signing_key(self) -> bytes:
+        """The key the REST API signs its tokens with (HS512), kept in the database so tokens outlive a restart."""
+        return base64.b64decode(self._meta("jwtSigningKey", lambda: base64.b64encode(secrets.token_bytes(64))
+                                           .decode()))
+
     def _load(self, config: dict) -> None:
         with self._tx():
             for i, p in enumerate(config.get("profiles", [])):
@@ -459,17 +585,20 @@ class EmulatorState:
                 # NOT_FOUND for an empty key before it looks one up.
                 try:
                     self._db.execute(
-                        "INSERT INTO profiles VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                        "INSERT INTO profiles (name, provision_key, provision_secret, provision_type, id, "
+                        "created_time) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                         "provision_key = excluded.provision_key, provision_secret = excluded.provision_secret, "
                         "provision_type = excluded.provision_type",
-                        (p["name"], p["provisionDeviceKey"] or None, p["provisionDeviceSecret"], p["provisionType"]))
+                        (p["name"], p["provisionDeviceKey"] or None, p["provisionDeviceSecret"], p["provisionType"],
+                         _new_id(), _now_ms()))
                 except sqlite3.IntegrityError:
                     raise ConfigError(f"profiles[{i}].provisionDeviceKey: already used by another profile in the "
                                       "database") from None
             for i, d in enumerate(config.get("devices", [])):
                 ctype, cid, value = _config_credentials(d, f"devices[{i}]")
-                self._db.execute("INSERT INTO devices VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
-                                 "profile = excluded.profile", (d["name"], d["profile"], _now_ms()))
+                self._db.execute("INSERT INTO devices (name, profile, created_time, id) VALUES (?, ?, ?, ?) "
+                                 "ON CONFLICT(name) DO UPDATE SET profile = excluded.profile",
+                                 (d["name"], d["profile"], _now_ms(), _new_id()))
                 clash = self._db.execute("SELECT device FROM credentials WHERE id = ? AND device != ?",
                                          (cid, d["name"])).fetchone()
                 if clash:
@@ -479,6 +608,7 @@ class EmulatorState:
                                  "SET type = excluded.type, id = excluded.id, value = excluded.value",
                                  (d["name"], ctype, cid, value))
             self._load_ota(config)
+            self._ensure_default_profile()
         # What the configured assignments mean for each device, once: a database that already holds their effect
         # (the target's title, version, checksum and url in the device's shared attributes) is left alone.
         for (name,) in self._db.execute("SELECT name FROM devices ORDER BY created_time, name").fetchall():
@@ -529,6 +659,13 @@ class EmulatorState:
                                          f"ON CONFLICT({column}, type) DO UPDATE SET package = excluded.package",
                                          (owner["name"], ota_type, package_id))
 
+    def _ensure_default_profile(self) -> None:
+        """Every ThingsBoard tenant has a default profile (provisioning disabled); make it unless one exists."""
+        if self._db.execute("SELECT 1 FROM profiles WHERE name = ?", (DEFAULT_PROFILE,)).fetchone() is None:
+            self._db.execute("INSERT INTO profiles (name, provision_key, provision_secret, provision_type, id, "
+                             "created_time) VALUES (?, NULL, NULL, ?, ?, ?)",
+                             (DEFAULT_PROFILE, DISABLED, _new_id(), _now_ms()))
+
     def close(self) -> None:
         """Close the database."""
         self._db.close()
@@ -563,9 +700,11 @@ class EmulatorState:
         return json.loads(row[0]) if row else None
 
     def _set_attributes(self, name: str, scope: str, values: dict) -> None:
+        now = _now_ms()
         self._db.executemany(
-            "INSERT INTO attributes VALUES (?, ?, ?, ?) ON CONFLICT(device, scope, key) DO UPDATE "
-            "SET value = excluded.value", [(name, scope, k, _json_text(v)) for k, v in values.items()])
+            "INSERT INTO attributes (device, scope, key, value, ts) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(device, scope, key) DO UPDATE SET value = excluded.value, ts = excluded.ts",
+            [(name, scope, k, _json_text(v), now) for k, v in values.items()])
 
     def _scope(self, name: str, scope: str, keys: list[str] | None = None) -> dict:
         rows = self._db.execute("SELECT key, value FROM attributes WHERE device = ? AND scope = ? ORDER BY key",
@@ -674,7 +813,8 @@ class EmulatorState:
                                 "Device credentials are already assigned to another device!", profile)
         name = name or _random_alphanumeric()
         with self._tx():
-            self._db.execute("INSERT INTO devices VALUES (?, ?, ?)", (name, profile, _now_ms()))
+            self._db.execute("INSERT INTO devices (name, profile, created_time, id) VALUES (?, ?, ?, ?)",
+                             (name, profile, _now_ms(), _new_id()))
             self._db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?)", (name, ctype, cid, value))
             self._set_attributes(name, "server", {"provisionState": PROVISIONED})
         device = self.device(name)
@@ -824,11 +964,12 @@ class EmulatorState:
         return result
 
     def record_rpc_reply(self, device: Device, request_id: int, body: bytes) -> None:
-        """Store a device's reply to server-side RPC `request_id` (any JSON)."""
+        """Store a device's reply to server-side RPC `request_id` (any JSON); a waiting REST call gets it too."""
         reply = _parse_json(body)
         self._db.execute("UPDATE rpc SET reply = ? WHERE id = ? AND device = ?",
                          (_json_text(reply), request_id, device.name))
         self.event(f"rpc reply from {device.name!r} to request {request_id}")
+        self._notify(device.name, "rpc_reply", (request_id, reply))
 
     # ------------------------------------------------------------------ inspection and server-side actions
 
@@ -854,12 +995,17 @@ class EmulatorState:
 
     def set_shared_attributes(self, name: str, values: dict) -> None:
         """Set shared attributes (as a user would in the UI) and push them to subscribed sessions."""
+        self.save_attributes(name, "shared", values)
+
+    def save_attributes(self, name: str, scope: str, values: dict) -> None:
+        """Set "shared" or "server" attributes as a user does; shared ones are pushed to subscribed sessions."""
         self._require(name)
         values = _kv(values)
         with self._tx():
-            self._set_attributes(name, "shared", values)
-        self.event(f"shared attributes set on {name!r}: {', '.join(sorted(values))}")
-        self._notify(name, "attributes", values)
+            self._set_attributes(name, scope, values)
+        self.event(f"{scope} attributes set on {name!r}: {', '.join(sorted(values))}")
+        if scope == "shared":
+            self._notify(name, "attributes", values)
 
     def delete_shared_attributes(self, name: str, keys: list[str]) -> None:
         """Delete shared attributes and push {"deleted": [...]} to subscribed sessions."""
@@ -871,13 +1017,17 @@ class EmulatorState:
 
     def send_rpc(self, name: str, method: str, params: Any) -> int:
         """Queue a server-side RPC for device `name`, deliver it to its listeners and return its id."""
+        return self.call_rpc(name, method, params)[0]
+
+    def call_rpc(self, name: str, method: str, params: Any) -> tuple[int, bool]:
+        """`send_rpc`, also telling whether a session subscribed to RPC took the request."""
         self._require(name)
         cur = self._db.execute("INSERT INTO rpc (device, method, params) VALUES (?, ?, ?)",
                                (name, method, _json_text(params)))
         rpc_id = int(cur.lastrowid)
-        self.event(f"rpc {rpc_id} {method!r} sent to {name!r}")
-        self._notify(name, "rpc", (rpc_id, method, params))
-        return rpc_id
+        delivered = self._notify(name, "rpc", (rpc_id, method, params))
+        self.event(f"rpc {rpc_id} {method!r} sent to {name!r}" + ("" if delivered else " (no RPC subscription)"))
+        return rpc_id, delivered > 0
 
     def rpc_replies(self, name: str) -> dict[int, object]:
         """{request id: reply} of the RPC replies device `name` sent."""
@@ -1159,10 +1309,233 @@ class EmulatorState:
         self.event(f"ota: {ota_type.lower()} unassigned from {name!r}")
         self._notify(name, "attributes", {"deleted": keys})
 
+    # ------------------------------------------------------------------ REST API entities (docs/thingsboard-notes.md)
+
+    def _tenant(self) -> dict:
+        return {"entityType": "TENANT", "id": self.tenant_id}
+
+    def profiles(self) -> list[dict]:
+        """Every device profile as ThingsBoard's REST API shows it (DeviceProfile), oldest first."""
+        rows = self._db.execute(f"SELECT {_PROFILE_COLUMNS} FROM profiles ORDER BY created_time, name")
+        return [self._profile_json(row) for row in rows.fetchall()]
+
+    def profile_by_id(self, profile_id: str) -> dict | None:
+        """The DeviceProfile with id `profile_id`, or None."""
+        row = self._db.execute(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE id = ?", (profile_id,)).fetchone()
+        return self._profile_json(row) if row else None
+
+    def _profile_json(self, row: tuple) -> dict:
+        name, key, secret, ptype, pid, created, version, data_text = row
+        data = json.loads(data_text)
+        return {
+            "id": {"entityType": "DEVICE_PROFILE", "id": pid}, "createdTime": created, "tenantId": self._tenant(),
+            "name": name, "description": data.get("description"), "image": data.get("image"), "type": "DEFAULT",
+            "transportType": data.get("transportType", "DEFAULT"), "provisionType": ptype,
+            "defaultRuleChainId": None, "defaultDashboardId": None, "defaultQueueName": None,
+            "provisionDeviceKey": key, "firmwareId": data.get("firmwareId"), "softwareId": data.get("softwareId"),
+            "defaultEdgeRuleChainId": None, "externalId": None, "version": version,
+            "default": data.get("default", name == DEFAULT_PROFILE),
+            "profileData": {
+                "configuration": data.get("configuration") or {"type": "DEFAULT"},
+                "transportConfiguration": data.get("transportConfiguration") or {"type": "DEFAULT"},
+                "provisionConfiguration": {"type": ptype, "provisionDeviceSecret": secret},
+                "alarms": data.get("alarms")},
+        }
+
+    def save_profile(self, body: dict) -> dict:
+        """Create or update a device profile from a DeviceProfile body (POST /api/deviceProfile).
+
+        DataError or VersionConflict when ThingsBoard would refuse it; KeyError for an unknown id.
+        """
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise DataError("Device profile name should be specified!")
+        if body.get("type") is None:
+            raise DataError("Device profile type should be specified!")
+        if body.get("transportType") is None:
+            raise DataError("Device profile transport type should be specified!")
+        profile_data = body.get("profileData") or {}
+        if not isinstance(profile_data, dict):
+            raise DataError("Device profile data should be an object")
+        provision = profile_data.get("provisionConfiguration") or {}
+        ptype = provision.get("type") or body.get("provisionType") or DISABLED
+        if ptype not in PROVISION_TYPES:
+            raise DataError(f"Provision type {ptype} is not emulated (one of {', '.join(PROVISION_TYPES)})")
+        key = body.get("provisionDeviceKey") or None
+        secret = provision.get("provisionDeviceSecret") or None
+        for field, value in (("provisionDeviceKey", key), ("provisionDeviceSecret", secret)):
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{field} must be a string")
+        for field in ("firmwareId", "softwareId"):
+            if body.get(field) is not None:
+                raise DataError(f"Can't assign non-existent {field[:-2]}ware!")
+        data = {"description": body.get("description"), "image": body.get("image"),
+                "transportType": body.get("transportType"), "configuration": profile_data.get("configuration"),
+                "transportConfiguration": profile_data.get("transportConfiguration"),
+                "alarms": profile_data.get("alarms")}
+        old = self._profile_row_by_id(_entity_uuid(body.get("id")))
+        same_name = self._db.execute("SELECT id FROM profiles WHERE name = ?", (name,)).fetchone()
+        if same_name and (old is None or same_name[0] != old[4]):
+            raise DataError("Device profile with such name already exists!")
+        same_key = key and self._db.execute("SELECT id FROM profiles WHERE provision_key = ?", (key,)).fetchone()
+        if same_key and (old is None or same_key[0] != old[4]):
+            raise DataError("Device profile with such provision device key already exists!")
+        with self._tx():
+            if old is None:
+                pid = _new_id()
+                self._db.execute(
+                    "INSERT INTO profiles (name, provision_key, provision_secret, provision_type, id, created_time, "
+                    "data) VALUES (?, ?, ?, ?, ?, ?, ?)", (name, key, secret, ptype, pid, _now_ms(), _json_text(data)))
+            else:
+                pid = old[4]
+                self._check_version("Device profile", body, old[6])
+                data["default"] = json.loads(old[7]).get("default", old[0] == DEFAULT_PROFILE)
+                self._db.execute("UPDATE profiles SET name = ?, provision_key = ?, provision_secret = ?, "
+                                 "provision_type = ?, version = version + 1, data = ? WHERE id = ?",
+                                 (name, key, secret, ptype, _json_text(data), pid))
+                self._db.execute("UPDATE devices SET profile = ? WHERE profile = ?", (name, old[0]))
+        self.event(f"device profile {name!r} {'created' if old is None else 'updated'} ({ptype})")
+        saved = self.profile_by_id(pid)
+        assert saved is not None
+        return saved
+
+    def _profile_row_by_id(self, profile_id: str | None) -> tuple | None:
+        if profile_id is None:
+            return None
+        row = self._db.execute(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE id = ?", (profile_id,)).fetchone()
+        if row is None:
+            raise KeyError(profile_id)
+        return row
+
+    @staticmethod
+    def _check_version(what: str, body: dict, stored: int) -> None:
+        """Optimistic locking: a `version` that is given must be the stored one (JpaAbstractDao)."""
+        version = body.get("version")
+        if version is not None and version != stored:
+            raise VersionConflict(f"{what} was already changed by someone else")
+
+    def device_entities(self) -> list[dict]:
+        """Every device as ThingsBoard's REST API shows it (Device), oldest first."""
+        rows = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN profiles p ON p.name = d.profile "
+                                "ORDER BY d.created_time, d.name")
+        return [self._device_json(row) for row in rows.fetchall()]
+
+    def device_entity(self, device_id: str) -> dict | None:
+        """The Device with id `device_id`, or None."""
+        row = self._db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN profiles p ON p.name = d.profile "
+                               "WHERE d.id = ?", (device_id,)).fetchone()
+        return self._device_json(row) if row else None
+
+    def device_name(self, device_id: str) -> str | None:
+        """The name of the device with id `device_id`, or None."""
+        row = self._db.execute("SELECT name FROM devices WHERE id = ?", (device_id,)).fetchone()
+        return row[0] if row else None
+
+    def _device_json(self, row: tuple) -> dict:
+        name, profile, did, created, version, data_text, pid = row
+        data = json.loads(data_text)
+        return {
+            "id": {"entityType": "DEVICE", "id": did}, "createdTime": created, "tenantId": self._tenant(),
+            "customerId": {"entityType": "CUSTOMER", "id": NULL_UUID}, "name": name, "type": profile,
+            "label": data.get("label"), "deviceProfileId": {"entityType": "DEVICE_PROFILE", "id": pid},
+            "deviceData": {"configuration": {"type": "DEFAULT"}, "transportConfiguration": {"type": "DEFAULT"}},
+            "firmwareId": data.get("firmwareId"), "softwareId": data.get("softwareId"), "externalId": None,
+            "version": version, "additionalInfo": data.get("additionalInfo"),
+        }
+
+    def save_device_entity(self, body: dict, access_token: str | None = None) -> dict:
+        """Create or update a device from a Device body (POST /api/device[?accessToken=]).
+
+        A new device gets ACCESS_TOKEN credentials: `access_token`, or 20 random letters and digits.
+        DataError or VersionConflict when ThingsBoard would refuse it; KeyError for an unknown id.
+        """
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError("Device name should be specified!")
+        label = body.get("label")
+        if label is not None and not isinstance(label, str):
+            raise DataError("Device label must be a string")
+        for field in ("firmwareId", "softwareId"):
+            if body.get(field) is not None:
+                raise DataError(f"Can't assign non-existent {field[:-2]}ware!")
+        old_id = _entity_uuid(body.get("id"))
+        old = None
+        if old_id is not None:
+            old = self._db.execute("SELECT name, version FROM devices WHERE id = ?", (old_id,)).fetchone()
+            if old is None:
+                raise KeyError(old_id)
+            if old[0] != name:
+                raise DataError("Renaming a device is not emulated: delete it and create it under the new name")
+            self._check_version("Device", body, old[1])
+        elif self.device(name) is not None:
+            raise DataError("Device with such name already exists!")
+        data = {"label": label, "additionalInfo": body.get("additionalInfo")}
+        with self._tx():
+            profile = self._device_profile_for(body)
+            if old is None:
+                token = access_token if access_token is not None else _random_alphanumeric()
+                if not token:
+                    raise DataError("Device credentials id should be specified!")
+                if self._by_credentials_id(token) is not None:
+                    raise DataError("Device credentials are already assigned to another device!")
+                self._db.execute("INSERT INTO devices (name, profile, created_time, id, data) VALUES (?, ?, ?, ?, ?)",
+                                 (name, profile, _now_ms(), _new_id(), _json_text(data)))
+                self._db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?)", (name, ACCESS_TOKEN, token, token))
+            else:
+                self._db.execute("UPDATE devices SET profile = ?, data = ?, version = version + 1 WHERE id = ?",
+                                 (profile, _json_text(data), old_id))
+        self.event(f"device {name!r} {'created' if old is None else 'updated'} over REST (profile {profile!r})")
+        row = self._db.execute("SELECT id FROM devices WHERE name = ?", (name,)).fetchone()
+        saved = self.device_entity(row[0])
+        assert saved is not None
+        return saved
+
+    def _device_profile_for(self, body: dict) -> str:
+        """The profile a saved device gets: by deviceProfileId, else by `type` (made if missing), else default."""
+        profile_id = _entity_uuid(body.get("deviceProfileId"))
+        if profile_id is not None:
+            row = self._db.execute("SELECT name FROM profiles WHERE id = ?", (profile_id,)).fetchone()
+            if row is None:
+                raise DataError("Device is referencing to non-existent device profile!")
+            return row[0]
+        name = body.get("type") or DEFAULT_PROFILE
+        if not isinstance(name, str):
+            raise DataError("Device type must be a string")
+        if self._db.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is None:
+            self._db.execute("INSERT INTO profiles (name, provision_type, id, created_time) VALUES (?, ?, ?, ?)",
+                             (name, DISABLED, _new_id(), _now_ms()))
+        return name
+
+    def credentials_entity(self, device_id: str) -> dict | None:
+        """DeviceCredentials of the device with id `device_id`, or None."""
+        row = self._db.execute("SELECT d.created_time, c.type, c.id, c.value FROM devices d JOIN credentials c "
+                               "ON c.device = d.name WHERE d.id = ?", (device_id,)).fetchone()
+        if row is None:
+            return None
+        created, ctype, cid, value = row
+        return {"id": {"id": str(uuid.uuid5(uuid.UUID(device_id), "credentials"))}, "createdTime": created,
+                "deviceId": {"entityType": "DEVICE", "id": device_id}, "credentialsType": ctype,
+                "credentialsId": cid, "credentialsValue": None if ctype == ACCESS_TOKEN else value, "version": 1}
+
+    def latest_telemetry(self, name: str) -> dict[str, tuple[int, Any]]:
+        """{key: (ts, value)} of the newest value of each telemetry key (newest by ts, then by arrival)."""
+        latest: dict[str, tuple[int, Any]] = {}
+        for ts, kv in self._db.execute("SELECT ts, kv FROM telemetry WHERE device = ? ORDER BY ts, seq", (name,)):
+            for key, value in json.loads(kv).items():
+                latest[key] = (ts, value)
+        return latest
+
+    def attribute_entries(self, name: str, scope: str) -> list[tuple[str, Any, int]]:
+        """[(key, value, last update ms)] of one scope ("client", "shared", "server") by key."""
+        rows = self._db.execute("SELECT key, value, ts FROM attributes WHERE device = ? AND scope = ? ORDER BY key",
+                                (name, scope)).fetchall()
+        return [(k, json.loads(v), ts) for k, v, ts in rows]
+
     # ------------------------------------------------------------------ listeners (sessions)
 
-    def listen(self, device_name: str, callback: Callable[[str, object], None]) -> object:
-        """Call `callback(kind, data)` for pushes to the device: "attributes", "rpc", "deleted"."""
+    def listen(self, device_name: str, callback: Callable[[str, object], Any]) -> object:
+        """Call `callback(kind, data)` for events of the device: pushes ("attributes", "rpc"), "deleted", and
+        "rpc_reply" ((request id, reply)). For "rpc" the callback returns True when it delivered the request."""
         handle = next(self._handles)
         self._listeners.setdefault(device_name, {})[handle] = callback
         return (device_name, handle)
@@ -1175,6 +1548,6 @@ class EmulatorState:
         if not callbacks:
             self._listeners.pop(device_name, None)
 
-    def _notify(self, name: str, kind: str, data: object) -> None:
-        for callback in list(self._listeners.get(name, {}).values()):
-            callback(kind, data)
+    def _notify(self, name: str, kind: str, data: object) -> int:
+        """Tell the device's listeners; the number of them that answered True (took the event)."""
+        return sum(bool(callback(kind, data)) for callback in list(self._listeners.get(name, {}).values()))

@@ -7,6 +7,8 @@ import copy
 import hashlib
 import json
 import re
+import sqlite3
+import uuid
 
 import pytest
 
@@ -391,6 +393,42 @@ def test_a_config_refused_by_the_db_changes_nothing_in_it(tmp_path):
     kept.close()
 
 
+def test_a_database_from_before_the_rest_api_gets_ids_and_keeps_its_data(tmp_path):
+    db = str(tmp_path / "old.db")
+    old = sqlite3.connect(db)
+    old.executescript("""
+        CREATE TABLE profiles (name TEXT PRIMARY KEY, provision_key TEXT UNIQUE, provision_secret TEXT,
+                               provision_type TEXT NOT NULL);
+        CREATE TABLE devices (name TEXT PRIMARY KEY, profile TEXT NOT NULL, created_time INTEGER NOT NULL);
+        CREATE TABLE attributes (device TEXT NOT NULL, scope TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                                 PRIMARY KEY (device, scope, key));
+        INSERT INTO profiles VALUES ('allow', 'allow-key', 'allow-secret', 'ALLOW_CREATE_NEW_DEVICES');
+        INSERT INTO devices VALUES ('kept', 'allow', 5);
+        INSERT INTO attributes VALUES ('kept', 'shared', 'interval', '30');
+    """)
+    old.close()
+    state = EmulatorState(CONFIG, db, events=lambda _: None)
+    kept = next(d for d in state.device_entities() if d["name"] == "kept")
+    assert kept["createdTime"] == 5 and kept["deviceProfileId"]["id"] == \
+        next(p for p in state.profiles() if p["name"] == "allow")["id"]["id"]
+    assert state.attribute_entries("kept", "shared") == [("interval", 30, 0)]
+    assert {p["name"] for p in state.profiles()} == {"default", "allow", "check", "off"}
+    tenant = state.tenant_id
+    state.close()
+    assert EmulatorState(CONFIG, db, events=lambda _: None).tenant_id == tenant
+
+
+def test_device_and_profile_ids_are_time_based_uuids_kept_across_restarts(tmp_path):
+    db = str(tmp_path / "state.db")
+    state = EmulatorState(CONFIG, db, events=lambda _: None)
+    ids = {d["name"]: d["id"]["id"] for d in state.device_entities()}
+    assert all(uuid.UUID(i).version == 1 for i in ids.values())
+    state.close()
+    again = EmulatorState(CONFIG, db, events=lambda _: None)
+    assert {d["name"]: d["id"]["id"] for d in again.device_entities()} == ids
+    again.close()
+
+
 # ---------------------------------------------------------------- config validation
 
 @pytest.mark.parametrize("mutate, field", [
@@ -406,6 +444,15 @@ def test_a_config_refused_by_the_db_changes_nothing_in_it(tmp_path):
     (lambda c: c["devices"][4].update(credentialsValue="preTokenValue0000001"), "devices[4].credentialsValue"),
     (lambda c: c["devices"][2].update(name="pre-token"), "devices[2].name"),
     (lambda c: c.update(extra=1), "extra"),
+    (lambda c: c.update(users={}), "users"),
+    (lambda c: c.update(users=[{"email": " a@b", "password": "p"}]), "users[0].email"),
+    (lambda c: c.update(users=[{"email": "a@b", "password": ""}]), "users[0].password"),
+    (lambda c: c.update(users=[{"email": "a@b", "password": "p", "role": "x"}]), "users[0]: unknown field 'role'"),
+    (lambda c: c.update(users=[{"email": "a@b", "password": "p"}, {"email": "A@B", "password": "q"}]),
+     "users[1].email"),
+    (lambda c: c.update(jwt={"tokenExpirationTime": 0}), "jwt.tokenExpirationTime"),
+    (lambda c: c.update(jwt={"refreshTokenExpTime": "1"}), "jwt.refreshTokenExpTime"),
+    (lambda c: c.update(jwt={"signingKey": "k"}), "jwt: unknown field 'signingKey'"),
 ])
 def test_bad_config_names_the_field(mutate, field):
     config = copy.deepcopy(CONFIG)

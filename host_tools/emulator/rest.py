@@ -1,0 +1,567 @@
+"""ThingsBoard's REST API (`/api/...`), the subset a fleet operator and the host tools use, over the emulator's state.
+
+Paths, JSON shapes and error bodies are ThingsBoard 4.x's (docs/thingsboard-rest-api.md in the shared notes, and
+docs/thingsboard-notes.md in this repository for what was read beyond them):
+- login with a tenant administrator from the config file (`users`), JWT access and refresh tokens (HS512) sent as
+  `X-Authorization: Bearer <token>`;
+- device profiles with their provisioning configuration; devices with their credentials;
+- latest telemetry, attributes, attribute writes (shared ones pushed to the device's sessions);
+- server-side RPC, one-way and two-way, answered with the device's reply or the status ThingsBoard gives.
+Errors are ThingsBoard's `{"status", "message", "errorCode", "timestamp"}` JSON, except where ThingsBoard itself
+answers in plain text or with an empty body (telemetry, attributes and RPC endpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+import jwt
+
+from host_tools.emulator.http import Request, Response, error_json
+from host_tools.emulator.state import NULL_UUID, DataError, EmulatorState, VersionConflict, json_bytes
+
+log = logging.getLogger(__name__)
+
+_JSON = "application/json"
+_TEXT = "text/plain;charset=UTF-8"
+_ISSUER = "thingsboard.io"
+_TENANT_ADMIN = "TENANT_ADMIN"
+_REFRESH_TOKEN = "REFRESH_TOKEN"
+
+DEFAULT_RPC_TIMEOUT_MS = 10000
+"""`server.rest.server_side_rpc.default_timeout`: an RPC without `timeout` waits this long."""
+
+MIN_RPC_TIMEOUT_MS = 5000
+"""`server.rest.server_side_rpc.min_timeout`: a shorter `timeout` is raised to this."""
+
+# Attribute scopes in the REST API and in the state.
+_SCOPES = {"CLIENT_SCOPE": "client", "SHARED_SCOPE": "shared", "SERVER_SCOPE": "server"}
+_DEVICE_NOT_FOUND = "Device with requested id wasn't found!"
+
+Handler = Callable[..., Awaitable[Response] | Response]
+
+
+class _Refusal(Exception):
+    """Ends a request with `response` (an error found deep in a handler)."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status)
+        self.response = response
+
+
+def _ok(value: Any) -> Response:
+    return Response(200, json_bytes(value), _JSON)
+
+
+def _text(status: int, message: str) -> Response:
+    return Response(status, message.encode(), _TEXT)
+
+
+def _bad_request(message: str) -> _Refusal:
+    return _Refusal(error_json(400, message, 31))
+
+
+def _not_found(what: str, entity_id: str) -> _Refusal:
+    return _Refusal(error_json(404, f"{what} with id [{entity_id}] is not found", 32))
+
+
+def _uuid(text: str) -> str:
+    """A path id as a canonical UUID; 400 "Invalid UUID string" otherwise (BaseController.toUUID)."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise _bad_request(f"Invalid UUID string: {text}") from None
+
+
+def _json_object(request: Request) -> dict:
+    """The request body as a JSON object; 400 "Invalid request body" otherwise (HttpMessageNotReadable)."""
+    try:
+        body = json.loads(request.body)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise _bad_request("Invalid request body")
+    return body
+
+
+def _int_param(request: Request, name: str, required: bool = True) -> int | None:
+    text = request.param(name)
+    if text is None:
+        if required:
+            raise _bad_request(f"Required request parameter '{name}' for method parameter type int is not present")
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise _bad_request(f"Failed to convert value of type 'java.lang.String' to required type 'int'; "
+                           f"For input string: \"{text}\"") from None
+
+
+def _keys(request: Request) -> list[str] | None:
+    """`keys=a,b` (or, from 4.3, repeated `key=`); None when neither is given."""
+    keys = [k.strip() for k in (request.param("keys") or "").split(",") if k.strip()]
+    keys += [k for k in request.query.get("key", []) if k]
+    return keys or None
+
+
+def java_double(value: float) -> str:
+    """Java's Double.toString: plain from 10^-3 to below 10^7, else computerized scientific (1.0E7)."""
+    if value == 0 or 1e-3 <= abs(value) < 1e7:
+        return repr(value)
+    sign, digits, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
+    text = "".join(map(str, digits))
+    power = len(digits) - 1 + exponent
+    return ("-" if sign else "") + text[0] + "." + (text[1:] or "0") + f"E{power}"
+
+
+def _as_string(value: Any) -> str:
+    """A telemetry value as the REST API shows it without useStrictDataTypes (KvEntry.getValueAsString)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return java_double(value)
+    if isinstance(value, (int, str)):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def page(items: list[dict], request: Request, text_of: Callable[[dict], str],
+         sort_keys: dict[str, Callable[[dict], Any]]) -> dict:
+    """PageData of `items` for the request's pageSize, page, textSearch, sortProperty and sortOrder."""
+    size = _int_param(request, "pageSize")
+    number = _int_param(request, "page")
+    assert size is not None and number is not None
+    if size < 1:
+        raise _bad_request(f"Incorrect page link page size '{size}'. Page size must be greater than zero.")
+    if number < 0:
+        raise _bad_request(f"Incorrect page link page '{number}'. Page must be positive integer.")
+    search = (request.param("textSearch") or "").lower()
+    if search:
+        items = [item for item in items if search in text_of(item).lower()]
+    order = request.param("sortOrder") or "ASC"
+    if order not in ("ASC", "DESC"):
+        raise _bad_request(f"Unsupported sort order '{order}'! Only 'ASC' or 'DESC' types are allowed.")
+    prop = request.param("sortProperty")
+    if prop:
+        if prop not in sort_keys:
+            raise _bad_request(f"Unsupported sort property '{prop}'; one of {', '.join(sort_keys)}")
+        items = sorted(items, key=lambda item: (sort_keys[prop](item) is None, sort_keys[prop](item) or ""),
+                       reverse=order == "DESC")
+    total = len(items)
+    start = size * number
+    return {"data": items[start:start + size], "totalPages": -(-total // size), "totalElements": total,
+            "hasNext": start + size < total}
+
+
+class RestApi:
+    """The REST API of one emulator; `handle` answers every request under `/api/` but the device API."""
+
+    def __init__(self, state: EmulatorState):
+        self.state = state
+        # (method, path pattern) -> handler; "{}" in a pattern matches one segment, passed to the handler.
+        self._routes: list[tuple[str, tuple[str, ...], Handler]] = [
+            ("POST", ("auth", "logout"), lambda _r, _u: Response(200)),
+            ("GET", ("auth", "user"), self._current_user),
+            ("GET", ("deviceProfiles",), self._list_profiles),
+            ("GET", ("deviceProfileInfos",), self._list_profile_infos),
+            ("GET", ("deviceProfile", "{}"), self._get_profile),
+            ("GET", ("deviceProfileInfo", "{}"), self._get_profile_info),
+            ("POST", ("deviceProfile",), self._save_profile),
+            ("GET", ("tenant", "devices"), self._list_devices),
+            ("GET", ("tenant", "deviceInfos"), self._list_device_infos),
+            ("GET", ("tenant", "device"), self._device_by_name),
+            ("GET", ("device", "{}"), self._get_device),
+            ("POST", ("device",), self._save_device),
+            ("DELETE", ("device", "{}"), self._delete_device),
+            ("GET", ("device", "{}", "credentials"), self._get_credentials),
+            ("GET", ("plugins", "telemetry", "{}", "{}", "values", "timeseries"), self._latest_timeseries),
+            ("GET", ("plugins", "telemetry", "{}", "{}", "keys", "timeseries"), self._timeseries_keys),
+            ("GET", ("plugins", "telemetry", "{}", "{}", "values", "attributes"), self._attributes),
+            ("GET", ("plugins", "telemetry", "{}", "{}", "values", "attributes", "{}"), self._attributes),
+            ("GET", ("plugins", "telemetry", "{}", "{}", "keys", "attributes"), self._attribute_keys),
+            ("GET", ("plugins", "telemetry", "{}", "{}", "keys", "attributes", "{}"), self._attribute_keys),
+            ("POST", ("plugins", "telemetry", "{}", "{}", "attributes", "{}"), self._save_attributes),
+            ("POST", ("plugins", "telemetry", "{}", "{}", "{}"), self._save_attributes),
+            ("POST", ("plugins", "telemetry", "{}", "{}"), self._save_device_attributes),
+            ("POST", ("plugins", "rpc", "{}", "{}"), self._rpc_v1),
+            ("POST", ("rpc", "{}", "{}"), self._rpc_v2),
+        ]
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request whose path starts with /api/ (and is not the device API /api/v1/)."""
+        seg = request.segments[1:]
+        try:
+            if seg == ["auth", "login"]:
+                return self._login(request)
+            if seg == ["auth", "token"]:
+                return self._refresh(request)
+            user = self._authenticate(request)
+            handler, args, allowed = self._route(request.method, seg)
+            if handler is None:
+                if allowed:
+                    return error_json(405, f"Request method '{request.method}' is not supported", 2)
+                return error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
+            result = handler(request, user, *args)
+            return await result if asyncio.iscoroutine(result) else result
+        except _Refusal as e:
+            return e.response
+        except DataError as e:
+            return error_json(400, str(e), 31)
+        except VersionConflict as e:
+            return error_json(409, str(e), 35)
+
+    def _route(self, method: str, seg: list[str]) -> tuple[Handler | None, list[str], bool]:
+        """(handler, its path arguments, whether the path exists for another method)."""
+        allowed = False
+        for route_method, pattern, handler in self._routes:
+            if len(pattern) != len(seg) or any(p not in ("{}", s) for p, s in zip(pattern, seg, strict=True)):
+                continue
+            if route_method == method:
+                return handler, [s for p, s in zip(pattern, seg, strict=True) if p == "{}"], True
+            allowed = True
+        return None, [], allowed
+
+    # --- authentication ------------------------------------------------------------------------------------------
+
+    def _user_id(self, email: str) -> str:
+        return str(uuid.uuid5(uuid.UUID(self.state.tenant_id), email.lower()))
+
+    def _token_pair(self, user: dict) -> dict:
+        """JwtPair for `user`: an access token with the user's claims and a refresh token (JwtTokenFactory)."""
+        now = int(time.time())
+        settings = self.state.jwt_settings
+        session = str(uuid.uuid4())
+        common = {"sub": user["email"], "userId": self._user_id(user["email"]), "sessionId": session,
+                  "iss": _ISSUER, "iat": now}
+        access = {**common, "scopes": [_TENANT_ADMIN], "exp": now + settings["tokenExpirationTime"],
+                  "firstName": user.get("firstName"), "lastName": user.get("lastName"), "enabled": True,
+                  "isPublic": False, "tenantId": self.state.tenant_id, "customerId": NULL_UUID}
+        refresh = {**common, "scopes": [_REFRESH_TOKEN], "exp": now + settings["refreshTokenExpTime"],
+                   "isPublic": False, "jti": str(uuid.uuid4())}
+        key = self.state.jwt_signing_key()
+        return {"token": jwt.encode(access, key, "HS512"), "refreshToken": jwt.encode(refresh, key, "HS512")}
+
+    def _login(self, request: Request) -> Response:
+        """POST /api/auth/login; every failure is 401 with errorCode 10 (RestAwareAuthenticationFailureHandler)."""
+        if request.method != "POST":
+            return error_json(401, "Authentication method not supported", 10)
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("username"), str) or \
+                not isinstance(body.get("password"), str) or not body["username"].strip() or not body["password"]:
+            return error_json(401, "Authentication failed", 10)
+        user = self.state.users.get(body["username"].lower())
+        if user is None or not _same(user["password"], body["password"]):
+            self.state.event("REST login refused: invalid username or password")
+            return error_json(401, "Invalid username or password", 10)
+        self.state.event(f"REST login of {user['email']!r}")
+        return _ok(self._token_pair(user))
+
+    def _refresh(self, request: Request) -> Response:
+        """POST /api/auth/token with {"refreshToken"}: a new pair (RefreshTokenProcessingFilter)."""
+        if request.method != "POST":
+            return error_json(401, "Authentication method not supported", 10)
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            body = None
+        token = body.get("refreshToken") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token.strip():
+            return error_json(401, "Authentication failed", 10)
+        claims = self._claims(token)
+        if claims.get("scopes", [None])[0] != _REFRESH_TOKEN:
+            return error_json(401, "Authentication failed", 10)
+        return _ok(self._token_pair(self._user_of(claims)))
+
+    def _claims(self, token: str) -> dict:
+        """The verified claims of a token; 401 as ThingsBoard answers a bad or expired one."""
+        try:
+            return jwt.decode(token, self.state.jwt_signing_key(), algorithms=["HS512"], issuer=_ISSUER,
+                              options={"require": ["exp", "sub", "scopes"]})
+        except (jwt.ExpiredSignatureError, jwt.InvalidSignatureError):
+            # JwtTokenFactory.parseTokenClaims reports a bad signature as an expired token too (4.3).
+            raise _Refusal(error_json(401, "Token has expired", 11)) from None
+        except jwt.InvalidTokenError:
+            raise _Refusal(error_json(401, "Invalid username or password", 10)) from None
+
+    def _user_of(self, claims: dict) -> dict:
+        user = self.state.users.get(str(claims["sub"]).lower())
+        if user is None or self._user_id(user["email"]) != claims.get("userId"):
+            # A user no longer in the config: UsernameNotFoundException, answered as bad credentials.
+            raise _Refusal(error_json(401, "Invalid username or password", 10))
+        return user
+
+    def _authenticate(self, request: Request) -> dict:
+        """The user a request's bearer token names; 401 without one, 403 for a token that is no access token."""
+        header = request.headers.get("x-authorization") or request.headers.get("authorization") or ""
+        if not header.strip():
+            raise _Refusal(error_json(401, "Authentication failed", 10))
+        if self.state.at_least(4, 3) and not header.startswith("Bearer "):
+            raise _Refusal(error_json(401, "Authentication failed", 10))
+        claims = self._claims(header[len("Bearer "):])
+        user = self._user_of(claims)
+        if claims["scopes"] != [_TENANT_ADMIN]:
+            raise _Refusal(error_json(403, "You don't have permission to perform this operation!", 20))
+        return user
+
+    def _current_user(self, _request: Request, user: dict) -> Response:
+        return _ok({"id": {"entityType": "USER", "id": self._user_id(user["email"])}, "createdTime": 0,
+                    "tenantId": {"entityType": "TENANT", "id": self.state.tenant_id},
+                    "customerId": {"entityType": "CUSTOMER", "id": NULL_UUID}, "email": user["email"],
+                    "authority": _TENANT_ADMIN, "firstName": user.get("firstName"),
+                    "lastName": user.get("lastName"), "name": user["email"], "additionalInfo": {}})
+
+    # --- device profiles -----------------------------------------------------------------------------------------
+
+    _PROFILE_SORT = {"createdTime": lambda p: p["createdTime"], "name": lambda p: p["name"],
+                     "type": lambda p: p["type"], "transportType": lambda p: p["transportType"],
+                     "description": lambda p: p["description"], "isDefault": lambda p: p["default"]}
+
+    def _list_profiles(self, request: Request, _user: dict) -> Response:
+        return _ok(page(self.state.profiles(), request, lambda p: p["name"], self._PROFILE_SORT))
+
+    def _list_profile_infos(self, request: Request, _user: dict) -> Response:
+        infos = page(self.state.profiles(), request, lambda p: p["name"], self._PROFILE_SORT)
+        infos["data"] = [_profile_info(p) for p in infos["data"]]
+        return _ok(infos)
+
+    def _profile(self, profile_id: str) -> dict:
+        profile_id = _uuid(profile_id)
+        profile = self.state.profile_by_id(profile_id)
+        if profile is None:
+            raise _not_found("Device profile", profile_id)
+        return profile
+
+    def _get_profile(self, _request: Request, _user: dict, profile_id: str) -> Response:
+        return _ok(self._profile(profile_id))
+
+    def _get_profile_info(self, _request: Request, _user: dict, profile_id: str) -> Response:
+        return _ok(_profile_info(self._profile(profile_id)))
+
+    def _save_profile(self, request: Request, _user: dict) -> Response:
+        body = _json_object(request)
+        try:
+            return _ok(self.state.save_profile(body))
+        except KeyError as e:
+            raise _not_found("Device profile", e.args[0]) from None
+
+    # --- devices -------------------------------------------------------------------------------------------------
+
+    _DEVICE_SORT = {"createdTime": lambda d: d["createdTime"], "name": lambda d: d["name"],
+                    "deviceProfileName": lambda d: d["type"], "type": lambda d: d["type"],
+                    "label": lambda d: d["label"], "customerTitle": lambda d: None}
+
+    def _list_devices(self, request: Request, _user: dict) -> Response:
+        """GET /api/tenant/devices: PageData (type = profile name), or one Device for ?deviceName=."""
+        if request.param("deviceName") is not None and "pageSize" not in request.query:
+            return self._device_by_name(request, _user)
+        devices = self.state.device_entities()
+        kind = request.param("type")
+        if kind:
+            devices = [d for d in devices if d["type"] == kind]
+        return _ok(page(devices, request, lambda d: d["name"] + "\0" + (d["label"] or ""), self._DEVICE_SORT))
+
+    def _device_by_name(self, request: Request, _user: dict) -> Response:
+        """One Device by `deviceName` (GET /api/tenant/devices?deviceName=, and /api/tenant/device from 4.3.1.2)."""
+        if request.segments[-1] == "device" and not self.state.at_least(4, 3, 1, 2):
+            return error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
+        name = request.param("deviceName")
+        if name is None:
+            raise _bad_request("Required request parameter 'deviceName' for method parameter type String is not "
+                               "present")
+        found = next((d for d in self.state.device_entities() if d["name"] == name), None)
+        if found is None:
+            return error_json(404, "Requested item wasn't found!", 32)
+        return _ok(found)
+
+    def _list_device_infos(self, request: Request, _user: dict) -> Response:
+        """GET /api/tenant/deviceInfos: by profile name (`type`) or, when it is absent, `deviceProfileId`."""
+        devices = self.state.device_entities()
+        kind, profile_id = request.param("type"), request.param("deviceProfileId")
+        if kind:
+            devices = [d for d in devices if d["type"] == kind]
+        elif profile_id:
+            profile_id = _uuid(profile_id)
+            devices = [d for d in devices if d["deviceProfileId"]["id"] == profile_id]
+        infos = [{**d, "customerTitle": None, "customerIsPublic": False, "deviceProfileName": d["type"],
+                  "active": False} for d in devices]
+        return _ok(page(infos, request, lambda d: d["name"] + "\0" + (d["label"] or "") + "\0" + d["type"],
+                        self._DEVICE_SORT))
+
+    def _device(self, device_id: str) -> dict:
+        device_id = _uuid(device_id)
+        device = self.state.device_entity(device_id)
+        if device is None:
+            raise _not_found("Device", device_id)
+        return device
+
+    def _get_device(self, _request: Request, _user: dict, device_id: str) -> Response:
+        return _ok(self._device(device_id))
+
+    def _save_device(self, request: Request, _user: dict) -> Response:
+        body = _json_object(request)
+        try:
+            return _ok(self.state.save_device_entity(body, request.param("accessToken")))
+        except KeyError as e:
+            raise _not_found("Device", e.args[0]) from None
+
+    def _delete_device(self, _request: Request, _user: dict, device_id: str) -> Response:
+        self.state.delete_device(self._device(device_id)["name"])
+        return Response(200)
+
+    def _get_credentials(self, _request: Request, _user: dict, device_id: str) -> Response:
+        credentials = self.state.credentials_entity(self._device(device_id)["id"]["id"])
+        assert credentials is not None
+        return _ok(credentials)
+
+    # --- telemetry and attributes (TelemetryController) ----------------------------------------------------------
+
+    def _telemetry_device(self, entity_type: str, entity_id: str) -> str:
+        """The device name behind a telemetry path; plain-text 404 for an unknown one (AccessValidator)."""
+        if entity_type != "DEVICE":
+            raise _bad_request(f"Entity type {entity_type} is not emulated; only DEVICE")
+        name = self.state.device_name(_uuid(entity_id))
+        if name is None:
+            raise _Refusal(_text(404, _DEVICE_NOT_FOUND))
+        return name
+
+    def _latest_timeseries(self, request: Request, _user: dict, entity_type: str, entity_id: str) -> Response:
+        """Latest values: {key: [{"ts", "value"}]}, values as strings unless useStrictDataTypes=true."""
+        name = self._telemetry_device(entity_type, entity_id)
+        strict = (request.param("useStrictDataTypes") or "").lower() == "true"
+        latest = self.state.latest_telemetry(name)
+        keys = _keys(request)
+        now = int(time.time() * 1000)
+        answer = {}
+        for key in keys if keys is not None else sorted(latest):
+            ts, value = latest.get(key, (now, None))
+            answer[key] = [{"ts": ts, "value": value if strict or value is None else _as_string(value)}]
+        return _ok(answer)
+
+    def _timeseries_keys(self, _request: Request, _user: dict, entity_type: str, entity_id: str) -> Response:
+        return _ok(sorted(self.state.latest_telemetry(self._telemetry_device(entity_type, entity_id))))
+
+    def _scope_entries(self, name: str, scope: str | None) -> list[tuple[str, Any, int]]:
+        if scope is None:
+            return [e for s in _SCOPES.values() for e in self.state.attribute_entries(name, s)]
+        if scope not in _SCOPES:
+            raise _bad_request(f"Failed to convert value of type 'java.lang.String' to required type "
+                               f"'org.thingsboard.server.common.data.AttributeScope'; No enum constant "
+                               f"org.thingsboard.server.common.data.AttributeScope.{scope}")
+        return self.state.attribute_entries(name, _SCOPES[scope])
+
+    def _attributes(self, request: Request, _user: dict, entity_type: str, entity_id: str,
+                    scope: str | None = None) -> Response:
+        """[{"lastUpdateTs", "key", "value"}] with native values; missing keys are left out."""
+        name = self._telemetry_device(entity_type, entity_id)
+        keys = _keys(request)
+        return _ok([{"lastUpdateTs": ts, "key": key, "value": value}
+                    for key, value, ts in self._scope_entries(name, scope) if keys is None or key in keys])
+
+    def _attribute_keys(self, _request: Request, _user: dict, entity_type: str, entity_id: str,
+                        scope: str | None = None) -> Response:
+        name = self._telemetry_device(entity_type, entity_id)
+        return _ok([key for key, _value, _ts in self._scope_entries(name, scope)])
+
+    def _save_device_attributes(self, request: Request, user: dict, device_id: str, scope: str) -> Response:
+        return self._save_attributes(request, user, "DEVICE", device_id, scope)
+
+    def _save_attributes(self, request: Request, _user: dict, entity_type: str, entity_id: str, *rest: str
+                         ) -> Response:
+        """POST .../attributes/{scope} or .../{scope}: 200 with an empty body; plain-text 400 for bad input."""
+        scope = rest[-1]
+        name = self._telemetry_device(entity_type, entity_id)
+        if scope not in _SCOPES:
+            self._scope_entries(name, scope)  # raises the enum conversion error
+        if scope == "CLIENT_SCOPE":
+            return _text(400, f"Invalid scope: {scope}")
+        try:
+            values = json.loads(request.body)
+        except ValueError:
+            return _text(400, "Invalid JSON")
+        if not isinstance(values, dict):
+            return _text(400, "Request is not a JSON object")
+        if not values:
+            return _text(400, "No attributes data found in request body!")
+        if any(not key.strip() for key in values):
+            return _text(400, "Key cannot be blank" if self.state.at_least(4, 2)
+                         else "Key cannot be empty or contains only spaces")
+        self.state.save_attributes(name, _SCOPES[scope], values)
+        return Response(200)
+
+    # --- server-side RPC (RpcV1Controller, RpcV2Controller) ------------------------------------------------------
+
+    def _rpc_v1(self, request: Request, _user: dict, kind: str, device_id: str) -> Awaitable[Response]:
+        return self._rpc(request, kind, device_id, v2=False)
+
+    def _rpc_v2(self, request: Request, _user: dict, kind: str, device_id: str) -> Awaitable[Response]:
+        return self._rpc(request, kind, device_id, v2=True)
+
+    async def _rpc(self, request: Request, kind: str, device_id: str, v2: bool) -> Response:
+        """Send an RPC and wait for the reply (two-way) or the delivery (one-way) until it expires.
+
+        Expiry: `expirationTime`, else now + max(timeout, 5 s). On expiry V2 answers 504; V1 answers 408 when the
+        request reached a session subscribed to RPC and 409 when none was (ThingsBoard's NO_ACTIVE_CONNECTION).
+        """
+        if kind not in ("oneway", "twoway"):
+            return error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
+        device_id = _uuid(device_id)
+        body = _json_object(request)
+        name = self.state.device_name(device_id)
+        if name is None:
+            return _text(404, _DEVICE_NOT_FOUND)
+        method = body.get("method")
+        if not isinstance(method, str) or not method:
+            raise _bad_request("Invalid request body")
+        if body.get("persistent"):
+            raise _bad_request("Persistent RPC is not emulated")
+        timeout_ms, expiration = body.get("timeout", DEFAULT_RPC_TIMEOUT_MS), body.get("expirationTime")
+        for value in (timeout_ms, expiration):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise _bad_request("Invalid request body")
+        now_ms = int(time.time() * 1000)
+        deadline_ms = expiration if expiration else now_ms + max(timeout_ms or 0, MIN_RPC_TIMEOUT_MS)
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future = loop.create_future()
+        sent: list[int] = []
+
+        def on_event(event_kind: str, data: Any) -> bool:
+            if event_kind == "rpc_reply" and sent and data[0] == sent[0] and not reply.done():
+                reply.set_result(data[1])
+            return False
+
+        handle = self.state.listen(name, on_event)
+        try:
+            rpc_id, delivered = self.state.call_rpc(name, method, body.get("params", {}))
+            sent.append(rpc_id)
+            if kind == "oneway" and delivered:
+                return Response(200)
+            try:
+                result = await asyncio.wait_for(reply, max(deadline_ms - now_ms, 0) / 1000)
+            except TimeoutError:
+                status = 504 if v2 else 408 if delivered else 409
+                self.state.event(f"rpc {rpc_id} to {name!r} expired: REST answer {status}")
+                return Response(status)
+        finally:
+            self.state.unlisten(handle)
+        return _ok(result)
+
+
+def _profile_info(profile: dict) -> dict:
+    """DeviceProfileInfo: the fields of a DeviceProfile the lists show."""
+    return {key: profile[key] for key in ("id", "tenantId", "name", "image", "defaultDashboardId", "type",
+                                          "transportType")}
+
+
+def _same(a: str, b: str) -> bool:
+    """Password comparison in constant time."""
+    return hmac.compare_digest(a.encode(), b.encode())

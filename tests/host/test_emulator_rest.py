@@ -1,0 +1,385 @@
+"""The emulator's REST API against the official Python REST client (`tb-rest-client`) and plain HTTP.
+
+One emulator process serves the module; each test makes its own profiles and devices with unique names. The device
+side is driven with real clients too: the HTTP device API (urllib) and paho-mqtt for RPC and attribute pushes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from tb_rest_client.models import AllowCreateNewDevicesDeviceProfileProvisionConfiguration, \
+    DefaultDeviceProfileConfiguration, DefaultDeviceProfileTransportConfiguration, Device, DeviceProfile, \
+    DeviceProfileData
+from tb_rest_client.rest import ApiException
+from tb_rest_client.rest_client import RestClient
+
+from emulator_fixtures import Paho, emulator_process
+from host_tools.emulator.process import EmulatorProcess
+
+USER, PASSWORD = "tenant@example.com", "tenant-password"
+CONFIG: dict = {
+    "users": [{"email": USER, "password": PASSWORD, "firstName": "Ten", "lastName": "Ant"}],
+    "profiles": [{"name": "pre", "provisionDeviceKey": "pre-key", "provisionDeviceSecret": "pre-secret",
+                  "provisionType": "CHECK_PRE_PROVISIONED_DEVICES"}],
+    "devices": [{"name": "pre-token", "profile": "pre", "credentialsType": "ACCESS_TOKEN",
+                 "credentialsValue": "preTokenValue0000001"}],
+}
+UNKNOWN = "13814000-1dd2-11b2-8080-808080808081"
+VERSION = "4.3.1.3"
+"""The newest 4.x the notes describe; client 4.4 reads a device by name with /api/tenant/device (4.3.1.2+)."""
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[EmulatorProcess]:
+    with emulator_process(CONFIG, "--server-version", VERSION) as e:
+        yield e
+
+
+@pytest.fixture
+def client(emu: EmulatorProcess) -> RestClient:
+    rest = RestClient(f"http://127.0.0.1:{emu.ports['http']}")
+    rest.login(USER, PASSWORD)
+    return rest
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def call(emu: EmulatorProcess, method: str, path: str, body: Any = None, token: str | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, str, bytes]:
+    """One plain HTTP request: (status, content type, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", emu.ports["http"], timeout=timeout)
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if token:
+        all_headers["X-Authorization"] = "Bearer " + token
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=data, headers=all_headers)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type") or "", resp.read()
+    finally:
+        conn.close()
+
+
+def login(emu: EmulatorProcess) -> dict:
+    status, _, body = call(emu, "POST", "/api/auth/login", {"username": USER, "password": PASSWORD})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def error(body: bytes) -> dict:
+    """A ThingsBoard error JSON without its timestamp, after checking that the timestamp is there."""
+    answer = json.loads(body)
+    assert list(answer) == ["status", "message", "errorCode", "timestamp"]
+    assert isinstance(answer.pop("timestamp"), int)
+    return answer
+
+
+def provisioning_profile(name: str, key: str, secret: str) -> DeviceProfile:
+    provision = AllowCreateNewDevicesDeviceProfileProvisionConfiguration(provision_device_secret=secret,
+                                                                         type="ALLOW_CREATE_NEW_DEVICES")
+    data = DeviceProfileData(configuration=DefaultDeviceProfileConfiguration(type="DEFAULT"),
+                             transport_configuration=DefaultDeviceProfileTransportConfiguration(type="DEFAULT"),
+                             provision_configuration=provision)
+    return DeviceProfile(name=name, type="DEFAULT", transport_type="DEFAULT",
+                         provision_type="ALLOW_CREATE_NEW_DEVICES", provision_device_key=key, profile_data=data)
+
+
+def device_api(emu: EmulatorProcess, path: str, body: Any) -> tuple[int, bytes]:
+    status, _, answer = call(emu, "POST", "/api/v1/" + path, body)
+    return status, answer
+
+
+# --- the official REST client --------------------------------------------------------------------------------------
+
+def test_client_creates_a_provisioning_profile_that_devices_then_provision_with(emu: EmulatorProcess,
+                                                                                client: RestClient) -> None:
+    name, key = unique("fleet"), unique("key")
+    saved = client.save_device_profile(provisioning_profile(name, key, "fleet-secret"))
+    assert saved.id.entity_type == "DEVICE_PROFILE" and uuid.UUID(saved.id.id)
+    assert saved.provision_device_key == key and saved.provision_type == "ALLOW_CREATE_NEW_DEVICES"
+    assert saved.profile_data.provision_configuration.provision_device_secret == "fleet-secret"
+    assert client.get_device_profile_by_id(saved.id).name == name
+    assert name in [p.name for p in client.get_device_profiles(100, 0).data]
+
+    status, answer = device_api(emu, "provision", {"deviceName": unique("board"), "provisionDeviceKey": key,
+                                                   "provisionDeviceSecret": "fleet-secret"})
+    assert status == 200 and json.loads(answer)["status"] == "SUCCESS"
+    status, answer = device_api(emu, "provision", {"deviceName": unique("board"), "provisionDeviceKey": key,
+                                                   "provisionDeviceSecret": "wrong"})
+    assert json.loads(answer)["status"] == "NOT_FOUND"
+
+
+def test_client_lists_a_profiles_devices_with_paging(emu: EmulatorProcess, client: RestClient) -> None:
+    profile = client.save_device_profile(provisioning_profile(unique("paged"), unique("key"), "s"))
+    names = sorted(unique(f"dev{i}") for i in range(5))
+    for name in names:
+        client.save_device(Device(name=name, device_profile_id=profile.id))
+    client.save_device(Device(name=unique("elsewhere"), type="pre"))
+    first = client.get_tenant_devices(2, 0, type=profile.name, sort_property="name", sort_order="ASC")
+    assert [d.name for d in first.data] == names[:2]
+    assert (first.total_elements, first.total_pages, first.has_next) == (5, 3, True)
+    last = client.get_tenant_devices(2, 2, type=profile.name, sort_property="name", sort_order="ASC")
+    assert [d.name for d in last.data] == names[4:] and not last.has_next
+    found = client.get_tenant_devices(10, 0, type=profile.name, text_search=names[3][-8:].upper())
+    assert [d.name for d in found.data] == [names[3]]
+    assert all(d.device_profile_id.id == profile.id.id for d in first.data)
+
+
+def test_client_saves_reads_and_deletes_a_device_with_its_credentials(emu: EmulatorProcess,
+                                                                       client: RestClient) -> None:
+    name, token = unique("saved"), unique("token")
+    device = client.save_device(Device(name=name, type="pre", label="kitchen"), access_token=token)
+    assert device.id.entity_type == "DEVICE" and device.type == "pre" and device.label == "kitchen"
+    credentials = client.get_device_credentials_by_device_id(device.id)
+    assert credentials.credentials_type == "ACCESS_TOKEN" and credentials.credentials_id == token
+    assert device_api(emu, f"{token}/telemetry", {"t": 1})[0] == 200
+    assert client.get_tenant_device(name).id.id == device.id.id
+
+    device.label = "hall"
+    updated = client.save_device(device)
+    assert updated.label == "hall" and updated.version == device.version + 1
+    client.delete_device(device.id)
+    with pytest.raises(ApiException) as e:
+        client.get_device_by_id(device.id)
+    assert e.value.status == 404
+    assert device_api(emu, f"{token}/telemetry", {"t": 1})[0] == 401
+
+
+def test_client_reads_latest_telemetry_as_strings_and_attributes_natively(emu: EmulatorProcess,
+                                                                           client: RestClient) -> None:
+    token = unique("tok")
+    device = client.save_device(Device(name=unique("sensor")), access_token=token)
+    device_api(emu, f"{token}/telemetry", {"ts": 1000, "values": {"temp": 20.5, "on": True}})
+    device_api(emu, f"{token}/telemetry", {"ts": 2000, "values": {"temp": 21.5, "big": 12345678.9}})
+    device_api(emu, f"{token}/telemetry", {"ts": 1500, "values": {"temp": 99, "obj": {"a": [1]}}})
+    latest = {key: [(p.ts, p.value) for p in points]
+              for key, points in client.get_latest_timeseries(device.id).items()}
+    assert latest == {"big": [(2000, "1.23456789E7")], "obj": [(1500, '{"a":[1]}')], "on": [(1000, "true")],
+                      "temp": [(2000, "21.5")]}
+    strict = client.get_latest_timeseries(device.id, keys="temp,none", use_strict_data_types=True)
+    assert (strict["temp"][0].ts, strict["temp"][0].value) == (2000, 21.5) and strict["none"][0].value is None
+
+    device_api(emu, f"{token}/attributes", {"fw": "1.0", "n": 3})
+    client.save_device_attributes(device.id, "SERVER_SCOPE", {"zone": "b"})
+    client_scope = client.get_attributes_by_scope(device.id, "CLIENT_SCOPE", keys="n,missing")
+    assert [(a.key, a.value) for a in client_scope] == [("n", 3)]
+    assert isinstance(client_scope[0].last_update_ts, int)
+    assert [a.key for a in client.get_attributes_by_scope(device.id, "SERVER_SCOPE")] == ["zone"]
+
+
+def test_client_shared_attribute_write_is_pushed_to_the_connected_device(emu: EmulatorProcess,
+                                                                          client: RestClient) -> None:
+    token = unique("tok")
+    device = client.save_device(Device(name=unique("pushed")), access_token=token)
+    with Paho(emu.ports["mqtt"], username=token) as paho:
+        assert paho.rc == 0 and paho.subscribe("v1/devices/me/attributes") == [1]
+        client.save_device_attributes(device.id, "SHARED_SCOPE", {"interval": 30})
+        message = paho.message()
+    assert message.topic == "v1/devices/me/attributes" and json.loads(message.payload) == {"interval": 30}
+    assert client.get_attributes_by_scope(device.id, "SHARED_SCOPE")[0].value == 30
+
+
+def test_client_two_way_rpc_gets_the_reply_of_a_device_on_paho(emu: EmulatorProcess, client: RestClient) -> None:
+    token = unique("tok")
+    device = client.save_device(Device(name=unique("rpc")), access_token=token)
+    with Paho(emu.ports["mqtt"], username=token) as paho:
+        assert paho.subscribe("v1/devices/me/rpc/request/+") == [1]
+
+        def answer() -> None:
+            request = paho.message(timeout=10)
+            call_ = json.loads(request.payload)
+            paho.publish(request.topic.replace("request", "response"),
+                         json.dumps({"echo": call_["params"]["x"], "method": call_["method"]}))
+
+        responder = threading.Thread(target=answer)
+        responder.start()
+        reply = client.handle_two_way_device_rpc_request(device.id, {"method": "echo", "params": {"x": 7},
+                                                                      "timeout": 10000})
+        responder.join(10)
+    assert reply == {"echo": 7, "method": "echo"}
+
+
+# --- plain HTTP: error bodies, tokens, ids --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, message", [
+    ({"username": USER, "password": "wrong"}, "Invalid username or password"),
+    ({"username": "nobody@example.com", "password": PASSWORD}, "Invalid username or password"),
+    ({"username": USER, "password": ""}, "Authentication failed"),
+    (b"not json", "Authentication failed"),
+])
+def test_bad_login_is_401_error_code_10(emu: EmulatorProcess, body: Any, message: str) -> None:
+    status, ctype, answer = call(emu, "POST", "/api/auth/login", body)
+    assert (status, ctype) == (401, "application/json")
+    assert error(answer) == {"status": 401, "message": message, "errorCode": 10}
+
+
+def test_login_returns_a_jwt_pair_and_the_user_behind_it(emu: EmulatorProcess) -> None:
+    pair = login(emu)
+    assert list(pair) == ["token", "refreshToken"]
+    status, _, body = call(emu, "GET", "/api/auth/user", token=pair["token"])
+    user = json.loads(body)
+    assert status == 200 and user["email"] == USER and user["authority"] == "TENANT_ADMIN"
+    assert user["firstName"] == "Ten"
+
+
+@pytest.mark.parametrize("headers, status, message, code", [
+    ({}, 401, "Authentication failed", 10),
+    ({"X-Authorization": "Bearer not.a.jwt"}, 401, "Invalid username or password", 10),
+    ({"X-Authorization": "Bearer eyJhbGciOiJIUzUxMiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"}, 401, "Token has expired", 11),
+])
+def test_missing_or_bad_token_is_401(emu: EmulatorProcess, headers: dict, status: int, message: str,
+                                     code: int) -> None:
+    answer = call(emu, "GET", "/api/tenant/devices?pageSize=10&page=0", headers=headers)
+    assert answer[0] == status and error(answer[2]) == {"status": status, "message": message, "errorCode": code}
+
+
+def test_authorization_header_is_a_fallback_and_the_refresh_token_is_no_access_token(emu: EmulatorProcess) -> None:
+    pair = login(emu)
+    bearer = {"Authorization": "Bearer " + pair["token"]}
+    assert call(emu, "GET", "/api/tenant/devices?pageSize=1&page=0", headers=bearer)[0] == 200
+    status, _, body = call(emu, "GET", "/api/tenant/devices?pageSize=1&page=0", token=pair["refreshToken"])
+    assert status == 403 and error(body)["errorCode"] == 20
+
+
+def test_refresh_gives_a_new_working_pair_and_refuses_an_access_token(emu: EmulatorProcess) -> None:
+    pair = login(emu)
+    status, _, body = call(emu, "POST", "/api/auth/token", {"refreshToken": pair["refreshToken"]})
+    fresh = json.loads(body)
+    assert status == 200 and fresh["token"] != pair["token"]
+    assert call(emu, "GET", "/api/deviceProfiles?pageSize=1&page=0", token=fresh["token"])[0] == 200
+    status, _, body = call(emu, "POST", "/api/auth/token", {"refreshToken": pair["token"]})
+    assert status == 401 and error(body)["errorCode"] == 10
+
+
+def test_an_expired_token_is_401_error_code_11() -> None:
+    config = {**CONFIG, "jwt": {"tokenExpirationTime": 1, "refreshTokenExpTime": 1}}
+    with emulator_process(config, "--server-version", VERSION) as emu:
+        pair = login(emu)
+        time.sleep(2.1)  # the lifetime is whole seconds; past it the token is expired whatever the load
+        for path, body in (("/api/tenant/devices?pageSize=1&page=0", None),):
+            status, _, answer = call(emu, "GET", path, body, token=pair["token"])
+            assert status == 401
+            assert error(answer) == {"status": 401, "message": "Token has expired", "errorCode": 11}
+        status, _, answer = call(emu, "POST", "/api/auth/token", {"refreshToken": pair["refreshToken"]})
+        assert status == 401 and error(answer)["errorCode"] == 11
+
+
+def test_unknown_and_malformed_ids(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    status, _, body = call(emu, "GET", f"/api/device/{UNKNOWN}", token=token)
+    assert (status, error(body)) == (404, {"status": 404, "message": f"Device with id [{UNKNOWN}] is not found",
+                                           "errorCode": 32})
+    status, _, body = call(emu, "GET", f"/api/deviceProfile/{UNKNOWN}", token=token)
+    assert error(body)["message"] == f"Device profile with id [{UNKNOWN}] is not found"
+    status, _, body = call(emu, "GET", "/api/device/nope", token=token)
+    assert (status, error(body)["message"]) == (400, "Invalid UUID string: nope")
+    for method, path in (("GET", f"/api/plugins/telemetry/DEVICE/{UNKNOWN}/values/timeseries"),
+                         ("POST", f"/api/plugins/telemetry/DEVICE/{UNKNOWN}/SHARED_SCOPE"),
+                         ("POST", f"/api/plugins/rpc/twoway/{UNKNOWN}")):
+        status, ctype, body = call(emu, method, path, {"method": "m", "a": 1}, token=token)
+        assert (status, body) == (404, b"Device with requested id wasn't found!")
+        assert ctype.startswith("text/plain")
+
+
+def test_save_errors_are_400_with_thingsboards_messages(emu: EmulatorProcess, client: RestClient) -> None:
+    token = login(emu)["token"]
+    name = unique("dup")
+    assert call(emu, "POST", "/api/device", {"name": name}, token=token)[0] == 200
+    cases = [("/api/device", {"name": name}, "Device with such name already exists!"),
+             ("/api/device", {"label": "x"}, "Device name should be specified!"),
+             ("/api/device", {"name": unique("d"), "deviceProfileId": {"entityType": "DEVICE_PROFILE",
+                                                                       "id": UNKNOWN}},
+              "Device is referencing to non-existent device profile!"),
+             ("/api/deviceProfile", {"name": "pre", "type": "DEFAULT", "transportType": "DEFAULT"},
+              "Device profile with such name already exists!"),
+             ("/api/deviceProfile", {"name": unique("p"), "type": "DEFAULT", "transportType": "DEFAULT",
+                                     "provisionDeviceKey": "pre-key"},
+              "Device profile with such provision device key already exists!"),
+             ("/api/deviceProfile", {"name": unique("p"), "transportType": "DEFAULT"},
+              "Device profile type should be specified!"),
+             ("/api/device", b"{broken", "Invalid request body")]
+    for path, body, message in cases:
+        status, _, answer = call(emu, "POST", path, body, token=token)
+        assert (status, error(answer)) == (400, {"status": 400, "message": message, "errorCode": 31}), path
+
+
+def test_a_stale_version_is_409(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    _, _, body = call(emu, "POST", "/api/device", {"name": unique("locked")}, token=token)
+    device = json.loads(body)
+    assert call(emu, "POST", "/api/device", {**device, "label": "a"}, token=token)[0] == 200
+    status, _, answer = call(emu, "POST", "/api/device", {**device, "label": "b"}, token=token)
+    assert (status, error(answer)) == (409, {"status": 409, "message": "Device was already changed by someone else",
+                                             "errorCode": 35})
+
+
+def test_paging_parameters_are_checked(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    for query, message in (("page=0", "Required request parameter 'pageSize' for method parameter type int is "
+                                      "not present"),
+                           ("pageSize=0&page=0", "Incorrect page link page size '0'. Page size must be greater "
+                                                 "than zero."),
+                           ("pageSize=1&page=0&sortOrder=UP", "Unsupported sort order 'UP'! Only 'ASC' or 'DESC' "
+                                                              "types are allowed.")):
+        status, _, body = call(emu, "GET", "/api/tenant/devices?" + query, token=token)
+        assert (status, error(body)["message"]) == (400, message)
+
+
+@pytest.mark.parametrize("scope, body, message", [
+    ("CLIENT_SCOPE", {"a": 1}, b"Invalid scope: CLIENT_SCOPE"),
+    ("SHARED_SCOPE", b"{oops", b"Invalid JSON"),
+    ("SHARED_SCOPE", [1], b"Request is not a JSON object"),
+    ("SHARED_SCOPE", {}, b"No attributes data found in request body!"),
+    ("SERVER_SCOPE", {" ": 1}, b"Key cannot be blank"),
+])
+def test_attribute_write_errors_are_plain_text_400(emu: EmulatorProcess, scope: str, body: Any,
+                                                   message: bytes) -> None:
+    token = login(emu)["token"]
+    device = json.loads(call(emu, "POST", "/api/device", {"name": unique("attr")}, token=token)[2])
+    status, ctype, answer = call(emu, "POST", f"/api/plugins/telemetry/DEVICE/{device['id']['id']}/attributes/"
+                                 f"{scope}", body, token=token)
+    assert (status, answer) == (400, message) and ctype.startswith("text/plain")
+
+
+def test_rpc_expiry_is_409_without_a_subscription_and_408_without_a_reply_on_v1_504_on_v2(
+        emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    device_token = unique("tok")
+    device = json.loads(call(emu, "POST", f"/api/device?accessToken={device_token}", {"name": unique("quiet")},
+                             token=token)[2])
+    path = f"/plugins/rpc/twoway/{device['id']['id']}"
+
+    def rpc(prefix: str) -> int:
+        # expirationTime overrides the 5 s minimum timeout, so that the test need not wait that long.
+        body = {"method": "noop", "params": {}, "expirationTime": int(time.time() * 1000) + 300}
+        return call(emu, "POST", prefix + path, body, token=token)[0]
+
+    assert rpc("/api") == 409
+    with Paho(emu.ports["mqtt"], username=device_token) as paho:
+        assert paho.subscribe("v1/devices/me/rpc/request/+") == [1]
+        assert rpc("/api") == 408
+        assert call(emu, "POST", f"/api/rpc/twoway/{device['id']['id']}",
+                    {"method": "noop", "expirationTime": int(time.time() * 1000) + 300}, token=token)[0] == 504
+        status, _, _ = call(emu, "POST", f"/api/plugins/rpc/oneway/{device['id']['id']}",
+                            {"method": "blink", "params": {}}, token=token)
+        assert status == 200
+        assert [json.loads(paho.message().payload)["method"] for _ in range(3)] == ["noop", "noop", "blink"]
+
+
+def test_unknown_rest_paths_and_methods(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    status, _, body = call(emu, "GET", "/api/nothing/here", token=token)
+    assert (status, error(body)["errorCode"]) == (404, 32)
+    status, _, body = call(emu, "PUT", "/api/device", {"name": "x"}, token=token)
+    assert (status, error(body)) == (405, {"status": 405, "message": "Request method 'PUT' is not supported",
+                                           "errorCode": 2})
