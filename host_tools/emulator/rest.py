@@ -6,7 +6,9 @@ docs/thingsboard-notes.md in this repository for what was read beyond them):
   `X-Authorization: Bearer <token>`;
 - device profiles with their provisioning configuration; devices with their credentials;
 - latest telemetry, attributes, attribute writes (shared ones pushed to the device's sessions);
-- server-side RPC, one-way and two-way, answered with the device's reply or the status ThingsBoard gives.
+- server-side RPC, one-way and two-way, answered with the device's reply or the status ThingsBoard gives;
+- OTA packages: create, upload with a checksum, list, read, download, delete; assigning one is saving a device or
+  a profile with its `firmwareId`/`softwareId` (the effects are the state's, host_tools/emulator/ota.py).
 Errors are ThingsBoard's `{"status", "message", "errorCode", "timestamp"}` JSON, except where ThingsBoard itself
 answers in plain text or with an empty body (telemetry, attributes and RPC endpoints).
 """
@@ -14,18 +16,24 @@ answers in plain text or with an empty body (telemetry, attributes and RPC endpo
 from __future__ import annotations
 
 import asyncio
+import base64
 import decimal
 import hmac
+import io
 import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import jwt
+import multipart
 
+from host_tools.emulator import ota
 from host_tools.emulator.http import Request, Response, error_json
-from host_tools.emulator.state import NULL_UUID, DataError, EmulatorState, VersionConflict, json_bytes
+from host_tools.emulator.ota import OtaError, OtaPackage
+from host_tools.emulator.state import NULL_UUID, DataError, EmulatorState, VersionConflict, entity_uuid, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +200,14 @@ class RestApi:
             ("POST", ("plugins", "telemetry", "{}", "{}"), self._save_device_attributes),
             ("POST", ("plugins", "rpc", "{}", "{}"), self._rpc_v1),
             ("POST", ("rpc", "{}", "{}"), self._rpc_v2),
+            ("POST", ("otaPackage",), self._save_package_info),
+            ("POST", ("otaPackage", "{}"), self._save_package_data),
+            ("GET", ("otaPackage", "{}"), self._get_package),
+            ("DELETE", ("otaPackage", "{}"), self._delete_package),
+            ("GET", ("otaPackage", "info", "{}"), self._get_package_info),
+            ("GET", ("otaPackage", "{}", "download"), self._download_package),
+            ("GET", ("otaPackages",), self._list_packages),
+            ("GET", ("otaPackages", "{}", "{}"), self._list_profile_packages),
         ]
 
     async def handle(self, request: Request) -> Response:
@@ -212,7 +228,7 @@ class RestApi:
             return await result if asyncio.iscoroutine(result) else result
         except _Refusal as e:
             return e.response
-        except DataError as e:
+        except (DataError, OtaError) as e:
             return error_json(400, str(e), 31)
         except VersionConflict as e:
             return error_json(409, str(e), 35)
@@ -554,6 +570,157 @@ class RestApi:
         finally:
             self.state.unlisten(handle)
         return _ok(result)
+
+    # --- OTA packages (OtaPackageController) ---------------------------------------------------------------------
+
+    _PACKAGE_SORT = {"createdTime": lambda p: p["createdTime"], "type": lambda p: p["type"],
+                     "title": lambda p: p["title"], "version": lambda p: p["version"], "tag": lambda p: p["tag"],
+                     "url": lambda p: p["url"], "fileName": lambda p: p["fileName"],
+                     "dataSize": lambda p: p["dataSize"], "checksum": lambda p: p["checksum"]}
+
+    def _package_json(self, package: OtaPackage) -> dict:
+        """OtaPackageInfo as ThingsBoard shows it (`name` is the title)."""
+        profile_id = self.state.profile_id(package.profile) if package.profile else None
+        return {"id": {"entityType": "OTA_PACKAGE", "id": package.id}, "createdTime": package.created_time,
+                "tenantId": {"entityType": "TENANT", "id": self.state.tenant_id},
+                "deviceProfileId": profile_id and {"entityType": "DEVICE_PROFILE", "id": profile_id},
+                "type": package.type, "title": package.title, "version": package.version, "tag": package.tag,
+                "url": package.url, "hasData": package.has_data, "fileName": package.file_name,
+                "contentType": package.content_type, "checksumAlgorithm": package.checksum_algorithm,
+                "checksum": package.checksum, "dataSize": package.data_size, "externalId": None,
+                "name": package.title, "additionalInfo": package.additional_info}
+
+    def _package(self, package_id: str) -> OtaPackage:
+        package_id = _uuid(package_id)
+        package = self.state.package(package_id)
+        if package is None:
+            raise _not_found("Ota package", package_id)
+        return package
+
+    def _save_package_info(self, request: Request, _user: dict) -> Response:
+        """POST /api/otaPackage: a package without data yet (or a URL package, with `usesUrl`)."""
+        body = _json_object(request)
+        if body.get("id") is not None:
+            self._package(_id_text(body["id"]))
+            raise _bad_request("Updating an OTA package's info is not emulated; delete it and create it again")
+        url = body.get("url") if body.get("usesUrl") else None
+        if body.get("usesUrl") and (not isinstance(url, str) or not url.strip()):
+            raise _bad_request("Ota package URL should be specified!")
+        profile = None
+        profile_id = entity_uuid(body.get("deviceProfileId"))
+        if profile_id is not None:
+            profile = self.state.profile_name(profile_id)
+            if profile is None:
+                raise _bad_request("OtaPackage is referencing to non-existent device profile!")
+        info = body.get("additionalInfo")
+        for field in ("title", "version", "tag"):
+            if body.get(field) is not None and not isinstance(body[field], str):
+                raise _bad_request(f"OtaPackage {field} must be a string")
+        package = self.state.create_package(body.get("title"), body.get("version"), body.get("type"), profile,
+                                            tag=body.get("tag"), url=url,
+                                            additional_info=info if isinstance(info, dict) else None)
+        return _ok(self._package_json(package))
+
+    def _save_package_data(self, request: Request, _user: dict, package_id: str) -> Response:
+        """POST /api/otaPackage/{id}?checksumAlgorithm=[&checksum=]: the file as multipart part `file`.
+
+        checksumAlgorithm and checksum are query parameters; older clients send them as form fields, taken too.
+        """
+        package = self._package(package_id)
+        form = _multipart(request)
+        algorithm = request.param("checksumAlgorithm") or form.get("checksumAlgorithm")
+        checksum = request.param("checksum") or form.get("checksum") or None
+        if not algorithm:
+            raise _bad_request("Required request parameter 'checksumAlgorithm' for method parameter type String "
+                               "is not present")
+        if algorithm not in ota.CHECKSUM_ALGORITHMS:
+            raise _bad_request(f"No enum constant org.thingsboard.server.common.data.ota.ChecksumAlgorithm."
+                               f"{algorithm}")
+        part = form.get("file")
+        if not isinstance(part, _FilePart):
+            raise _bad_request("Required part 'file' is not present.")
+        uploaded = self.state.upload_package_data(package.id, part.data, file_name=part.file_name,
+                                                  content_type=part.content_type, checksum_algorithm=algorithm,
+                                                  checksum=checksum)
+        return _ok(self._package_json(uploaded))
+
+    def _list_packages(self, request: Request, _user: dict) -> Response:
+        packages = [self._package_json(p) for p in self.state.packages()]
+        return _ok(page(packages, request, lambda p: p["title"], self._PACKAGE_SORT))
+
+    def _list_profile_packages(self, request: Request, _user: dict, profile_id: str, ota_type: str) -> Response:
+        """GET /api/otaPackages/{deviceProfileId}/{type}: the profile's packages of that type with data or a URL."""
+        profile = self.state.profile_name(_uuid(profile_id))
+        if ota_type not in ota.TYPES:
+            raise _bad_request(f"No enum constant org.thingsboard.server.common.data.ota.OtaPackageType.{ota_type}")
+        found = [] if profile is None else self.state.packages(profile, ota_type, assignable=True)
+        return _ok(page([self._package_json(p) for p in found], request, lambda p: p["title"],
+                        self._PACKAGE_SORT))
+
+    def _get_package_info(self, _request: Request, _user: dict, package_id: str) -> Response:
+        return _ok(self._package_json(self._package(package_id)))
+
+    def _get_package(self, _request: Request, _user: dict, package_id: str) -> Response:
+        """GET /api/otaPackage/{id}: OtaPackage, the info with `data` (base64, as Jackson writes a ByteBuffer)."""
+        package = self._package(package_id)
+        data = self.state.package_data(package.id)
+        return _ok({**self._package_json(package),
+                    "data": None if data is None else base64.b64encode(data).decode("ascii")})
+
+    def _download_package(self, _request: Request, _user: dict, package_id: str) -> Response:
+        """GET /api/otaPackage/{id}/download: the file; 400 with an empty body for a URL package."""
+        package = self._package(package_id)
+        if package.url:
+            return Response(400)
+        data = self.state.package_data(package.id)
+        if data is None:
+            return error_json(404, "Requested item wasn't found!", 32)
+        name = _header_safe(package.file_name or "")
+        return Response(200, data, _header_safe(package.content_type or "") or "application/octet-stream",
+                        (("Content-Disposition", f"attachment;filename={name}"), ("x-filename", name)))
+
+    def _delete_package(self, _request: Request, _user: dict, package_id: str) -> Response:
+        self.state.delete_package(self._package(package_id).id)
+        return Response(200)
+
+
+def _id_text(entity_id: Any) -> str:
+    """The id inside an `{"entityType", "id"}` object (or the id itself) as text."""
+    return str(entity_id.get("id") if isinstance(entity_id, dict) else entity_id)
+
+
+@dataclass
+class _FilePart:
+    """A file of a multipart/form-data body."""
+
+    file_name: str
+    content_type: str
+    data: bytes
+
+
+def _multipart(request: Request) -> dict[str, str | _FilePart]:
+    """The fields of a multipart/form-data body by name: text, or a _FilePart for a part with a filename."""
+    ctype, options = multipart.parse_options_header(request.headers.get("content-type", ""))
+    if ctype != "multipart/form-data" or not options.get("boundary"):
+        raise _bad_request("Current request is not a multipart request")
+    size = len(request.body) + 1  # the body is in memory already: keep every part there, never spool to disk
+    parser = multipart.MultipartParser(io.BytesIO(request.body), options["boundary"], len(request.body),
+                                       memory_limit=size, spool_limit=size)
+    fields: dict[str, str | _FilePart] = {}
+    try:
+        for part in parser:
+            if part.filename is not None:
+                fields[part.name] = _FilePart(part.filename, part.content_type or "", part.raw)
+            else:
+                fields[part.name] = part.value
+    except multipart.MultipartError as e:
+        raise _bad_request(f"Failed to parse multipart servlet request: {e}") from None
+    return fields
+
+
+def _header_safe(text: str) -> str:
+    """`text` without control characters, fit for a response header."""
+    return "".join(c for c in text if ord(c) >= 32 and ord(c) != 127)
 
 
 def _profile_info(profile: dict) -> dict:

@@ -428,7 +428,7 @@ _PROFILE_COLUMNS = "name, provision_key, provision_secret, provision_type, id, c
 _DEVICE_COLUMNS = "d.name, d.profile, d.id, d.created_time, d.version, d.data, p.id"
 
 
-def _entity_uuid(entity_id: Any) -> str | None:
+def entity_uuid(entity_id: Any) -> str | None:
     """The id of an `{"entityType", "id"}` object as a canonical UUID string; None when absent.
 
     DataError for an id that is not a UUID ("Invalid UUID string: ...", as UUID.fromString says).
@@ -442,6 +442,15 @@ def _entity_uuid(entity_id: Any) -> str | None:
         return str(uuid.UUID(str(value)))
     except ValueError:
         raise DataError(f"Invalid UUID string: {value}") from None
+
+
+def _package_ids(body: dict) -> dict[str, str | None]:
+    """{type: package id or None} from an entity's firmwareId and softwareId."""
+    return {ota.FIRMWARE: entity_uuid(body.get("firmwareId")), ota.SOFTWARE: entity_uuid(body.get("softwareId"))}
+
+
+def _package_ref(package_id: str | None) -> dict | None:
+    return None if package_id is None else {"entityType": "OTA_PACKAGE", "id": package_id}
 
 
 def _new_id() -> str:
@@ -1197,12 +1206,15 @@ class EmulatorState:
         if package_id is not None:
             self._assignable(package_id, ota_type, device.profile)
         before = self.ota_targets(name)
+        self._store_device_package(name, ota_type, package_id)
+        self.apply_ota_targets(name, before)
+
+    def _store_device_package(self, name: str, ota_type: str, package_id: str | None) -> None:
         if package_id is None:
             self._db.execute("DELETE FROM device_ota WHERE device = ? AND type = ?", (name, ota_type))
         else:
             self._db.execute("INSERT INTO device_ota VALUES (?, ?, ?) ON CONFLICT(device, type) DO UPDATE "
                              "SET package = excluded.package", (name, ota_type, package_id))
-        self.apply_ota_targets(name, before)
 
     def assign_profile_package(self, profile: str, ota_type: str, package_id: str | None) -> None:
         """Set (or with None clear) a device profile's `ota_type` package, as saving a DeviceProfile with a
@@ -1324,6 +1336,16 @@ class EmulatorState:
         row = self._db.execute(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE id = ?", (profile_id,)).fetchone()
         return self._profile_json(row) if row else None
 
+    def profile_id(self, name: str) -> str | None:
+        """The id of the profile called `name`, or None."""
+        row = self._db.execute("SELECT id FROM profiles WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def profile_name(self, profile_id: str) -> str | None:
+        """The name of the profile with id `profile_id`, or None."""
+        row = self._db.execute("SELECT name FROM profiles WHERE id = ?", (profile_id,)).fetchone()
+        return row[0] if row else None
+
     def _profile_json(self, row: tuple) -> dict:
         name, key, secret, ptype, pid, created, version, data_text = row
         data = json.loads(data_text)
@@ -1332,7 +1354,8 @@ class EmulatorState:
             "name": name, "description": data.get("description"), "image": data.get("image"), "type": "DEFAULT",
             "transportType": data.get("transportType", "DEFAULT"), "provisionType": ptype,
             "defaultRuleChainId": None, "defaultDashboardId": None, "defaultQueueName": None,
-            "provisionDeviceKey": key, "firmwareId": data.get("firmwareId"), "softwareId": data.get("softwareId"),
+            "provisionDeviceKey": key, "firmwareId": _package_ref(self.profile_package_id(name, ota.FIRMWARE)),
+            "softwareId": _package_ref(self.profile_package_id(name, ota.SOFTWARE)),
             "defaultEdgeRuleChainId": None, "externalId": None, "version": version,
             "default": data.get("default", name == DEFAULT_PROFILE),
             "profileData": {
@@ -1366,20 +1389,21 @@ class EmulatorState:
         for field, value in (("provisionDeviceKey", key), ("provisionDeviceSecret", secret)):
             if value is not None and not isinstance(value, str):
                 raise DataError(f"{field} must be a string")
-        for field in ("firmwareId", "softwareId"):
-            if body.get(field) is not None:
-                raise DataError(f"Can't assign non-existent {field[:-2]}ware!")
+        packages = _package_ids(body)
         data = {"description": body.get("description"), "image": body.get("image"),
                 "transportType": body.get("transportType"), "configuration": profile_data.get("configuration"),
                 "transportConfiguration": profile_data.get("transportConfiguration"),
                 "alarms": profile_data.get("alarms")}
-        old = self._profile_row_by_id(_entity_uuid(body.get("id")))
+        old = self._profile_row_by_id(entity_uuid(body.get("id")))
         same_name = self._db.execute("SELECT id FROM profiles WHERE name = ?", (name,)).fetchone()
         if same_name and (old is None or same_name[0] != old[4]):
             raise DataError("Device profile with such name already exists!")
         same_key = key and self._db.execute("SELECT id FROM profiles WHERE provision_key = ?", (key,)).fetchone()
         if same_key and (old is None or same_key[0] != old[4]):
             raise DataError("Device profile with such provision device key already exists!")
+        for ota_type, package_id in packages.items():
+            if package_id is not None:
+                self._assignable(package_id, ota_type, name if old is None or old[0] == name else old[0])
         with self._tx():
             if old is None:
                 pid = _new_id()
@@ -1395,6 +1419,9 @@ class EmulatorState:
                                  (name, key, secret, ptype, _json_text(data), pid))
                 self._db.execute("UPDATE devices SET profile = ? WHERE profile = ?", (name, old[0]))
         self.event(f"device profile {name!r} {'created' if old is None else 'updated'} ({ptype})")
+        for ota_type, package_id in packages.items():
+            if package_id != self.profile_package_id(name, ota_type):
+                self.assign_profile_package(name, ota_type, package_id)
         saved = self.profile_by_id(pid)
         assert saved is not None
         return saved
@@ -1439,7 +1466,8 @@ class EmulatorState:
             "customerId": {"entityType": "CUSTOMER", "id": NULL_UUID}, "name": name, "type": profile,
             "label": data.get("label"), "deviceProfileId": {"entityType": "DEVICE_PROFILE", "id": pid},
             "deviceData": {"configuration": {"type": "DEFAULT"}, "transportConfiguration": {"type": "DEFAULT"}},
-            "firmwareId": data.get("firmwareId"), "softwareId": data.get("softwareId"), "externalId": None,
+            "firmwareId": _package_ref(self.device_package_id(name, ota.FIRMWARE)),
+            "softwareId": _package_ref(self.device_package_id(name, ota.SOFTWARE)), "externalId": None,
             "version": version, "additionalInfo": data.get("additionalInfo"),
         }
 
@@ -1455,10 +1483,8 @@ class EmulatorState:
         label = body.get("label")
         if label is not None and not isinstance(label, str):
             raise DataError("Device label must be a string")
-        for field in ("firmwareId", "softwareId"):
-            if body.get(field) is not None:
-                raise DataError(f"Can't assign non-existent {field[:-2]}ware!")
-        old_id = _entity_uuid(body.get("id"))
+        packages = _package_ids(body)
+        old_id = entity_uuid(body.get("id"))
         old = None
         if old_id is not None:
             old = self._db.execute("SELECT name, version FROM devices WHERE id = ?", (old_id,)).fetchone()
@@ -1470,8 +1496,12 @@ class EmulatorState:
         elif self.device(name) is not None:
             raise DataError("Device with such name already exists!")
         data = {"label": label, "additionalInfo": body.get("additionalInfo")}
+        before = {} if old is None else self.ota_targets(name)
         with self._tx():
             profile = self._device_profile_for(body)
+            for ota_type, package_id in packages.items():
+                if package_id is not None:
+                    self._assignable(package_id, ota_type, profile)
             if old is None:
                 token = access_token if access_token is not None else _random_alphanumeric()
                 if not token:
@@ -1484,7 +1514,10 @@ class EmulatorState:
             else:
                 self._db.execute("UPDATE devices SET profile = ?, data = ?, version = version + 1 WHERE id = ?",
                                  (profile, _json_text(data), old_id))
+            for ota_type, package_id in packages.items():
+                self._store_device_package(name, ota_type, package_id)
         self.event(f"device {name!r} {'created' if old is None else 'updated'} over REST (profile {profile!r})")
+        self.apply_ota_targets(name, before)
         row = self._db.execute("SELECT id FROM devices WHERE name = ?", (name,)).fetchone()
         saved = self.device_entity(row[0])
         assert saved is not None
@@ -1492,7 +1525,7 @@ class EmulatorState:
 
     def _device_profile_for(self, body: dict) -> str:
         """The profile a saved device gets: by deviceProfileId, else by `type` (made if missing), else default."""
-        profile_id = _entity_uuid(body.get("deviceProfileId"))
+        profile_id = entity_uuid(body.get("deviceProfileId"))
         if profile_id is not None:
             row = self._db.execute("SELECT name FROM profiles WHERE id = ?", (profile_id,)).fetchone()
             if row is None:

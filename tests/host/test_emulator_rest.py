@@ -6,6 +6,7 @@ side is driven with real clients too: the HTTP device API (urllib) and paho-mqtt
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from tb_rest_client.models import AllowCreateNewDevicesDeviceProfileProvisionConfiguration, \
     DefaultDeviceProfileConfiguration, DefaultDeviceProfileTransportConfiguration, Device, DeviceProfile, \
-    DeviceProfileData
+    DeviceProfileData, SaveOtaPackageInfoRequest
 from tb_rest_client.rest import ApiException
 from tb_rest_client.rest_client import RestClient
 
@@ -209,6 +210,64 @@ def test_client_two_way_rpc_gets_the_reply_of_a_device_on_paho(emu: EmulatorProc
     assert reply == {"echo": 7, "method": "echo"}
 
 
+def test_client_creates_uploads_lists_downloads_and_assigns_an_ota_package(emu: EmulatorProcess,
+                                                                           client: RestClient, tmp_path) -> None:
+    profile = client.save_device_profile(provisioning_profile(unique("ota"), unique("key"), "s"))
+    token = unique("tok")
+    device = client.save_device(Device(name=unique("fw"), device_profile_id=profile.id), access_token=token)
+    firmware = bytes(range(256)) * 41
+    path = tmp_path / "app-1.1.0.bin"
+    path.write_bytes(firmware)
+    title = unique("app")
+    info = client.save_ota_package_info(SaveOtaPackageInfoRequest(
+        title=title, version="1.1.0", type="FIRMWARE", device_profile_id=profile.id, uses_url=False, tag="app 1.1.0"))
+    assert info.id.entity_type == "OTA_PACKAGE" and not info.has_data and info.device_profile_id.id == profile.id.id
+    sha256 = hashlib.sha256(firmware).hexdigest()
+    uploaded = client.save_ota_package_data(info.id, "SHA256", str(path), checksum=sha256)
+    assert (uploaded.has_data, uploaded.checksum, uploaded.data_size) == (True, sha256, len(firmware))
+    assert (uploaded.file_name, uploaded.content_type) == ("app-1.1.0.bin", "application/octet-stream")
+    assert info.id.id in [p.id.id for p in client.get_ota_packages(100, 0).data]
+    assert [p.id.id for p in client.get_ota_packages_v1(profile.id, "FIRMWARE", 10, 0).data] == [info.id.id]
+    assert client.download_ota_package(info.id) == firmware
+
+    with Paho(emu.ports["mqtt"], username=token) as paho:
+        assert paho.subscribe("v1/devices/me/attributes") == [1]
+        device.firmware_id = info.id
+        assert client.save_device(device).firmware_id.id == info.id.id
+        pushed: dict = {}
+        while "fw_checksum" not in pushed:
+            pushed.update(json.loads(paho.message().payload))
+    assert pushed["fw_title"] == title and pushed["fw_version"] == "1.1.0" and pushed["fw_checksum"] == sha256
+    assert pushed["fw_size"] == len(firmware) and pushed["fw_checksum_algorithm"] == "SHA256"
+    assert client.get_latest_timeseries(device.id, keys="fw_state")["fw_state"][0].value == "INITIATED"
+    with pytest.raises(ApiException) as e:
+        client.delete_ota_package(info.id)
+    assert e.value.status == 400 and b"The otaPackage referenced by the devices cannot be deleted!" in e.value.body
+
+
+def test_a_profile_package_reaches_its_devices_and_checksums_are_checked(emu: EmulatorProcess, client: RestClient,
+                                                                         tmp_path) -> None:
+    profile = client.save_device_profile(provisioning_profile(unique("otap"), unique("key"), "s"))
+    device = client.save_device(Device(name=unique("follower"), device_profile_id=profile.id))
+    path = tmp_path / "sw.bin"
+    path.write_bytes(b"software image")
+    info = client.save_ota_package_info(SaveOtaPackageInfoRequest(
+        title=unique("sw"), version="2", type="SOFTWARE", device_profile_id=profile.id, uses_url=False))
+    for algorithm, checksum in (("SHA256", hashlib.sha256(b"other").hexdigest()),
+                                ("SHA256", hashlib.sha256(b"software image").hexdigest().upper())):
+        with pytest.raises(ApiException) as e:
+            client.save_ota_package_data(info.id, algorithm, str(path), checksum=checksum)
+        assert e.value.status == 400 and json.loads(e.value.body)["message"] == "Wrong otaPackage file!"
+    crc = client.save_ota_package_data(info.id, "CRC32", str(path))
+    assert crc.checksum_algorithm == "CRC32" and len(crc.checksum) == 8
+
+    profile.software_id = info.id
+    assert client.save_device_profile(profile).software_id.id == info.id.id
+    shared = {a.key: a.value for a in client.get_attributes_by_scope(device.id, "SHARED_SCOPE")}
+    assert shared["sw_title"] == info.title and shared["sw_checksum"] == crc.checksum
+    assert client.get_device_by_id(device.id).software_id is None  # the device follows its profile's package
+
+
 # --- plain HTTP: error bodies, tokens, ids --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, message", [
@@ -374,6 +433,30 @@ def test_rpc_expiry_is_409_without_a_subscription_and_408_without_a_reply_on_v1_
                             {"method": "blink", "params": {}}, token=token)
         assert status == 200
         assert [json.loads(paho.message().payload)["method"] for _ in range(3)] == ["noop", "noop", "blink"]
+
+
+def test_ota_errors(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    status, _, body = call(emu, "POST", "/api/otaPackage", {"title": "t", "version": "1"}, token=token)
+    assert (status, error(body)["message"]) == (400, "Type should be specified!")
+    status, _, body = call(emu, "POST", "/api/otaPackage", {"title": "t", "version": "1", "type": "FIRMWARE",
+                                                             "usesUrl": True}, token=token)
+    assert (status, error(body)["message"]) == (400, "Ota package URL should be specified!")
+    _, _, body = call(emu, "POST", "/api/otaPackage", {"title": unique("url"), "version": "1", "type": "FIRMWARE",
+                                                        "usesUrl": True, "url": "http://example.invalid/fw.bin"},
+                      token=token)
+    url_package = json.loads(body)
+    assert url_package["url"] == "http://example.invalid/fw.bin" and not url_package["hasData"]
+    status, _, body = call(emu, "GET", f"/api/otaPackage/{url_package['id']['id']}/download", token=token)
+    assert (status, body) == (400, b"")
+    status, _, body = call(emu, "POST", f"/api/otaPackage/{url_package['id']['id']}?checksumAlgorithm=MD5",
+                           b"not multipart", token=token)
+    assert (status, error(body)["message"]) == (400, "Current request is not a multipart request")
+    status, _, body = call(emu, "GET", f"/api/otaPackage/info/{UNKNOWN}", token=token)
+    assert (status, error(body)["message"]) == (404, f"Ota package with id [{UNKNOWN}] is not found")
+    _, _, body = call(emu, "POST", "/api/device", {"name": unique("d"), "firmwareId": {
+        "entityType": "OTA_PACKAGE", "id": url_package["id"]["id"]}}, token=token)
+    assert error(body)["message"] == "Can't assign firmware with different deviceProfile!"
 
 
 def test_unknown_rest_paths_and_methods(emu: EmulatorProcess) -> None:
