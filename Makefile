@@ -35,7 +35,7 @@ $(SDK_STAMP): $(SDK_REQUIREMENTS)
 	$(PYTHON) -m venv $(SDK_VENV)
 	$(SDK_VENV)/bin/pip install --disable-pip-version-check -q --no-deps -r $(SDK_REQUIREMENTS)
 	$(SDK_VENV)/bin/pip check
-	touch $@
+	cp $(SDK_REQUIREMENTS) $@
 
 system-packages:
 	@sh dev/system_packages.sh $(SYSTEM_PACKAGES)

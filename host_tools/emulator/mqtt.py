@@ -1,8 +1,10 @@
 """MQTT side of the emulator: ThingsBoard's MQTT transport (reference §3 and §6) on asyncio.
 
-Speaks MQTT 3.1.1 and 3.1. An MQTT 5 CONNECT is refused with an MQTT 5 CONNACK, reason 0x84 (unsupported
-protocol version), and closed: the firmware and the test clients speak 3.1.1, and emulating ThingsBoard's MQTT 5
-reason codes half-way would be less faithful than refusing.
+Speaks MQTT 3.1, 3.1.1 and, emulating ThingsBoard 3.5 or later, MQTT 5 as ThingsBoard serves it (reference §3.5,
+§9; docs/thingsboard-notes.md "MQTT 5"): reason codes in CONNACK, PUBACK (0x90 unknown topic, 0x99 bad payload),
+SUBACK (0x8F) and UNSUBACK; from 3.7 on a DISCONNECT with a reason before the server closes an MQTT 5 session;
+properties are parsed and ignored, an unknown property identifier is a malformed packet. Before 3.5 an MQTT 5
+CONNECT is refused with CONNACK 0x84 (unsupported protocol version).
 
 Robustness: a packet whose remaining length is over 65536 bytes or malformed closes that connection only; every
 read waits at most `inactivity_timeout` (ThingsBoard's 600 s session inactivity timeout); a client that stops
@@ -21,8 +23,8 @@ import struct
 from typing import Iterable
 
 from host_tools.emulator import ota
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
-    parse_keys
+from host_tools.emulator.state import CONNACK_NOT_AUTHORIZED, Device, EmulatorState, PayloadError, RequestError, \
+    json_bytes, parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ OTA_REQUEST = re.compile(r"v2/(fw|sw)/request/(\d+)/chunk/(\d+)")
 OTA_TYPES = {"fw": ota.FIRMWARE, "sw": ota.SOFTWARE}
 OTA_ERROR_TOPIC = "v2/fw/error"
 """Where OTA errors go, for software too (MqttTransportHandler.sendOtaPackageError)."""
-CLAIM_TOPICS = ("v1/devices/me/claim",)
+# Topics ThingsBoard processes that the emulator acknowledges without acting on (claiming, client-side RPC):
+# PUBACK success, where an unknown topic gets 0x90 on MQTT 5.
+NOT_EMULATED_PREFIXES = ("v1/devices/me/claim", "v1/devices/me/rpc/request/", "v2/r/req/")
 
 # SUBSCRIBE filters ThingsBoard grants, matched literally (§3.6). A filter that turns pushes on maps to (what is
 # pushed, the topic it goes to): ThingsBoard pushes in the style (v1 or v2 short) of the latest such subscription.
@@ -61,7 +65,37 @@ _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
 _PUBREC, _PUBREL, _PUBCOMP, _SUBSCRIBE = 5, 6, 7, 8
 _SUBACK, _UNSUBSCRIBE, _UNSUBACK, _PINGREQ = 9, 10, 11, 12
 _PINGRESP, _DISCONNECT = 13, 14
+_AUTH = 15
 _SUBSCRIBE_FAILURE = 0x80
+
+# MQTT 5 reason codes the server sends (netty's MqttReasonCodes, as MqttTransportHandler picks them).
+RC_SUCCESS = 0x00
+RC_NO_SUBSCRIPTION_EXISTED = 0x11
+RC_MALFORMED_PACKET = 0x81
+RC_IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+RC_UNSUPPORTED_PROTOCOL_VERSION = 0x84
+RC_SERVER_SHUTTING_DOWN = 0x8B
+RC_TOPIC_FILTER_INVALID = 0x8F
+RC_TOPIC_NAME_INVALID = 0x90
+RC_ADMINISTRATIVE_ACTION = 0x98
+RC_PAYLOAD_FORMAT_INVALID = 0x99
+RC_MAXIMUM_CONNECT_TIME = 0xA0
+
+# ReturnCodeResolver: an MQTT 5 CONNACK reason as a 3.1/3.1.1 return code.
+CONNACK_V3 = {0x00: 0, 0x85: 2, 0x86: 5, 0x87: 5, 0x88: 3, 0x9F: 3}
+
+# MQTT 5 property identifier -> how its value is encoded (MQTT 5.0 §2.2.2.2); netty's decoder accepts each of them
+# in any packet and fails the packet on any other identifier.
+_PROPERTY_TYPES = {
+    0x01: "byte", 0x17: "byte", 0x19: "byte", 0x24: "byte", 0x25: "byte", 0x28: "byte", 0x29: "byte", 0x2A: "byte",
+    0x13: "int16", 0x21: "int16", 0x22: "int16", 0x23: "int16",
+    0x02: "int32", 0x11: "int32", 0x18: "int32", 0x27: "int32",
+    0x0B: "varint",
+    0x03: "string", 0x08: "string", 0x12: "string", 0x15: "string", 0x1A: "string", 0x1C: "string", 0x1F: "string",
+    0x09: "binary", 0x16: "binary",
+    0x26: "pair",
+}
+_PROPERTY_SIZES = {"byte": 1, "int16": 2, "int32": 4}
 
 
 class Malformed(Exception):
@@ -87,9 +121,9 @@ def _mqtt_str(text: str | bytes) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def publish_packet(topic: str, payload: bytes, qos: int, packet_id: int = 0) -> bytes:
-    """A PUBLISH packet (no DUP, no RETAIN)."""
-    body = _mqtt_str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+def publish_packet(topic: str, payload: bytes, qos: int, packet_id: int = 0, v5: bool = False) -> bytes:
+    """A PUBLISH packet (no DUP, no RETAIN); `v5` adds the (empty) property list MQTT 5 has."""
+    body = _mqtt_str(topic) + (struct.pack("!H", packet_id) if qos else b"") + (b"\x00" if v5 else b"") + payload
     return packet((_PUBLISH << 4) | (qos << 1), body)
 
 
@@ -126,6 +160,43 @@ class _Reader:
         self.pos = len(self.data)
         return chunk
 
+    def varint(self) -> int:
+        value = 0
+        for shift in range(0, 28, 7):
+            byte = self.u8()
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+        raise Malformed("variable byte integer longer than 4 bytes")
+
+    def properties(self) -> int:
+        """Skip an MQTT 5 property list (ThingsBoard acts on none of a device's properties); how many there were.
+
+        As netty's decoder, properties are read while the list's declared length is not used up, so a last property
+        running past it is read whole; an unknown identifier or a property running past the packet is Malformed.
+        """
+        length = self.varint()
+        end = self.pos + length
+        if end > len(self.data):
+            raise Malformed("property list longer than the packet")
+        count = 0
+        while self.pos < end:
+            identifier = self.varint()
+            kind = _PROPERTY_TYPES.get(identifier)
+            if kind is None:
+                raise Malformed(f"unknown property identifier {identifier:#x}")
+            if kind == "varint":
+                self.varint()
+            elif kind in ("string", "binary"):
+                self.binary()
+            elif kind == "pair":
+                self.binary()
+                self.binary()
+            else:
+                self.take(_PROPERTY_SIZES[kind])
+            count += 1
+        return count
+
 
 def _topic_id(topic: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
     """(prefix, integer id) when `topic` is one of `prefixes` followed by an id; None if it starts otherwise."""
@@ -157,6 +228,8 @@ class Session:
         self.peer = "%s:%s" % (writer.get_extra_info("peername") or ("?", "?"))[:2]
         self.device: Device | None = None
         self.provisioning = False
+        self.v5 = False
+        self._connected = False  # CONNACK 0 sent: from then on MQTT 5 closes are announced with a DISCONNECT
         self.granted: dict[str, int] = {}
         self._listen_handle: object | None = None
         self._next_id = 0
@@ -226,7 +299,30 @@ class Session:
 
     def publish(self, topic: str, payload: bytes, qos: int) -> None:
         """Send a PUBLISH to the client at `qos` (0 or 1)."""
-        self.send(publish_packet(topic, payload, qos, self._packet_id() if qos else 0))
+        self.send(publish_packet(topic, payload, qos, self._packet_id() if qos else 0, self.v5))
+
+    def puback(self, packet_id: int, reason: int = RC_SUCCESS) -> None:
+        """Acknowledge a QoS 1 PUBLISH (nothing for QoS 0); MQTT 5 carries `reason` when it is not success."""
+        if not packet_id:
+            return
+        body = struct.pack("!H", packet_id)
+        if self.v5 and reason != RC_SUCCESS:
+            body += bytes([reason, 0])  # reason code and an empty property list, as netty encodes it
+        self.send(packet(_PUBACK << 4, body))
+
+    def _acks(self, packet_id: int, codes: bytes) -> bytes:
+        """Body of a SUBACK or UNSUBACK: packet id, (MQTT 5) an empty property list, the codes."""
+        return struct.pack("!H", packet_id) + (b"\x00" if self.v5 else b"") + codes
+
+    def _announce_close(self, reason: int) -> None:
+        """ThingsBoard's closeCtx: an MQTT 5 session (3.7+) is sent a DISCONNECT with `reason` before it closes."""
+        if self.v5 and self.state.at_least(3, 7):
+            self.send(packet(_DISCONNECT << 4, bytes([reason, 0]) if reason != RC_SUCCESS else b""))
+
+    async def close_with(self, reason: int) -> None:
+        """End the session as ThingsBoard's closeCtx does, after what is queued has been sent."""
+        self._announce_close(reason)
+        await self._end()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -241,14 +337,22 @@ class Session:
                 await self._dispatch(first >> 4, first & 0x0F, _Reader(body))
         except Malformed as e:
             log.info("mqtt %s: malformed packet (%s), closing", self.peer, e)
+            await self._close_after_error(RC_MALFORMED_PACKET)
         except asyncio.TimeoutError:
             log.info("mqtt %s: inactive for %.0f s, closing", self.peer, self.server.inactivity_timeout)
+            await self._close_after_error(RC_MAXIMUM_CONNECT_TIME)
         except (asyncio.IncompleteReadError, ConnectionError, _Closed, ssl.SSLError):
             pass
         except Exception:  # keep serving everybody else whatever one session hits
             log.exception("mqtt %s: session failed", self.peer)
         finally:
             self._finish()
+
+    async def _close_after_error(self, reason: int) -> None:
+        # Before its CONNACK a session's protocol version is unknown to the server: it closes without a word.
+        if self._connected:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await self.close_with(reason)
 
     def _finish(self) -> None:
         if self._close_timer is not None:
@@ -261,44 +365,62 @@ class Session:
         if not self._closing:
             self.close()
 
+    def _connack(self, present: bool, reason: int) -> None:
+        """CONNACK with MQTT 5 reason `reason`, as a 3.1.1 return code on 3.x; MQTT 5 adds no properties."""
+        if self.v5:
+            self.send(packet(_CONNACK << 4, bytes([present, reason, 0])))
+        else:
+            self.send(packet(_CONNACK << 4, bytes([present, CONNACK_V3[reason]])))
+
     async def _connect(self, body: bytes) -> bool:
         r = _Reader(body)
         protocol, level = r.text(), r.u8()
-        if (protocol, level) == ("MQTT", 5):
-            self.state.event(f"mqtt: refused an MQTT 5 connection from {self.peer} (only 3.1.1 and 3.1)")
-            self.send(packet(_CONNACK << 4, b"\x00\x84\x00"))
+        if (protocol, level) == ("MQTT", 5) and not self.state.at_least(3, 5):
+            self.state.event(f"mqtt: refused an MQTT 5 connection from {self.peer} (ThingsBoard before 3.5)")
+            self.send(packet(_CONNACK << 4, bytes([0, RC_UNSUPPORTED_PROTOCOL_VERSION, 0])))
             await self._end()
             return False
-        if (protocol, level) not in (("MQTT", 4), ("MQIsdp", 3)):
+        if (protocol, level) not in (("MQTT", 5), ("MQTT", 4), ("MQIsdp", 3)):
             self.send(packet(_CONNACK << 4, b"\x00\x01"))
             await self._end()
             return False
+        self.v5 = level == 5
         flags = r.u8()
         if flags & 0x01:
             raise Malformed("reserved CONNECT flag set")
         r.u16()  # keep-alive: ThingsBoard has no keep-alive handler, sessions expire on inactivity
+        if self.v5:
+            r.properties()
         client_id = r.text()
         if flags & 0x04:
+            if self.v5:
+                r.properties()  # the will's properties
             r.text()
             r.binary()
         username = r.text() if flags & 0x80 else None
         password = r.binary().decode("utf-8", "replace") if flags & 0x40 else None
-        present = b"\x00" if flags & 0x02 else b"\x01"  # sessionPresent = !cleanSession
+        if self.v5 and r.pos != len(r.data):
+            raise Malformed("bytes after the CONNECT payload")
+        present = not flags & 0x02  # sessionPresent = !cleanSession
         if username == PROVISION or client_id == PROVISION:
             self.provisioning = True
             self.state.event(f"mqtt: provisioning session opened from {self.peer}")
-            self.send(packet(_CONNACK << 4, present + b"\x00"))
+            self._connack(present, RC_SUCCESS)
+            self._connected = True
             return True
-        device, code, how = self._authenticate(client_id, username, password)
+        device, reason, how = self._authenticate(client_id, username, password)
         if device is None:
+            code = f"{reason:#04x}" if self.v5 else str(CONNACK_V3[reason])
             self.state.event(f"mqtt: connection from {self.peer} refused with CONNACK {code} ({how})")
-            self.send(packet(_CONNACK << 4, b"\x00" + bytes([code])))
-            await self._end()
+            self._connack(False, reason)
+            await self.close_with(reason)  # MQTT 5 (3.7+): a DISCONNECT with the same reason follows
             return False
         self.device = device
         self._listen_handle = self.state.listen(device.name, self._on_push)
-        self.state.event(f"mqtt: device {device.name!r} connected from {self.peer} ({how})")
-        self.send(packet(_CONNACK << 4, present + b"\x00"))
+        self.state.event(f"mqtt: device {device.name!r} connected from {self.peer} ({how}"
+                         f"{', MQTT 5' if self.v5 else ''})")
+        self._connack(present, RC_SUCCESS)
+        self._connected = True
         return True
 
     def _authenticate(self, client_id: str, username: str | None, password: str | None
@@ -307,7 +429,8 @@ class Session:
         cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if cert:
             device = self.state.device_by_x509(cert)
-            return device, 0 if device else 5, "X.509 certificate" if device else "unknown X.509 certificate"
+            return device, RC_SUCCESS if device else CONNACK_NOT_AUTHORIZED, \
+                "X.509 certificate" if device else "unknown X.509 certificate"
         device, code = self.state.authenticate_mqtt(client_id, username, password)
         if device is not None:
             return device, code, device.credentials_type
@@ -326,49 +449,85 @@ class Session:
         elif kind == _SUBSCRIBE and flags == 0x02:
             await self._subscribe(r)
         elif kind == _UNSUBSCRIBE and flags == 0x02:
-            packet_id = r.u16()
-            while r.pos < len(r.data):
-                self.granted.pop(r.text(), None)
-            if not self.provisioning or self.state.at_least(3, 9):
-                self.send(packet(_UNSUBACK << 4, struct.pack("!H", packet_id)))
+            self._unsubscribe(r)
         elif kind == _PINGREQ and not r.data:
             self.send(packet(_PINGRESP << 4))
-        elif kind == _DISCONNECT:
-            self.close()
+        elif kind == _DISCONNECT and flags == 0:
+            if self.v5:
+                self._reason_and_properties(r)
+            await self.close_with(RC_SUCCESS)  # MQTT 5: ThingsBoard answers DISCONNECT 0x00, then closes
             return
-        elif kind in (_PUBACK, _PUBREC, _PUBCOMP) and len(r.data) == 2:
+        elif kind in (_PUBACK, _PUBREC, _PUBCOMP) and flags == 0 and self._ack_fits(r):
             pass  # the client acknowledging our QoS 1 publishes: nothing to redeliver
-        elif kind == _PUBREL and flags == 0x02 and len(r.data) == 2:
-            self.send(packet(_PUBCOMP << 4, r.data))
+        elif kind == _PUBREL and flags == 0x02 and self._ack_fits(r):
+            self.send(packet(_PUBCOMP << 4, r.data[:2]))
+        elif kind == _AUTH and flags == 0 and self.v5:
+            self._reason_and_properties(r)  # parsed, then ignored as ThingsBoard ignores it
         else:
             raise Malformed(f"unexpected packet type {kind} with flags {flags:#x}")
         await self.flush()
 
+    def _ack_fits(self, r: _Reader) -> bool:
+        """A PUBACK/PUBREC/PUBREL/PUBCOMP body: a packet id, and on MQTT 5 maybe a reason code and properties."""
+        if len(r.data) == 2 or not self.v5:
+            return len(r.data) == 2
+        r.u16()
+        self._reason_and_properties(r)
+        return True
+
+    @staticmethod
+    def _reason_and_properties(r: _Reader) -> None:
+        """An MQTT 5 reason code and property list, each optional at the end of a packet (DISCONNECT, AUTH, acks)."""
+        if r.pos < len(r.data):
+            r.u8()
+        if r.pos < len(r.data):
+            r.properties()
+        if r.pos != len(r.data):
+            raise Malformed("bytes after the property list")
+
+    def _unsubscribe(self, r: _Reader) -> None:
+        packet_id = r.u16()
+        if self.v5:
+            r.properties()
+        codes = bytearray()
+        while r.pos < len(r.data):
+            existed = self.granted.pop(r.text(), None) is not None
+            codes.append(RC_SUCCESS if existed else RC_NO_SUBSCRIPTION_EXISTED)
+        if not self.provisioning or self.state.at_least(3, 9):
+            # 3.x UNSUBACK has no codes; MQTT 5 has one per filter.
+            self.send(packet(_UNSUBACK << 4, self._acks(packet_id, bytes(codes) if self.v5 else b"")))
+
     async def _subscribe(self, r: _Reader) -> None:
         packet_id = r.u16()
+        if self.v5:
+            r.properties()
         filters = []
         while r.pos < len(r.data):
             filters.append((r.text(), r.u8()))
         if not filters:
             raise Malformed("SUBSCRIBE without a topic filter")
+        for _, options in filters:
+            # netty: QoS 3 fails the packet; on MQTT 5 so does retain handling 3, while no-local, retain-as-published
+            # and the two top bits pass; 3.x must leave every bit above the QoS clear.
+            if options & 0x03 == 3 or (options & 0x30 == 0x30 if self.v5 else options & 0xFC):
+                raise Malformed(f"invalid subscription options {options:#04x}")
         if self.provisioning and not self.state.at_least(3, 9):
             return  # before 3.9 a provisioning session ignores SUBSCRIBE: no SUBACK at all
+        failure = RC_TOPIC_FILTER_INVALID if self.v5 else _SUBSCRIBE_FAILURE
         codes = bytearray()
-        for topic, requested in filters:
-            if requested & 0xFC:
-                raise Malformed("reserved bits set in a requested QoS")
+        for topic, options in filters:
             known = topic == PROVISION_RESPONSE if self.provisioning else topic in SUBSCRIPTIONS
             if known:
-                qos = min(requested, 1)
+                qos = min(options & 0x03, 1)
                 self.granted.pop(topic, None)  # re-granted: now the latest subscription
                 self.granted[topic] = qos
                 codes.append(qos)
             else:
-                codes.append(_SUBSCRIBE_FAILURE)
+                codes.append(failure)
         if self.device is not None:
-            granted = ", ".join(t for (t, _), code in zip(filters, codes, strict=True) if code != _SUBSCRIBE_FAILURE)
+            granted = ", ".join(t for (t, _), code in zip(filters, codes, strict=True) if code != failure)
             self.state.event(f"mqtt: device {self.device.name!r} subscribed to {granted or 'nothing'}")
-        self.send(packet(_SUBACK << 4, struct.pack("!H", packet_id) + bytes(codes)))
+        self.send(packet(_SUBACK << 4, self._acks(packet_id, bytes(codes))))
 
     def _qos(self, topic: str) -> int:
         """Granted QoS of the subscription matching the outgoing `topic`; 1 when none does (the server's default)."""
@@ -390,66 +549,79 @@ class Session:
         packet_id = r.u16() if qos else 0
         if qos and not packet_id:
             raise Malformed("PUBLISH with packet id 0")
+        if self.v5:
+            r.properties()  # a topic alias among them is ignored too: ThingsBoard only reads the topic name
         payload = r.rest()
-        puback = packet(_PUBACK << 4, struct.pack("!H", packet_id)) if qos else b""
         if self.provisioning:
-            await self._provision_publish(topic, payload, puback)
+            await self._provision_publish(topic, payload, packet_id)
         else:
-            await self._device_publish(topic, payload, puback)
+            await self._device_publish(topic, payload, packet_id)
 
-    async def _provision_publish(self, topic: str, payload: bytes, puback: bytes) -> None:
+    async def _payload_refused(self, packet_id: int) -> None:
+        """sendResponseForAdaptorErrorOrCloseContext: an MQTT 5 QoS 1 message gets PUBACK 0x99 and the session
+        goes on; anything else closes the session (MQTT 5: DISCONNECT 0x99)."""
+        if self.v5 and packet_id:
+            self.puback(packet_id, RC_PAYLOAD_FORMAT_INVALID)
+            return
+        await self.close_with(RC_PAYLOAD_FORMAT_INVALID)
+        raise _Closed()
+
+    async def _provision_publish(self, topic: str, payload: bytes, packet_id: int) -> None:
         if topic != PROVISION_REQUEST:
+            self.state.event(f"mqtt: provisioning session {self.peer} published to another topic, closing")
             # v3.7+: PUBACK (0x90 on MQTT 5) then close; before: close at once.
             if self.state.at_least(3, 7):
-                self.send(puback)
-            self.state.event(f"mqtt: provisioning session {self.peer} published to another topic, closing")
-            await self._end()
+                self.puback(packet_id, RC_TOPIC_NAME_INVALID)
+            await self.close_with(RC_TOPIC_NAME_INVALID)
             raise _Closed()
         try:
             response = self.state.provision(payload, "mqtt")
         except RequestError as e:
-            if e.json_object:
-                self.send(puback)  # parse error after JSON: PUBACK (error reason on MQTT 5), then disconnect
-            self.state.event(f"mqtt: unparsable provisioning request from {self.peer}, closing")
-            await self._end()
+            self.state.event(f"mqtt: unparsable provisioning request from {self.peer}")
+            if not e.json_object:
+                await self._payload_refused(packet_id)  # neither JSON nor protobuf: an adaptor error
+                return
+            # parse error after JSON: PUBACK (0x83 on MQTT 5), then disconnect
+            self.puback(packet_id, RC_IMPLEMENTATION_SPECIFIC_ERROR)
+            await self.close_with(RC_IMPLEMENTATION_SPECIFIC_ERROR)
             raise _Closed() from None
-        self.send(puback)
+        self.puback(packet_id)
         self.publish(PROVISION_RESPONSE, json_bytes(response), self._qos(PROVISION_RESPONSE))
         if self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(self.server.provision_close_after,
                                                                       self.close)
 
-    async def _device_publish(self, topic: str, payload: bytes, puback: bytes) -> None:
+    async def _device_publish(self, topic: str, payload: bytes, packet_id: int) -> None:
         device = self.device
         assert device is not None
         try:
             if topic in TELEMETRY_TOPICS:
                 self.state.post_telemetry(device, payload)
-                self.send(puback)
+                self.puback(packet_id)
             elif topic in ATTRIBUTES_TOPICS:
                 self.state.post_attributes(device, payload)
-                self.send(puback)
+                self.puback(packet_id)
             elif (request := _topic_id(topic, ATTRIBUTE_REQUEST_PREFIXES)) is not None:
                 answer = self._attribute_request(device, payload)
-                self.send(puback)
+                self.puback(packet_id)
                 prefix, request_id = request
                 response_topic = f"{ATTRIBUTE_REQUEST_PREFIXES[prefix]}{request_id}"
                 self.publish(response_topic, json_bytes(answer), self._qos(response_topic))
             elif (reply := _topic_id(topic, RPC_RESPONSE_PREFIXES)) is not None:
                 self.state.record_rpc_reply(device, reply[1], payload)
-                self.send(puback)
+                self.puback(packet_id)
             elif (request := OTA_REQUEST.search(topic)) is not None:
-                await self._ota_chunk(device, request, payload, puback)
+                await self._ota_chunk(device, request, payload, packet_id)
+            elif topic.startswith(NOT_EMULATED_PREFIXES):
+                self.puback(packet_id)
             else:
-                # Unknown topics (and ones the emulator does not process, e.g. claim or client-side RPC):
-                # PUBACK, not processed, session kept.
-                self.send(puback)
+                # An unknown topic: PUBACK (0x90 on MQTT 5), not processed, session kept.
+                self.puback(packet_id, RC_TOPIC_NAME_INVALID)
         except PayloadError as e:
-            self.state.event(f"mqtt: invalid payload from {device.name!r} on {topic!r} ({e}), closing")
-            await self._end()
-            raise _Closed() from None
+            self.state.event(f"mqtt: invalid payload from {device.name!r} on {topic!r} ({e})")
+            await self._payload_refused(packet_id)
 
-    async def _ota_chunk(self, device: Device, request: re.Match, payload: bytes, puback: bytes) -> None:
+    async def _ota_chunk(self, device: Device, request: re.Match, payload: bytes, packet_id: int) -> None:
         """One chunk of the device's package (MqttTransportHandler.getOtaPackageCallback, reference §6.5).
 
         The payload is the chunk size in ASCII decimal (empty: the size this request id used before; 0: the whole
@@ -462,7 +634,8 @@ class Session:
         if size is None or number is None:
             self.state.event(f"mqtt: OTA request from {device.name!r} with a size or chunk that is not an int, "
                              "closing")
-            await self._end()
+            # The NumberFormatException reaches MqttTransportHandler.exceptionCaught.
+            await self.close_with(RC_SERVER_SHUTTING_DOWN)
             raise _Closed()
         if size > 0:
             self._chunk_sizes[request_id] = size
@@ -476,7 +649,7 @@ class Session:
             if status != "SUCCESS" or package is None:
                 await self._ota_error(device, status)
             package_id = self._ota_packages[request_id] = package.id
-        self.send(puback)
+        self.puback(packet_id)
         data = self.state.package_data(package_id)
         if data is None:
             return  # deleted since this request id started: ThingsBoard's cache has nothing, nothing is sent
@@ -487,7 +660,7 @@ class Session:
         """Publish `error` to v2/fw/error and close the session (MqttTransportHandler.sendOtaPackageError)."""
         self.state.event(f"mqtt: OTA request from {device.name!r} refused with {error}, closing")
         self.publish(OTA_ERROR_TOPIC, error.encode(), self._qos(OTA_ERROR_TOPIC))
-        await self._end()
+        await self.close_with(RC_IMPLEMENTATION_SPECIFIC_ERROR)
         raise _Closed()
 
     def _attribute_request(self, device: Device, payload: bytes) -> dict:
@@ -517,6 +690,7 @@ class Session:
         if kind == "deleted":
             self.state.event(f"mqtt: closing the session of deleted device {self.device.name!r}"
                              if self.device else "mqtt: closing a deleted device's session")
+            self._announce_close(RC_ADMINISTRATIVE_ACTION)
             self.close()
             return False
         push_topic = self._push_topic(kind)

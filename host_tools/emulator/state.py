@@ -43,9 +43,11 @@ NOT_FOUND_MSG = "Provision data was not found!"
 FAILURE_MSG = "Failed to provision device!"
 
 # MQTT 3.1.1 CONNACK return codes the server uses (§3.5).
-CONNACK_ACCEPTED = 0
-CONNACK_IDENTIFIER_REJECTED = 2
-CONNACK_NOT_AUTHORIZED = 5
+# CONNACK reasons as MQTT 5 codes (the MQTT transport maps them to 3.1.1 return codes for 3.x sessions).
+CONNACK_ACCEPTED = 0x00
+CONNACK_CLIENT_IDENTIFIER_NOT_VALID = 0x85
+CONNACK_BAD_USERNAME_OR_PASSWORD = 0x86
+CONNACK_NOT_AUTHORIZED = 0x87
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 _LONG_MIN, _LONG_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -866,18 +868,18 @@ class EmulatorState:
 
     def authenticate_mqtt(self, client_id: str, username: str | None, password: str | None
                           ) -> tuple[Device | None, int]:
-        """Check MQTT CONNECT credentials (no certificate); (device, 0) or (None, 3.1.1 CONNACK code)."""
+        """Check MQTT CONNECT credentials (no certificate); (device, 0) or (None, MQTT 5 CONNACK reason)."""
         device = self._basic_or_token(client_id, username, password)
         if device is not None:
             return device, CONNACK_ACCEPTED
         if not self.at_least(3, 5):
-            return None, CONNACK_NOT_AUTHORIZED
-        # ReturnCodeResolver: 0x86/0x87 -> 5, 0x85 (client id not valid) -> 2.
-        if (username is not None and password is not None and client_id) or \
-                ((username is None) != (password is None)):
-            return None, CONNACK_NOT_AUTHORIZED
+            return None, CONNACK_NOT_AUTHORIZED  # 3.2-3.4: always 5 on 3.1.1
+        # MTH.onValidateDeviceResponse (3.1.1 through ReturnCodeResolver: 0x86/0x87 -> 5, 0x85 -> 2).
+        # (The client id is never null there: netty decodes an absent one as "".)
+        if (username is not None and password is not None) or ((username is None) != (password is None)):
+            return None, CONNACK_BAD_USERNAME_OR_PASSWORD
         if client_id.strip():
-            return None, CONNACK_IDENTIFIER_REJECTED
+            return None, CONNACK_CLIENT_IDENTIFIER_NOT_VALID
         return None, CONNACK_NOT_AUTHORIZED
 
     def _basic_or_token(self, client_id: str, username: str | None, password: str | None) -> Device | None:

@@ -12,7 +12,7 @@
 - `mqtt_emulator(config, ...)`: a context manager that runs only the state and the MQTT server in this process,
   on a background event loop thread (fast; used by the MQTT tests). Yields an `InProcessMqtt` whose `call(fn)`
   runs `fn(state)` on the loop thread (SQLite objects belong to that thread).
-- `Paho`: a paho-mqtt 2.x client (MQTT 3.1.1) on its own thread, with queues of what arrives.
+- `Paho`: a paho-mqtt 2.x client (MQTT 3.1.1 or 5) on its own thread, with queues of what arrives.
 - `RawMqtt`: a byte-level MQTT client with deadlines on every read, for exact-bytes and garbage tests.
 - `CONFIG`: a config with one profile per provisioning strategy and a pre-provisioned device per credentials type.
 """
@@ -282,26 +282,38 @@ class RawMqtt:
 
 
 class Paho:
-    """A paho-mqtt 2.x client (MQTT 3.1.1) run on its own thread, with queues for what arrives."""
+    """A paho-mqtt 2.x client (MQTT 3.1.1, or `protocol=mqtt.MQTTv5`) run on its own thread, with queues for what
+    arrives: CONNACK reason, messages, SUBACK and UNSUBACK reason lists, PUBACK reasons by message id, and the
+    reason of a DISCONNECT the server sent (`server_disconnect`, MQTT 5)."""
 
     def __init__(self, port: int, client_id: str = "", username: str | None = None, password: str | None = None,
-                 tls: dict | None = None) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+                 tls: dict | None = None, protocol: int = mqtt.MQTTv311, properties: Any = None) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         self.connack: queue.Queue = queue.Queue()
         self.messages: queue.Queue = queue.Queue()
         self.subacks: queue.Queue = queue.Queue()
+        self.unsubacks: queue.Queue = queue.Queue()
+        self.pubacks: dict[int, int] = {}
         self.disconnected = threading.Event()
+        self.server_disconnect: int | None = None
         self.client.on_connect = lambda c, u, flags, rc, props: self.connack.put(rc)
         self.client.on_message = lambda c, u, msg: self.messages.put(msg)
         self.client.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put([int(r.value) for r in rcs])
-        self.client.on_disconnect = lambda c, u, flags, rc, props: self.disconnected.set()
+        self.client.on_unsubscribe = lambda c, u, mid, rcs, props: self.unsubacks.put([int(r.value) for r in rcs])
+        self.client.on_publish = lambda c, u, mid, rc, props: self.pubacks.__setitem__(mid, int(rc.value))
+        self.client.on_disconnect = self._on_disconnect
         if username is not None:
             self.client.username_pw_set(username, password)
         if tls is not None:
             self.client.tls_set(**tls)
-        self.client.connect("127.0.0.1", port, keepalive=60)
+        self.client.connect("127.0.0.1", port, keepalive=60, properties=properties)
         self.client.loop_start()
         self.rc = self.connack.get(timeout=5)
+
+    def _on_disconnect(self, _client: Any, _userdata: Any, flags: Any, rc: Any, _props: Any) -> None:
+        if flags.is_disconnect_packet_from_server:
+            self.server_disconnect = int(rc.value)
+        self.disconnected.set()
 
     def __enter__(self) -> "Paho":
         return self
@@ -310,14 +322,20 @@ class Paho:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
-        info = self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, properties: Any = None) -> int | None:
+        """Publish and wait until it is sent (QoS 1: acknowledged); the PUBACK reason code (None for QoS 0)."""
+        info = self.client.publish(topic, payload, qos=qos, properties=properties)
         info.wait_for_publish(timeout=5)
         assert info.is_published()
+        return self.pubacks.get(info.mid) if qos else None
 
     def subscribe(self, topic: str, qos: int = 1) -> list[int]:
         self.client.subscribe(topic, qos)
         return self.subacks.get(timeout=5)
+
+    def unsubscribe(self, *topics: str) -> list[int]:
+        self.client.unsubscribe(list(topics))
+        return self.unsubacks.get(timeout=5)
 
     def message(self, timeout: float = 5.0) -> mqtt.MQTTMessage:
         return self.messages.get(timeout=timeout)

@@ -36,12 +36,12 @@ class SdkScriptError(AssertionError):
 
 
 def sdk_venv_problem() -> str | None:
-    """Why the SDK's venv cannot be used (missing or older than its requirements), or None when it can."""
-    stamp = SDK_VENV / ".installed"
+    """Why the SDK's venv cannot be used (missing, or built from other requirements), or None when it can."""
+    stamp = SDK_VENV / ".installed"  # a copy of the requirements it was built from
     if not SDK_PYTHON.exists() or not stamp.exists():
         return f"{SDK_VENV.name} is missing: run `make sdk-venv` (make test does it)"
-    if stamp.stat().st_mtime < SDK_REQUIREMENTS.stat().st_mtime:
-        return f"{SDK_VENV.name} is older than {SDK_REQUIREMENTS.name}: run `make sdk-venv`"
+    if stamp.read_text() != SDK_REQUIREMENTS.read_text():
+        return f"{SDK_VENV.name} was built from other requirements than {SDK_REQUIREMENTS.name}: run `make sdk-venv`"
     return None
 
 

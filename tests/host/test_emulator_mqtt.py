@@ -251,17 +251,21 @@ def test_refusals_before_3_5_are_always_5_and_paho_sees_the_refusal():
             client.client.loop_stop()
 
 
-def test_mqtt_31_accepted_and_mqtt_5_refused():
+def test_mqtt_31_accepted_and_mqtt_5_refused_before_3_5():
+    body = mqtt_string("MQTT") + bytes([5, 0x82]) + b"\x00\x3c\x00" + mqtt_string("c") + \
+        mqtt_string("preTokenValue0000001")
+    with mqtt_emulator(server_version=(3, 4)) as emu:
+        with RawMqtt(emu.port) as c:
+            c.send(mqtt_packet(0x10, body))
+            assert c.read_packet() == (0x20, b"\x00\x84\x00")
+            assert c.closed_by_server()
     with mqtt_emulator() as emu:
         with RawMqtt(emu.port) as c:
             c.send(connect_packet("c", "preTokenValue0000001", protocol="MQIsdp", level=3))
             assert c.read_packet() == CONNACK_OK
         with RawMqtt(emu.port) as c:
-            body = mqtt_string("MQTT") + bytes([5, 0x82]) + b"\x00\x3c\x00" + mqtt_string("c") + \
-                mqtt_string("preTokenValue0000001")
             c.send(mqtt_packet(0x10, body))
-            assert c.read_packet() == (0x20, b"\x00\x84\x00")
-            assert c.closed_by_server()
+            assert c.read_packet() == (0x20, b"\x00\x00\x00")
         with RawMqtt(emu.port) as c:
             c.send(connect_packet("c", protocol="MQTT", level=7))
             assert c.read_packet() == (0x20, b"\x00\x01")

@@ -237,24 +237,25 @@ def test_authenticate_accepts(client_id, username, password, device):
     assert code == 0 and found.name == device
 
 
-@pytest.mark.parametrize("client_id, username, password, code", [
-    ("c", "wrongToken", None, 5),           # exactly one of user/password present
-    ("c", "wrongToken", "", 5),             # all three present (umqtt's empty password)
-    ("pre-client", "pre-user", "bad", 5),   # password mismatch
-    ("any-client", "up-user", "bad", 5),
-    ("unknown-client", None, None, 2),      # no username, client id set
-    ("", None, None, 5),                    # nothing at all -> not authorized
-    ("", "u", "p", 5),
-    ("c", None, "p", 5),
+@pytest.mark.parametrize("client_id, username, password, reason", [
+    ("c", "wrongToken", None, 0x86),           # exactly one of user/password present
+    ("c", "wrongToken", "", 0x86),             # all three present (umqtt's empty password)
+    ("pre-client", "pre-user", "bad", 0x86),   # password mismatch
+    ("any-client", "up-user", "bad", 0x86),
+    ("unknown-client", None, None, 0x85),      # no username, client id set
+    ("", None, None, 0x87),                    # nothing at all -> not authorized
+    ("", "u", "p", 0x86),                      # an empty client id still counts as present
+    ("c", None, "p", 0x86),
 ])
-def test_authenticate_refusals(client_id, username, password, code):
+def test_authenticate_refusals(client_id, username, password, reason):
+    """MQTT 5 CONNACK reasons (3.1.1 gets 5 for 0x86 and 0x87, 2 for 0x85)."""
     state, _ = make()
-    assert state.authenticate_mqtt(client_id, username, password) == (None, code)
+    assert state.authenticate_mqtt(client_id, username, password) == (None, reason)
 
 
-def test_before_3_5_refusals_are_always_5():
+def test_before_3_5_refusals_are_always_not_authorized():
     state, _ = make((3, 4))
-    assert state.authenticate_mqtt("unknown-client", None, None) == (None, 5)
+    assert state.authenticate_mqtt("unknown-client", None, None) == (None, 0x87)
 
 
 # ---------------------------------------------------------------- telemetry, attributes, RPC (§6)

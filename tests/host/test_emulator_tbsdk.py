@@ -13,14 +13,16 @@ def session_params(emu, protocol: str, name: str) -> dict:
             "device_name": name, "provision": {"key": ALLOW_KEY, "secret": ALLOW_SECRET}}
 
 
-@pytest.mark.parametrize("protocol", ["3.1.1"])
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_sdk_provisions_and_runs_a_device_session(tb_sdk, protocol):
     name = f"sdk-{protocol}"
     with emulator_process(CONFIG) as emu:
         lines = tb_sdk.run("device_session.py", session_params(emu, protocol, name))
         provisioned = events(lines, "provisioned")[0]["credentials"]
         assert provisioned["status"] == "SUCCESS" and provisioned["credentialsType"] == "ACCESS_TOKEN"
-        assert events(lines, "connected")[0]["rc"] == 0
+        connected = events(lines, "connected")[0]
+        assert connected["rc"] == 0 and connected["protocol"] == {"5": 5, "3.1.1": 4}[protocol]
+        assert ("MQTT 5" in emu.wait_event(f"device {name!r} connected")) == (protocol == "5")
         assert events(lines, "telemetry")[0]["published"]
         assert events(lines, "attributes_response")[0]["content"] == {
             "client": {"firmwareVersion": "1.0.0"}, "shared": {"targetTemperature": 22}}
