@@ -12,7 +12,7 @@ Lines written: provisioned, connected, telemetry, attributes_response, attribute
 import paho.mqtt.client as paho
 from tb_device_mqtt import TBDeviceMqttClient
 
-from sdkio import Inbox, emit, inspection, params, wait
+from sdkio import Inbox, connect, emit, inspection, params, wait
 
 p = params()
 host, port, http_port, name = p["host"], p["port"], p["http_port"], p["device_name"]
@@ -33,16 +33,8 @@ if p["protocol"] == "3.1.1":
     # (a 3.1.1 paho client also needs a clean-session flag, which MQTT 5 clients do not have).
     client._client._protocol = paho.MQTTv311
     client._client._clean_session = True
-connects = Inbox()
-client.connect(callback=lambda _c, _u, _flags, rc, *_rest: connects.put(int(getattr(rc, "value", rc))),
-               min_reconnect_delay=1, timeout=5)
-wait(lambda: len(connects), 15, "CONNACK")
-emit("connected", rc=connects.items[0], protocol=client._client._protocol)
-if connects.items[0] != 0:
-    raise SystemExit(2)
+emit("connected", protocol=client._client._protocol, subacks=connect(client))
 
-# The connect callback runs after the SDK queued its SUBSCRIBEs, and the server handles one connection's packets
-# in order: once this telemetry is acknowledged, the subscriptions are in place.
 info = client.send_telemetry({"temperature": 21.5, "sdk": True})
 info.get()
 emit("telemetry", published=all(i.is_published() for i in info.message_info)

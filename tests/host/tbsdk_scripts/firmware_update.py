@@ -14,7 +14,7 @@ import hashlib
 import paho.mqtt.client as paho
 from tb_device_mqtt import TBDeviceMqttClient, TBFirmwareState
 
-from sdkio import Inbox, emit, params, wait
+from sdkio import Inbox, connect, emit, params, wait
 
 p = params()
 client = TBDeviceMqttClient(p["host"], p["port"], username=p["token"], chunk_size=p["chunk_size"])
@@ -33,13 +33,7 @@ def on_firmware(sdk, data, version):
 
 
 client.set_on_firmware_received_callback(on_firmware)
-connects = Inbox()
-client.connect(callback=lambda _c, _u, _flags, rc, *_rest: connects.put(int(getattr(rc, "value", rc))),
-               min_reconnect_delay=1, timeout=5)
-wait(lambda: len(connects), 15, "CONNACK")
-emit("connected", rc=connects.items[0])
-if connects.items[0] != 0:
-    raise SystemExit(2)
+emit("connected", subacks=connect(client))
 client.get_firmware_update()
 wait(lambda: len(received), 30, "the verified firmware")
 data, version = received.items[0]

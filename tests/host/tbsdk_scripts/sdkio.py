@@ -55,6 +55,21 @@ class Inbox:
             return len(self.items)
 
 
+def connect(client, timeout=15):
+    """Connect a TBDeviceMqttClient and wait until the server has answered the SDK's own SUBSCRIBEs; their codes.
+
+    The SDK subscribes to four topics when its CONNACK arrives and does not wait for the SUBACKs: counting them
+    tells when pushes can be sent. (The SDK's connect callback cannot serve: connect() sets it only after starting
+    paho's thread, so a quick CONNACK finds none.) The SDK does not use paho's on_subscribe.
+    """
+    subacks = Inbox()
+    client._client.on_subscribe = lambda _c, _u, _mid, codes, _props: subacks.put([int(c.value) for c in codes])
+    client.connect(min_reconnect_delay=1, timeout=5)
+    wait(client.is_connected, timeout, "CONNACK")
+    wait(lambda: len(subacks) >= 4, timeout, "the SDK's four SUBACKs")
+    return subacks.items
+
+
 def inspection(http_port, method, path, body=None):
     """Call the emulator's inspection API on 127.0.0.1 (the server side of a test); the decoded JSON or None."""
     data = None if body is None else json.dumps(body).encode()
