@@ -7,10 +7,11 @@ never enter the project's `.venv`. Everything it would install is pre-installed 
 install anything would fail loudly instead of changing the environment.
 
 A script is a file in tests/host/tbsdk_scripts/. It reads its parameters as one JSON object on stdin
-(`sdkio.params()`), writes one JSON object per line on stdout (`sdkio.emit(event, **fields)`), logs to stderr, and
-exits 0 when it ran to its end. `sdkio.connect(client)` connects a TBDeviceMqttClient and waits for the SUBACKs of
-the SDK's own subscriptions (the SDK's connect callback is racy: see there). `SdkRunner.run(script, params)` returns the lines as a list of dicts; a non-zero
-exit, a timeout or a line that is not JSON fails the test with the script's stderr.
+(`sdkio.params()`), writes one JSON object per line on stdout (`sdkio.emit(event, **fields)`), logs to stderr,
+and exits 0 when it ran to its end. `sdkio.connect(client)` connects a TBDeviceMqttClient and waits for the
+SUBACKs of the SDK's own subscriptions (the SDK's connect callback is racy: see there).
+`SdkRunner.run(script, params)` returns the lines as a list of dicts; a non-zero exit, a timeout or a line that
+is not JSON fails the test with the script's stderr.
 """
 
 from __future__ import annotations
