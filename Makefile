@@ -66,4 +66,4 @@ emulator: $(STAMP)
 	$(PY) -m host_tools emulator --config $(or $(EMULATOR_CONFIG),host_tools/emulator/demo.json)
 
 clean:
-	rm -rf $(VENV) $(SDK_VENV) .pytest_cache bench-results.json
+	rm -rf $(VENV) $(SDK_VENV) .pytest_cache bench-results.json build tbfleet.egg-info

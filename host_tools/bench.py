@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from host_tools.build import MICROPYTHON, ROOT, compile_firmware
+from host_tools.build import MICROPYTHON, compile_firmware
 from host_tools.devconfig import TRANSPORTS
 from host_tools.emulator.process import EmulatorProcess
 
@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", action="append", choices=TRANSPORTS,
                         help="measure only this transport (repeatable; default all)")
     parser.add_argument("--runs", type=int, default=5, help="runs to take the median of (default 5)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench-results.json", help="where to write the JSON")
+    parser.add_argument("--output", type=Path, default=Path("bench-results.json"),
+                        help="where to write the JSON (default: in the current directory)")
 
 
 class CountingRelay:

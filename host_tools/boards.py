@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BOARDS_DIR = Path(__file__).resolve().parent.parent / "boards"
+from host_tools.build import BOARDS as BOARDS_DIR
 
 # esptool chip name -> the chip name esptool prints (image-info "Detected image type", connect banner).
 CHIPS: dict[str, str] = {"esp32": "ESP32", "esp32s3": "ESP32-S3", "esp32c3": "ESP32-C3"}

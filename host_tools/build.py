@@ -13,9 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The one place the repository and the Unix port are located; the other tools take them from here.
-ROOT = Path(__file__).resolve().parent.parent
+# The one place the firmware, the board files and the Unix port are located; the other tools take them from here.
+# A checkout has firmware/ and boards/ beside host_tools/; an installed tbfleet (pip install .) carries copies of them
+# inside its package (pyproject.toml).
+_PACKAGE = Path(__file__).resolve().parent
+ROOT = _PACKAGE if (_PACKAGE / "firmware").is_dir() else _PACKAGE.parent
 FIRMWARE = ROOT / "firmware"
+BOARDS = ROOT / "boards"
 MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
 
 

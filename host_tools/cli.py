@@ -1,4 +1,4 @@
-"""`python -m host_tools <command>`: one CLI over every host tool.
+"""`python -m host_tools <command>` (or `tbfleet <command>`): one CLI over every host tool.
 
 Each command lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int`; modules are
 imported only when their command runs, so `emulator` does not pay for esptool and `flash` not for aiocoap.
@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "emulator": ("host_tools.emulator.server", "run the local ThingsBoard device-API emulator"),
@@ -24,7 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the chosen command and return its exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m host_tools", description=__doc__.splitlines()[0])
+    # Named as it was called: `python -m host_tools`, or the `tbfleet` command of an installed package.
+    prog = "python -m host_tools" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if a in COMMANDS), None)

@@ -37,7 +37,6 @@ import serial
 
 from host_tools import boards, build, devconfig, flash
 from host_tools.boards import Board, BoardError
-from host_tools.build import ROOT
 from host_tools.devconfig import ConfigProblem, DeviceConfig, env_flag, env_value
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = ROOT / "host_tools" / "emulator" / "demo.json"
+DEMO_CONFIG = Path(__file__).resolve().parent / "emulator" / "demo.json"
 PACKAGE_DIR = "lib/tbfleet/"
 _PROBE_MARK = "TBFLEET-PROBE"
 _MPREMOTE_TIMEOUT = 60.0
