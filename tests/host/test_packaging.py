@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 from support import ROOT
 from vboard_fixtures import MAKE_VARIABLES
@@ -38,6 +39,14 @@ def test_an_installed_tbfleet_deploys_the_local_demo_outside_a_checkout(tmp_path
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True, timeout=120)
     [wheel] = (tmp_path / "dist").glob("tbfleet-*.whl")
+    # Every file of the host tools, the firmware and the board files is in the package (a new subpackage or data
+    # file needs its line in pyproject.toml).
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if not name.startswith("tbfleet-")}
+    wanted = {f"host_tools/{p.relative_to(src / 'host_tools').as_posix()}"
+              for p in (src / "host_tools").rglob("*") if p.is_file()}
+    for folder in ("firmware", "boards"):
+        wanted |= {f"host_tools/{p.relative_to(src).as_posix()}" for p in (src / folder).rglob("*") if p.is_file()}
+    assert sorted(wanted - shipped) == [] and sorted(shipped - wanted) == []
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True,
                    timeout=120)
