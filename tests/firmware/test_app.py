@@ -27,13 +27,18 @@ def cfg_with(**fields):
 
 class Link:
     # Each list holds what the next call answers: bytes/None to return, an exception instance to raise.
-    def __init__(self, provisions=(), opens=(), sends=()):
+    def __init__(self, provisions=(), opens=(), sends=(), pushes=()):
         self.provisions = list(provisions)
         self.opens = list(opens)
         self.sends = list(sends)
         self.requests = []
         self.opened = []
         self.payloads = []
+        self.hellos = []
+        self.events = []  # what the device takes after each call
+        self.pushes = list(pushes)  # events that arrive while it listens, one per listen
+        self.replies = []
+        self.listened = 0
 
     def _next(self, answers):
         answer = answers.pop(0) if answers else None
@@ -45,22 +50,36 @@ class Link:
         self.requests.append(json.loads(request))
         return self._next(self.provisions)
 
-    def open(self, creds):
+    def open(self, creds, hello, first):
         self.opened.append(creds)
+        self.hellos.append(json.loads(hello))
         self._next(self.opens)
+        self.send_telemetry(first)
 
     def send_telemetry(self, payload):
         self._next(self.sends)
         self.payloads.append(json.loads(payload))
 
+    def listen(self, ms):
+        self.listened += 1
+        if self.pushes:
+            self.events.append(self.pushes.pop(0))
+
+    def reply(self, rid, payload):
+        self.replies.append((rid, json.loads(payload)))
+
     def close(self):
         pass
+
+
+def run(cfg, max_messages, link):
+    return app.Device(cfg, link).run(max_messages)
 
 
 def test_first_boot_provisions_saves_and_sends_then_second_boot_reuses():
     cfg = cfg_with()
     link = Link(provisions=[OK])
-    eq(app.run(cfg, 3, link), 3)
+    eq(run(cfg, 3, link), 3)
     eq(len(link.requests), 1)
     eq(link.opened[0]["token"], TOKEN)
     eq(len(link.payloads), 3)
@@ -68,53 +87,53 @@ def test_first_boot_provisions_saves_and_sends_then_second_boot_reuses():
     rec = store.load()
     eq((rec["type"], rec["token"], rec["device"]), ("ACCESS_TOKEN", TOKEN, "greenhouse-7"))
     second = Link()
-    eq(app.run(cfg, 2, second), 2)
+    eq(run(cfg, 2, second), 2)
     eq(second.requests, [])
     eq(second.opened[0]["token"], TOKEN)
 
 
 def test_not_found_saves_nothing_and_says_why():
     link = Link(provisions=[NOT_FOUND, OK])
-    app.run(cfg_with(), 1, link)
+    run(cfg_with(), 1, link)
     eq(len(link.requests), 2)
     assert any("NOT_FOUND" in line and "provision_key" in line for line in LINES), LINES
 
 
 def test_not_found_leaves_nothing_on_flash():
     link = Link(provisions=[NOT_FOUND, NoAnswer("down")] * 3 + [OK])
-    app.run(cfg_with(), 0, link)
+    run(cfg_with(), 0, link)
     eq(len(link.requests), 7)
 
 
 def test_failure_falls_back_to_configured_credentials_and_saves_them():
     cfg = cfg_with(credentials_type="ACCESS_TOKEN", token=TOKEN)
     link = Link(provisions=[FAILURE])
-    eq(app.run(cfg, 1, link), 1)
+    eq(run(cfg, 1, link), 1)
     eq(link.opened, [{"type": "ACCESS_TOKEN", "token": TOKEN}])
     eq(store.load()["token"], TOKEN)
 
 
 def test_failure_without_own_credentials_waits_long_and_retries():
     link = Link(provisions=[FAILURE, OK])
-    app.run(cfg_with(), 1, link)
+    run(cfg_with(), 1, link)
     eq(len(link.requests), 2)
     assert any(line.startswith("E ") and "already exists" in line for line in LINES), LINES
 
 
 def test_no_answer_backs_off_and_retries():
     link = Link(provisions=[NoAnswer("no answer in time"), b"<html>", OK])
-    eq(app.run(cfg_with(), 1, link), 1)
+    eq(run(cfg_with(), 1, link), 1)
     eq(len(link.requests), 3)
     assert any("BAD_ANSWER" in line for line in LINES)
 
 
 def test_repeated_refusals_set_credentials_aside_and_provision_again():
     cfg = cfg_with()
-    app.run(cfg, 0, Link(provisions=[OK]))
+    run(cfg, 0, Link(provisions=[OK]))
     refused = Refused(5, "not authorized")
     new = OK.replace(TOKEN.encode(), b"NewT0kenNewT0kenNewT")
     link = Link(opens=[refused, refused, refused], provisions=[new])
-    eq(app.run(cfg, 1, link), 1)
+    eq(run(cfg, 1, link), 1)
     eq(len(link.requests), 1)
     eq(store.load()["token"], "NewT0kenNewT0kenNewT")
     import os
@@ -124,41 +143,41 @@ def test_repeated_refusals_set_credentials_aside_and_provision_again():
 
 def test_two_refusals_then_success_keeps_credentials():
     cfg = cfg_with()
-    app.run(cfg, 0, Link(provisions=[OK]))
+    run(cfg, 0, Link(provisions=[OK]))
     refused = Refused(5, "not authorized")
     link = Link(opens=[refused, refused])
-    app.run(cfg, 1, link)
+    run(cfg, 1, link)
     eq(link.requests, [])
 
 
 def test_refused_on_send_counts_too():
     # HTTP and CoAP learn of revoked credentials only when telemetry is refused (401 / 4.01).
     cfg = cfg_with(transport="http")
-    app.run(cfg, 0, Link(provisions=[OK]))
+    run(cfg, 0, Link(provisions=[OK]))
     refused = Refused(401, "unauthorized")
     link = Link(sends=[refused, refused, refused], provisions=[OK])
-    app.run(cfg, 1, link)
+    run(cfg, 1, link)
     eq(len(link.requests), 1)
 
 
 def test_connection_loss_and_rejection_reconnect():
     cfg = cfg_with()
     link = Link(provisions=[OK], sends=[None, NoAnswer("closed"), Rejected(413, "payload too large"), None])
-    eq(app.run(cfg, 3, link), 3)
+    eq(run(cfg, 3, link), 3)
     eq(len(link.opened), 3)
 
 
 def test_credentials_for_another_device_are_not_used():
-    app.run(cfg_with(), 0, Link(provisions=[OK]))
+    run(cfg_with(), 0, Link(provisions=[OK]))
     link = Link(provisions=[OK])
-    app.run(cfg_with(device_name="greenhouse-8"), 0, link)
+    run(cfg_with(device_name="greenhouse-8"), 0, link)
     eq(len(link.requests), 1)
     eq(link.requests[0]["deviceName"], "greenhouse-8")
 
 
 def test_secrets_never_reach_the_log():
     cfg = cfg_with(credentials_type="ACCESS_TOKEN", token=TOKEN)
-    app.run(cfg, 1, Link(provisions=[NOT_FOUND, FAILURE, FAILURE], opens=[Refused(5, "not authorized"), None]))
+    run(cfg, 1, Link(provisions=[NOT_FOUND, FAILURE, FAILURE], opens=[Refused(5, "not authorized"), None]))
     text = "\n".join(LINES)
     assert SECRET not in text and TOKEN not in text, text
 
@@ -231,13 +250,13 @@ def test_a_link_the_device_made_goes_with_its_modules_after_provisioning():
 
     sys.modules["tbfleet.via_http"] = Transport
     device = app.Device(cfg_with(transport="http"))
-    creds, unsaved, wait_long = app._onboard(device, device.cfg)
-    eq((creds["token"], unsaved, wait_long, len(made)), (TOKEN, False, False, 1))
+    eq(device.onboard(), None)
+    eq((device.creds["token"], device.unsaved, len(made)), (TOKEN, False, 1))
     assert device.link is None and "tbfleet.tls" not in sys.modules
     assert device.get_link() is not made[0] and len(made) == 2
     passed_in = Link(provisions=[OK])
     device = app.Device(cfg_with(device_name="greenhouse-9"), passed_in)
-    app._onboard(device, device.cfg)
+    device.onboard()
     eq(len(passed_in.requests), 1)
     assert device.get_link() is passed_in  # not the device's to drop
 
@@ -253,10 +272,10 @@ def test_wifi_is_brought_up_only_when_configured():
 
     sys.modules["tbfleet.net"] = Net
     try:
-        app.run(cfg_with(sensors=["uptime"]), 1, Link(provisions=[OK]))
+        run(cfg_with(sensors=["uptime"]), 1, Link(provisions=[OK]))
         eq(calls, [])
         cfg = cfg_with(wifi_ssid="greenhouse", device_name="greenhouse-8", sensors=["uptime"])
-        app.run(cfg, 1, Link(provisions=[OK]))
+        run(cfg, 1, Link(provisions=[OK]))
         eq(calls, ["greenhouse"])
     finally:
-        sys.modules.pop("tbfleet.net")
+        sys.modules.pop("tbfleet.net", None)

@@ -212,11 +212,11 @@ def test_port_unreachable_is_no_answer_and_the_next_request_opens_a_new_socket()
     def refuse(sock, data):
         sock.refused = True
     lk = link(refuse)
-    lk.open({"type": "ACCESS_TOKEN", "token": "T"})
+    lk._path = ("api", "v1", "T")  # opened
     e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
     assert "127.0.0.1:5683" in str(e) and "111" in str(e), e
     eq((lk.sock, lk.poller), (None, None))
-    eq(lk._path, ("api", "v1", "T", "telemetry"))  # still open: only the socket went
+    eq(lk._path, ("api", "v1", "T"))  # still open: only the socket went
 
 
 def test_real_udp_port_unreachable():

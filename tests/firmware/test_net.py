@@ -95,20 +95,20 @@ class Link:
     def send_telemetry(self, payload):
         self.payloads.append(json.loads(payload))
 
+    def open(self, creds, hello, first):
+        self.events = []
+        self.send_telemetry(first)
 
-class Device:
-    # What telemetry.send asks of app.Device.
-    def __init__(self, sensors):
-        self.cfg = Cfg()
-        self.cfg.sensors = sensors
-        self.cfg.telemetry_interval = 0
-        self.link = Link()
-        self.sent = 0
-        self.ticked = 0
-        self.up_ms = 0
 
-    def accepted(self):
-        pass
+def device(sensors):
+    # An app.Device past onboarding, over a link that records its payloads.
+    from tbfleet import app, config
+
+    cfg = config.validate({"host": "127.0.0.1", "provision_key": "k", "provision_secret": "s", "device_name": "d",
+                           "wifi_ssid": "greenhouse", "sensors": sensors, "telemetry_interval": 0})
+    dev = app.Device(cfg, Link())
+    dev.creds = {"type": "ACCESS_TOKEN", "token": "t"}
+    return dev
 
 
 def values(device):
@@ -117,16 +117,14 @@ def values(device):
 
 
 def test_net_is_loaded_for_sending_only_when_rssi_is_configured():
-    from tbfleet import telemetry
-
     unload("net")
-    device = Device(["uptime", "free_heap"])
-    telemetry.send(device, 1)
-    eq(sorted(values(device)), ["free_heap", "uptime"])
+    dev = device(["uptime", "free_heap"])
+    dev.serve(1)
+    eq(sorted(values(dev)), ["free_heap", "uptime"])
     assert "tbfleet.net" not in sys.modules
     WLAN(0).joins_after = 0
     WLAN(0).connect("greenhouse", "w1f1-pa55")
-    device = Device(["uptime", "rssi"])
-    telemetry.send(device, 1)
+    dev = device(["uptime", "rssi"])
+    dev.serve(1)
     assert "tbfleet.net" in sys.modules  # a board with Wi-Fi keeps net while sending
-    eq(values(device)["rssi"], -58)
+    eq(values(dev)["rssi"], -58)

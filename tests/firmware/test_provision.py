@@ -164,6 +164,12 @@ def Device(link):
     return app.Device(cfg_with(), link)
 
 
+def onboard(device):
+    # (credentials or None, ms to wait or None) of one onboarding step.
+    wait = device.onboard()
+    return device.creds, wait
+
+
 OK = b'{"credentialsValue":"T0k3n","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'
 
 
@@ -179,17 +185,19 @@ def test_one_exchange_per_attempt_and_the_link_dropped_however_it_ended():
 
     link = Link(OK)
     device = Device(link)
-    creds, unsaved, wait_long = app._onboard(device, cfg_with())
-    eq((creds["token"], unsaved, wait_long), ("T0k3n", False, False))
+    creds, wait = onboard(device)
+    eq((creds["token"], device.unsaved, wait), ("T0k3n", False, None))
     eq(store.load()["token"], "T0k3n")  # saved before it is used
     assert link.closed and device.link is link and json.loads(link.sent)["deviceName"] == "greenhouse-7"
-    eq(app._onboard(Device(Link(error=AssertionError("no exchange"))), cfg_with())[0]["token"], "T0k3n")  # saved
+    eq(onboard(Device(Link(error=AssertionError("no exchange"))))[0]["token"], "T0k3n")  # saved
     store.discard("provisioning again")
     for error in (NoAnswer("no answer in time"), BadAnswer("junk")):
         link = Link(error=error)
         device = Device(link)
-        eq(app._onboard(device, cfg_with()), (None, False, False))
+        creds, wait = onboard(device)
+        assert creds is None and wait > 0
         assert link.closed and device.link is link
     link = Link(b"\x00\xff")
-    eq(app._onboard(Device(link), cfg_with()), (None, False, False))
+    creds, wait = onboard(Device(link))
+    assert creds is None and wait > 0
     assert link.closed

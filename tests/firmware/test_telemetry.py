@@ -3,7 +3,7 @@ import json
 import time
 
 from mptest import eq
-from tbfleet import telemetry
+from tbfleet import app, config, telemetry
 
 
 def test_now_ms_is_milliseconds_since_1970():
@@ -35,57 +35,39 @@ def test_no_timestamp_while_the_clock_is_unset():
         telemetry.time = time
 
 
-class Link:
-    def __init__(self):
-        self.payloads = []
-
-    def send_telemetry(self, payload):
-        assert type(payload) is bytes
-        self.payloads.append(json.loads(payload))
-
-
 class Device:
     # What telemetry asks of app.Device.
     def __init__(self, sensors=("heap_used",), ticked=None):
         self.cfg = type("Cfg", (), {"sensors": sensors, "telemetry_interval": 0, "wifi_ssid": None})
-        self.link = Link()
-        self.sent = 0
         self.ticked = time.ticks_ms() if ticked is None else ticked
         self.up_ms = 0
-        self.accepts = 0
 
-    def accepted(self):
-        self.accepts += 1
+    uptime_ms = app.Device.uptime_ms
+
+
+def device(**fields):
+    data = {"host": "127.0.0.1", "provision_key": "k", "provision_secret": "s", "device_name": "greenhouse-7"}
+    data.update(fields)
+    return app.Device(config.validate(data))
 
 
 def test_payload_shapes():
     # {"ts": ms since 1970, "values": {...}} while the clock is set; the bare values (stamped by the server) before.
-    dev = Device()
-    telemetry.send(dev, 2)
-    eq(dev.sent, 2)
-    eq(dev.accepts, 1)  # the first message a connection sent proves the credentials
-    first = dev.link.payloads[0]
+    dev = device()
+    first = json.loads(dev.payload({"heap_used": 5}))
     eq(sorted(first), ["ts", "values"])
-    assert abs(first["ts"] - time.time() * 1000) < 2000 and first["values"]["heap_used"] > 0, first
+    assert abs(first["ts"] - time.time() * 1000) < 2000 and first["values"] == {"heap_used": 5}, first
 
     class UnsetClock:
         @staticmethod
         def time_ns():
             return 3600 * 10**9
 
-        gmtime = time.gmtime
-        ticks_ms = time.ticks_ms
-        ticks_add = time.ticks_add
-        ticks_diff = time.ticks_diff
-        sleep_ms = time.sleep_ms
-
     telemetry.time = UnsetClock
     try:
-        dev = Device()
-        telemetry.send(dev, 1)
+        eq(json.loads(dev.payload({"heap_used": 5})), {"heap_used": 5})
     finally:
         telemetry.time = time
-    eq(sorted(dev.link.payloads[0]), ["heap_used"])
 
 
 def test_sensors_on_the_unix_port():
@@ -109,6 +91,6 @@ def test_uptime_survives_tick_wraparound():
 
 def test_uptime_counts_from_the_boot():
     # The app starts sending only once connected, but uptime counts from the device's start.
-    dev = Device(["uptime"], time.ticks_add(time.ticks_ms(), -7200))
-    telemetry.send(dev, 1)
-    eq(dev.link.payloads[0]["values"], {"uptime": 7})
+    dev = device(sensors=["uptime"])
+    dev.ticked = time.ticks_add(time.ticks_ms(), -7200)
+    eq(dev.reading(telemetry), {"uptime": 7})

@@ -19,6 +19,43 @@ def link_answering(code, body=b"", kind=ACK, sock=None):
     return link(on_send, sock=sock)
 
 
+def opened(code, body=b"", kind=ACK, sock=None, token="T"):
+    # A Link opened with token over a server that takes everything open sends, then answers every request with
+    # code and body (as link_answering); lk.sock.sent holds only what came after open.
+    lk = link_answering(code, body, kind, sock)
+    script = lk.sock.on_send
+
+    def welcome(sock, data):
+        t, c, mid, tok, _, _ = decode(data)
+        sock.feed(encode(ACK, CONTENT if c == 1 else CREATED, mid, tok, (), b'{"led":true}' if c == 1 else b""))
+    lk.sock.on_send = welcome
+    lk.open({"type": "ACCESS_TOKEN", "token": token}, b'{"fw":"1"}', b'{"t":0}')
+    lk.sock.on_send = script
+    del lk.sock.sent[:]
+    if isinstance(lk.sock, SizedUDP):
+        del lk.sock.sizes[:]
+    return lk
+
+
+def test_open_sends_client_attributes_gets_shared_ones_and_sends_first_telemetry():
+    lk = link_answering(CREATED)
+    answer = lk.sock.on_send
+
+    def server(sock, data):
+        t, c, mid, tok, _, _ = decode(data)
+        if c == 1:
+            sock.feed(encode(ACK, CONTENT, mid, tok, (), b'{"client":{},"shared":{"led":true}}'))
+        else:
+            answer(sock, data)
+    lk.sock.on_send = server
+    lk.open({"type": "ACCESS_TOKEN", "token": "T"}, b'{"fw":"1"}', b'{"t":0}')
+    eq([(m[1], m[4], m[5]) for m in sent(lk)],
+       [(POST, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes"), (12, b"\x32")], b'{"fw":"1"}'),
+        (1, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes")], b""),
+        (POST, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"telemetry"), (12, b"\x32")], b'{"t":0}')])
+    eq(lk.events, [("current", None, b'{"client":{},"shared":{"led":true}}')])
+
+
 def sent(lk):
     return [decode(d) for d in lk.sock.datagrams]
 
@@ -71,8 +108,7 @@ def test_provision_bad_answers():
 
 def test_telemetry_path_and_success_codes():
     for code in (CREATED, VALID, CHANGED):
-        lk = link_answering(code)
-        lk.open({"type": "ACCESS_TOKEN", "token": "a/b"})
+        lk = opened(code, token="a/b")
         lk.send_telemetry(b'{"t":1}')
     eq(sent(lk)[0][4], [(11, b"api"), (11, b"v1"), (11, b"a/b"), (11, b"telemetry"), (12, b"\x32")])
     eq(sent(lk)[0][5], b'{"t":1}')
@@ -86,36 +122,34 @@ def test_telemetry_failures():
              (0x84, b"", Rejected, (404, "4.04")),
              (0x42, b"", Rejected, (202, "2.02")))
     for code, body, kind, args in cases:
-        lk = link_answering(code, body)
-        lk.open({"type": "ACCESS_TOKEN", "token": "T"})
+        lk = opened(code, body)
         eq(raises(kind, lk.send_telemetry, b"{}").args, args)
 
 
 def test_telemetry_takes_small_datagrams_and_cuts_long_error_bodies():
     # The answer is cut at 128 bytes by recv; the reason keeps the body's first 60 bytes either way.
     sock = SizedUDP()
-    lk = link_answering(0xA0, b"x" * 59 + b"yzzzzzzz" * 40, sock=sock)
-    lk.open({"type": "ACCESS_TOKEN", "token": "T"})
+    lk = opened(0xA0, b"x" * 59 + b"yzzzzzzz" * 40, sock=sock)
     eq(raises(Rejected, lk.send_telemetry, b"{}").args, (500, "x" * 59 + "y"))
     eq(sock.sizes, [128])
 
 
 def test_silence_is_no_answer():
-    lk = link()
-    lk.open({"type": "ACCESS_TOKEN", "token": "T"})
+    lk = opened(CREATED)
+    lk.sock.on_send = None
     raises(NoAnswer, lk.send_telemetry, b"{}")
     eq(len(lk.sock.sent), 5)
 
 
 def test_open_refuses_other_credentials_and_dtls():
     lk = via_coap.Link(Cfg())
-    e = raises(ValueError, lk.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"})
+    e = raises(ValueError, lk.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"}, b"{}", b"{}")
     eq(str(e), "MQTT_BASIC credentials without a token")
-    e = raises(ValueError, lk.open, {"type": "X509_CERTIFICATE"})
+    e = raises(ValueError, lk.open, {"type": "X509_CERTIFICATE"}, b"{}", b"{}")
     eq(str(e), "X509_CERTIFICATE credentials without a token")
-    e = raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": None})
+    e = raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": None}, b"{}", b"{}")
     eq(str(e), "ACCESS_TOKEN credentials without a token")
-    raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": ""})
+    raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": ""}, b"{}", b"{}")
     e = raises(ValueError, lk.send_telemetry, b"{}")
     assert "open" in str(e), e
     cfg = Cfg()

@@ -30,6 +30,31 @@ def link_answering(*answers):
     return via_http.Link(Cfg()), sent
 
 
+OK = b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n"
+CURRENT = b'HTTP/1.1 200 \r\nContent-Length: 23\r\n\r\n{"shared":{"led":true}}'
+
+
+def opened(token, *answers):
+    # A Link opened with token (client attributes, the current shared ones and the first telemetry exchanged),
+    # whose next connections answer with answers; returns (link, list of the requests after open's three).
+    link, sent = link_answering(OK, CURRENT, OK, *answers)
+    link.open({"type": "ACCESS_TOKEN", "token": token}, b'{"fw":"1"}', b'{"t":0}')
+    eq(len(sent), 3)
+    del sent[:]
+    return link, sent
+
+
+def test_open_sends_client_attributes_gets_shared_ones_and_sends_first_telemetry():
+    link, sent = link_answering(OK, CURRENT, OK)
+    link.open({"type": "ACCESS_TOKEN", "token": "A1b2_C3"}, b'{"fw":"1"}', b'{"t":0}')
+    eq(sent, [b"POST /api/v1/A1b2_C3/attributes HTTP/1.1\r\nHost: tb.local:8080\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 10\r\nConnection: close\r\n\r\n" b'{"fw":"1"}',
+              b"GET /api/v1/A1b2_C3/attributes HTTP/1.1\r\nHost: tb.local:8080\r\nConnection: close\r\n\r\n",
+              b"POST /api/v1/A1b2_C3/telemetry HTTP/1.1\r\nHost: tb.local:8080\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 7\r\nConnection: close\r\n\r\n" b'{"t":0}'])
+    eq(link.events, [("current", None, b'{"shared":{"led":true}}')])
+
+
 def test_provision_posts_and_returns_body_for_any_status():
     for body in (b'{"credentialsValue":"T","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}',
                  b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}',
@@ -47,15 +72,13 @@ def test_provision_non_200_is_bad_answer():
 
 
 def test_telemetry_path_and_ok():
-    link, sent = link_answering(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n")
-    link.open({"type": "ACCESS_TOKEN", "token": "A1b2_C3"})
+    link, sent = opened("A1b2_C3", OK)
     link.send_telemetry(b'{"t":21}')
     assert sent[0].startswith(b"POST /api/v1/A1b2_C3/telemetry HTTP/1.1\r\n"), sent
 
 
 def test_token_is_one_escaped_path_segment():
-    link, sent = link_answering(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n")
-    link.open({"type": "ACCESS_TOKEN", "token": "a/b c%\xe9"})
+    link, sent = opened("a/b c%\xe9", OK)
     link.send_telemetry(b"{}")
     assert sent[0].startswith(b"POST /api/v1/a%2Fb%20c%25%C3%A9/telemetry HTTP/1.1"), sent
 
@@ -72,30 +95,28 @@ def test_telemetry_status_mapping():
              (b"HTTP/1.1 500 \r\nContent-Length: 2\r\n\r\n\xff\xfe", Rejected, (500, "HTTP 500")),
              (b"HTTP/1.1 500 \r\nContent-Length: 80\r\n\r\n" + b"x" * 80, Rejected, (500, "x" * 60)))
     for reply, kind, args in cases:
-        link, _ = link_answering(reply)
-        link.open({"type": "ACCESS_TOKEN", "token": "T"})
+        link, _ = opened("T", reply)
         eq(raises(kind, link.send_telemetry, b"{}").args, args)
 
 
 def test_no_answer_passes_through():
-    link, _ = link_answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
-    link.open({"type": "ACCESS_TOKEN", "token": "T"})
+    link, _ = opened("T", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
     raises(NoAnswer, link.send_telemetry, b"{}")
 
 
 def test_open_refuses_other_credentials():
     link = via_http.Link(Cfg())
-    e = raises(ValueError, link.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"})
+    e = raises(ValueError, link.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"},
+               b"{}", b"{}")
     assert "needs a token" in str(e) and "MQTT_BASIC" in str(e), e
-    raises(ValueError, link.open, {"type": "X509_CERTIFICATE"})
-    raises(ValueError, link.open, {"type": "ACCESS_TOKEN", "token": ""})
+    raises(ValueError, link.open, {"type": "X509_CERTIFICATE"}, b"{}", b"{}")
+    raises(ValueError, link.open, {"type": "ACCESS_TOKEN", "token": ""}, b"{}", b"{}")
     e = raises(ValueError, link.send_telemetry, b"{}")  # nothing was opened
     assert "not opened" in str(e), e
 
 
 def test_close_forgets_token_and_is_idempotent():
-    link = via_http.Link(Cfg())
-    link.open({"type": "ACCESS_TOKEN", "token": "T"})
+    link, _ = opened("T")
     link.close()
     link.close()
     raises(ValueError, link.send_telemetry, b"{}")
@@ -113,11 +134,10 @@ def test_tls_context_is_made_once_and_passed():
         return s
     tcp.connect = connect
     link = via_http.Link(cfg)
-    link.open({"type": "ACCESS_TOKEN", "token": "T"})
-    link.send_telemetry(b"{}")
+    link.open({"type": "ACCESS_TOKEN", "token": "T"}, b"{}", b"{}")
     link.send_telemetry(b"{}")
     assert isinstance(seen[0], ssl.SSLContext), seen
-    assert seen[0] is seen[1]
+    assert all(ctx is seen[0] for ctx in seen), seen
 
 
 def test_every_request_reads_through_the_links_one_buffer():
@@ -130,8 +150,8 @@ def test_every_request_reads_through_the_links_one_buffer():
     via_http.request = request
     link = via_http.Link(Cfg())
     link.provision(b"{}")
-    link.open({"type": "ACCESS_TOKEN", "token": "T"})
+    link.open({"type": "ACCESS_TOKEN", "token": "T"}, b"{}", b"{}")
     link.send_telemetry(b"{}")
-    link.send_telemetry(b"{}")
-    eq(len(seen), 3)
-    assert isinstance(seen[0], bytearray) and seen[0] is seen[1] and seen[1] is seen[2], seen
+    link.reply(7, b"{}")
+    eq(len(seen), 6)
+    assert isinstance(seen[0], bytearray) and all(buf is seen[0] for buf in seen), seen

@@ -37,8 +37,23 @@ def publish(topic, payload, pid=None):
     return bytes([head, len(body)]) + body
 
 
+HELLO = b'{"fw":"1"}'
+# What open sends after the CONNECT, in the same write: SUBSCRIBE (packet id 1) to shared attribute pushes and RPC
+# requests at QoS 1, the client attributes and the request for the current ones at QoS 0, the first telemetry at
+# QoS 1 (packet id 2).
+AFTER_CONNECT = (b"\x82\x3b\x00\x01\x00\x18v1/devices/me/attributes\x01\x00\x1bv1/devices/me/rpc/request/+\x01"
+                 b"\x30\x24\x00\x18v1/devices/me/attributes" + HELLO
+                 + b"\x30\x26\x00\x22v1/devices/me/attributes/request/1{}"
+                 b"\x32\x58\x00\x17v1/devices/me/telemetry\x00\x02" + TELEMETRY)
+OPENED = CONNACK_OK + b"\x40\x02\x00\x02"  # the CONNACK and the first telemetry's PUBACK
+
+
 def link(sock, **kw):
     return client(sock, None, Cfg, **kw)
+
+
+def open_link(lk, creds):
+    lk.open(creds, HELLO, TELEMETRY)
 
 
 def no_subscribe(sock):
@@ -127,28 +142,29 @@ def test_provision_garbage_is_bad_answer():
 
 
 def test_open_access_token_uses_device_name_and_no_password():
-    s = scripted(CONNACK_OK)
+    s = scripted(OPENED)
     lk = link(s, keepalive=30)
-    lk.open({"type": "ACCESS_TOKEN", "token": "Xq3kT9vLm2RcW8pZa1Yb"})
-    eq(s.writes, [b"\x10\x2e\x00\x04MQTT\x04\x82\x00\x1e\x00\x0cesp32-a1b2c3\x00\x14Xq3kT9vLm2RcW8pZa1Yb"])
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "Xq3kT9vLm2RcW8pZa1Yb"})
+    eq(s.writes, [b"\x10\x2e\x00\x04MQTT\x04\x82\x00\x1e\x00\x0cesp32-a1b2c3\x00\x14Xq3kT9vLm2RcW8pZa1Yb"
+                  + AFTER_CONNECT])
 
 
 def test_open_mqtt_basic_sends_the_three_fields():
-    s = scripted(CONNACK_OK)
-    link(s).open({"type": "MQTT_BASIC", "client_id": "c1", "username": "u1", "password": "p1"})
-    eq(s.writes, [b"\x10\x16\x00\x04MQTT\x04\xc2\x00\x3c\x00\x02c1\x00\x02u1\x00\x02p1"])
+    s = scripted(OPENED)
+    open_link(link(s), {"type": "MQTT_BASIC", "client_id": "c1", "username": "u1", "password": "p1"})
+    eq(s.writes, [b"\x10\x16\x00\x04MQTT\x04\xc2\x00\x3c\x00\x02c1\x00\x02u1\x00\x02p1" + AFTER_CONNECT])
 
 
 def test_open_mqtt_basic_empty_fields_are_absent():
-    s = scripted(CONNACK_OK)
-    link(s).open({"type": "MQTT_BASIC", "client_id": "c1", "username": "", "password": ""})
-    eq(s.writes, [b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02c1"])
-    s = scripted(CONNACK_OK)
-    link(s).open({"type": "MQTT_BASIC", "client_id": "", "username": "u1", "password": "p1"})
-    eq(s.writes, [b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x02u1\x00\x02p1"])
-    s = scripted(CONNACK_OK)
-    link(s).open({"type": "MQTT_BASIC", "client_id": "c1", "username": "u1", "password": ""})
-    eq(s.writes, [b"\x10\x12\x00\x04MQTT\x04\x82\x00\x3c\x00\x02c1\x00\x02u1"])
+    s = scripted(OPENED)
+    open_link(link(s), {"type": "MQTT_BASIC", "client_id": "c1", "username": "", "password": ""})
+    eq(s.writes, [b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02c1" + AFTER_CONNECT])
+    s = scripted(OPENED)
+    open_link(link(s), {"type": "MQTT_BASIC", "client_id": "", "username": "u1", "password": "p1"})
+    eq(s.writes, [b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x02u1\x00\x02p1" + AFTER_CONNECT])
+    s = scripted(OPENED)
+    open_link(link(s), {"type": "MQTT_BASIC", "client_id": "c1", "username": "u1", "password": ""})
+    eq(s.writes, [b"\x10\x12\x00\x04MQTT\x04\x82\x00\x3c\x00\x02c1\x00\x02u1" + AFTER_CONNECT])
 
 
 def test_open_x509_uses_a_client_certificate_and_no_user_name():
@@ -159,18 +175,18 @@ def test_open_x509_uses_a_client_certificate_and_no_user_name():
         return "client-cert-ctx" if client_cert else "server-only-ctx"
 
     tls.context = fake_context
-    s = scripted(CONNACK_OK)
+    s = scripted(OPENED)
     lk = link(s, tls=True, port=8883)
-    lk.open({"type": "X509_CERTIFICATE"})
+    open_link(lk, {"type": "X509_CERTIFICATE"})
     eq(made, [True])
     eq(lk.seen, [("tb.local", 8883, 200, "client-cert-ctx")])
-    eq(s.writes, [b"\x10\x18\x00\x04MQTT\x04\x02\x00\x3c\x00\x0cesp32-a1b2c3"])
+    eq(s.writes, [b"\x10\x18\x00\x04MQTT\x04\x02\x00\x3c\x00\x0cesp32-a1b2c3" + AFTER_CONNECT])
 
 
 def test_open_refuses_x509_without_tls_and_unknown_types():
     for kind in ("X509_CERTIFICATE", "LWM2M_CREDENTIALS", None):
         s = scripted()
-        e = raises(ValueError, link(s).open, {"type": kind})
+        e = raises(ValueError, open_link, link(s), {"type": kind})
         eq(str(e), "can't use credentials type %r" % (kind,))
         eq(s.writes, [])
 
@@ -178,17 +194,17 @@ def test_open_refuses_x509_without_tls_and_unknown_types():
 def test_open_refused_credentials():
     s = scripted(b"\x20\x02\x00\x05")
     lk = link(s)
-    e = raises(Refused, lk.open, {"type": "ACCESS_TOKEN", "token": "REVOKED_TOKEN_000000"})
+    e = raises(Refused, open_link, lk, {"type": "ACCESS_TOKEN", "token": "REVOKED_TOKEN_000000"})
     eq(e.args, (5, "not authorized"))
     raises(NoAnswer, lk.send_telemetry, TELEMETRY)
 
 
 def test_send_telemetry_qos1_and_qos0():
-    s = scripted(CONNACK_OK, b"\x40\x02\x00\x01")
+    s = scripted(OPENED, b"\x40\x02\x00\x03")
     lk = link(s)
-    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     lk.send_telemetry(TELEMETRY)
-    eq(s.writes[1], b"\x32\x58\x00\x17v1/devices/me/telemetry\x00\x01" + TELEMETRY)
+    eq(s.writes[1], b"\x32\x58\x00\x17v1/devices/me/telemetry\x00\x03" + TELEMETRY)
     lk.cfg.qos = 0
     lk.send_telemetry(TELEMETRY)
     eq(s.writes[2], b"\x30\x56\x00\x17v1/devices/me/telemetry" + TELEMETRY)
@@ -196,14 +212,14 @@ def test_send_telemetry_qos1_and_qos0():
 
 
 def test_close_instead_of_puback_is_rejected():
-    s = scripted(CONNACK_OK)
+    s = scripted(OPENED)
 
     def reject(sock, data):
         if data[0] == 0x32:
             sock.hang_up()
 
     lk = link(s, timeout=5)
-    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     s.on_write = reject
     e = raises(Rejected, lk.send_telemetry, b'{"ts":1732300000000,"values":')
     assert "instead of PUBACK" in e.args[1]
@@ -212,9 +228,9 @@ def test_close_instead_of_puback_is_rejected():
 
 
 def test_connection_closed_before_sending_is_no_answer():
-    s = scripted(CONNACK_OK)
+    s = scripted(OPENED)
     lk = link(s, timeout=5)
-    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     s.hang_up()
     e = raises(NoAnswer, lk.send_telemetry, TELEMETRY)
     eq(len(s.writes), 1)
@@ -222,16 +238,16 @@ def test_connection_closed_before_sending_is_no_answer():
 
 
 def test_missing_puback_is_no_answer():
-    s = scripted(CONNACK_OK)
+    s = scripted(OPENED)
     lk = link(s, timeout=0.05)
-    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     raises(NoAnswer, lk.send_telemetry, TELEMETRY)
 
 
 def test_poll_acknowledges_pushes_and_keeps_alive():
-    s = scripted(CONNACK_OK, None, b"\xd0\x00")  # the PINGRESP answers the third write, the PINGREQ
+    s = scripted(OPENED, None, b"\xd0\x00")  # the PINGRESP answers the third write, the PINGREQ
     lk = link(s, keepalive=1)
-    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     s.feed(publish(b"v1/devices/me/attributes", b'{"interval":5}', 7))
     lk.poll()
     eq(s.writes[1:], [b"\x40\x02\x00\x07"])
@@ -242,16 +258,16 @@ def test_poll_acknowledges_pushes_and_keeps_alive():
 
 
 def test_close_disconnects_once_and_never_raises():
-    s = scripted(CONNACK_OK)
+    s = scripted(OPENED)
     lk = link(s)
-    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     lk.close()
     lk.close()
     eq(s.writes[1:], [b"\xe0\x00"])
     assert s.closed
-    s2 = scripted(CONNACK_OK)
+    s2 = scripted(OPENED)
     lk = link(s2)
-    lk.open({"type": "ACCESS_TOKEN", "token": "tok"})
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     s2.closed = True  # the socket is already dead: writing raises OSError
     lk.close()
     raises(NoAnswer, lk.poll)

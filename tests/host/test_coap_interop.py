@@ -157,12 +157,20 @@ except NoAnswer as e:
 # --- aiocoap, answering like ThingsBoard -----------------------------------------------------------------------
 
 class ThingsBoardLike(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
-    """/api/v1/provision and /api/v1/<token>/telemetry with ThingsBoard's codes (document section 5)."""
+    """/api/v1/provision, /api/v1/<token>/telemetry and .../attributes with ThingsBoard's codes (document section 5):
+    the device has no shared attributes (GET: 4.04)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.telemetry: list[tuple[str, bytes]] = []
         self.types: list[str] = []
+        self.attributes: list[tuple[str, bytes]] = []
+
+    async def render_get(self, request):
+        path = request.opt.uri_path
+        if len(path) == 2 and path[1] == "attributes":
+            return aiocoap.Message(code=aiocoap.NOT_FOUND if path[0] == TOKEN else aiocoap.UNAUTHORIZED)
+        return aiocoap.Message(code=aiocoap.BAD_REQUEST)
 
     async def render_post(self, request):
         path = request.opt.uri_path
@@ -176,6 +184,9 @@ class ThingsBoardLike(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
                 return aiocoap.Message(code=aiocoap.CREATED, payload=json.dumps(body).encode(), content_format=0)
             body = {"errorMsg": "Provision data was not found!", "status": "NOT_FOUND"}
             return aiocoap.Message(code=aiocoap.BAD_REQUEST, payload=json.dumps(body).encode(), content_format=0)
+        if len(path) == 2 and path[1] == "attributes":
+            self.attributes.append((path[0], request.payload))
+            return aiocoap.Message(code=aiocoap.CREATED if path[0] == TOKEN else aiocoap.UNAUTHORIZED)
         if len(path) == 2 and path[1] == "telemetry":
             if path[0] != TOKEN:
                 return aiocoap.Message(code=aiocoap.UNAUTHORIZED)
@@ -233,16 +244,15 @@ def test_aiocoap_thingsboard_lifecycle(aiocoap_server, tmp_path):
     got = run_firmware(tmp_path, ADAPTER + """
 out["wrong"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"nope","provisionDeviceSecret":"s"}'))
 out["ok"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
-link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]})
-for i in range(3):
+link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, b'{"fw":"1"}', b'{"n":0}')
+for i in range(1, 3):
     link.send_telemetry(b'{"n":%d}' % i)
 try:
     link.send_telemetry(b'not json')
 except Rejected as e:
     out["bad"] = list(e.args)
-link.open({"type": "ACCESS_TOKEN", "token": "revoked"})
 try:
-    link.send_telemetry(b'{"n":9}')
+    link.open({"type": "ACCESS_TOKEN", "token": "revoked"}, b'{"fw":"1"}', b'{"n":9}')
 except Refused as e:
     out["revoked"] = list(e.args)
 link.close()
@@ -253,6 +263,7 @@ print(json.dumps(out))
     assert tb.telemetry == [(TOKEN, b'{"n":0}'), (TOKEN, b'{"n":1}'), (TOKEN, b'{"n":2}')]
     assert got["bad"] == [400, "4.00"]
     assert got["revoked"] == [401, "unauthorized"]
+    assert tb.attributes == [(TOKEN, b'{"fw":"1"}'), ("revoked", b'{"fw":"1"}')]
     assert set(tb.types) == {"CON"}
 
 
@@ -266,8 +277,7 @@ t0 = time.ticks_ms()
 out["slow"] = json.loads(link.provision(
     b'{"deviceName":"slow","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
 out["ms"] = time.ticks_diff(time.ticks_ms(), t0)
-link.open({"type": "ACCESS_TOKEN", "token": out["slow"]["credentialsValue"]})
-link.send_telemetry(b'{"after":1}')
+link.open({"type": "ACCESS_TOKEN", "token": out["slow"]["credentialsValue"]}, b"{}", b'{"after":1}')
 link.close()
 print(json.dumps(out))
 """, port)

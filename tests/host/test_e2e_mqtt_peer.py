@@ -42,7 +42,14 @@ def test_first_boot_provisions_second_boot_reuses(tmp_path: Path) -> None:
         assert request.qos == 1
         assert json.loads(request.payload) == {"deviceName": "orchard-17", "provisionDeviceKey": KEY,
                                                "provisionDeviceSecret": SECRET}
-        assert not [p for p in peer.packets if p.name == "SUBSCRIBE"]  # pre-3.9 servers never answer one
+        # Pre-3.9 servers never answer a SUBSCRIBE in a provisioning session.
+        assert not [p for p in peer.packets if p.name == "SUBSCRIBE" and p.conn == first[0].conn]
+        session = [p for p in peer.packets if p.conn == first[1].conn]
+        assert [(p.name, p.topic) for p in session[:5]] == [
+            ("CONNECT", None), ("SUBSCRIBE", None), ("PUBLISH", "v1/devices/me/attributes"),
+            ("PUBLISH", "v1/devices/me/attributes/request/1"), ("PUBLISH", "v1/devices/me/telemetry")]
+        assert session[1].filters == [("v1/devices/me/attributes", 1), ("v1/devices/me/rpc/request/+", 1)]
+        assert set(json.loads(session[2].payload)) == {"firmware", "board", "micropython"}
         assert board.credentials["token"] == TOKEN
         telemetry = [json.loads(t) for t in peer.telemetry]
         assert len(telemetry) >= 3
@@ -81,13 +88,15 @@ def test_revoked_token_is_set_aside_and_the_board_provisions_again(tmp_path: Pat
     new = "N3wT0kenA1b2C3d4E5f6"
     peer = MqttPeer(provision_answer=ACCESS_TOKEN_ANSWER % TOKEN.encode(), tokens={TOKEN})
     # Revoking closes the live session as ThingsBoard does for a deleted device: the next publish is refused.
-    peer.reject_telemetry = lambda payload: TOKEN not in peer.tokens
+    revoked = []
+    peer.reject_telemetry = lambda payload: bool(revoked) and revoked.pop()
     with peer:
         board = FirmwareBoard(tmp_path / "b", config(peer))
         with board.boot(retry_ms=50) as run:
             run.wait_for("telemetry 2 sent")
             peer.provision_answer = ACCESS_TOKEN_ANSWER % new.encode()
             peer.tokens = {new}
+            revoked.append(True)
             run.wait_for(r"refused the credentials \(5 not authorized\), 3 in a row", timeout=20)
             run.wait_for("provisioned orchard-17", timeout=20)
             run.wait_for("connected to", timeout=20)

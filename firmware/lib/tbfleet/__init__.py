@@ -1,8 +1,11 @@
-# What every phase of the firmware shares: giving a module's RAM back once its work is done, and the kinds of
+# tbfleet: import it and make a tbfleet.Device (README.md, "Your own application"). Also what every phase of the
+# firmware shares: giving a module's RAM back once its work is done, and the kinds of
 # failure every transport raises, so that the application acts on the kind, not on the protocol. (Here rather than
 # in a module of their own: each module costs RAM for as long as it is loaded, and these always are.)
 import gc
 import sys
+
+__version__ = "0.2.0"
 
 
 def unload(*names):
@@ -34,3 +37,6 @@ class Rejected(Exception):
     # The server took the request but refused its content (HTTP 413/500, CoAP 4.00/5.00, MQTT close on publish).
     # args: (code, reason)
     pass
+
+
+from tbfleet.app import Device  # noqa: E402 - app uses the names above

@@ -1,16 +1,23 @@
-# The device's life: load the config and the saved credentials, provision when there are none, connect, send
-# telemetry every interval, and act on each kind of failure.
+# The board's life as a library: tbfleet.Device loads config.json and the saved credentials, provisions when there
+# are none, connects, sends telemetry (the built-in sensors' values joined by the user's) every interval, answers
+# server-side RPC and hands shared attributes to the user's callbacks. The failure policy is in its on_* methods and
+# retry_ms, which a subclass may override.
 import gc
-import random
+import json
 import sys
 import time
 
-from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, log, unload
+from micropython import const
+
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, __version__, log, unload
 
 # Module attributes rather than const() so that tests can shorten them.
 RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with jitter
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
+SETTINGS = "settings.json"  # what ThingsBoard set that outlives a reboot: the telemetry interval
+_LISTEN_MS = const(1000)  # the longest single wait for the server between messages
+_MAX_INTERVAL = const(604800)  # the telemetry_interval range config.json allows, for the shared attribute too
 
 
 def _imported_since(loaded):
@@ -18,47 +25,41 @@ def _imported_since(loaded):
     return [n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded]
 
 
-def _step(name, fn, *args):
-    # tbfleet.<name>.<fn>(*args), with that module and whatever it imports loaded only for the call. A module bound
-    # to a local of a long-running frame would stay alive (with everything it imported) until that frame returns.
-    loaded = list(sys.modules)
-    # Module names are built at run time: a literal one would intern every transport's name on every board.
-    name = "tbfleet." + name
-    try:
-        __import__(name)
-        return getattr(sys.modules[name], fn)(*args)
-    finally:
-        unload(*_imported_since(loaded))
+def unload_onboarding():
+    # The one place the onboarding modules go, as a group: while onboarding they are loaded step by step, and
+    # the transport's exchange and the telemetry loop need their RAM.
+    unload("onboard", "store", "provision")
 
 
-def _onboard(device, cfg):
-    # (credentials, unsaved, wait long): the saved ones, else one provisioning exchange over the device's link.
-    # onboard is unloaded during the exchange and the link (with its transport) dropped after it, so that the
-    # transport shares RAM with neither onboard nor provision nor store.
-    creds = _step("onboard", "saved", cfg)
-    if creds is not None:
-        return creds, False, False
-    request = _step("onboard", "request", cfg)
-    body = error = None
-    try:
-        body = device.get_link().provision(request)
-    except (NoAnswer, BadAnswer) as e:
-        error = e
-    finally:
-        # A link this device made goes, with the modules it imported, so that parsing and saving the answer get
-        # the transport's RAM; get_link makes it again to connect. A link passed in is not the device's to drop.
-        if device.link is not None:
-            device.link.close()
-            if device.link_modules is not None:
-                device.link = None
-                unload(*device.link_modules)
-    return _step("onboard", "settle", body, error, cfg)
+def _text(e):
+    return "%s: %s" % (type(e).__name__, e)
+
+
+def _about():
+    # What the board publishes as client attributes at each connect, and the start of the status RPC's answer.
+    impl = sys.implementation
+    return {"firmware": __version__, "board": impl._machine, "micropython": "%d.%d.%d" % impl.version[:3]}
 
 
 class Device:
-    # The loop's state across reconnects: messages sent, refusals in a row, the retry delay.
-    def __init__(self, cfg, link=None):
-        self.cfg = cfg
+    # config: the path of config.json, or a tbfleet.config.Config already loaded. link: a transport link to use
+    # instead of the configured one (tests). A bad config raises config.ConfigError naming the field.
+    def __init__(self, config="config.json", link=None):
+        # A collection after every 512 bytes allocated: left to run only when the heap is full, garbage lies between
+        # the blocks that stay, and a module loaded later finds no room large enough (the lifecycle needs 0.8-2.3 KB
+        # more heap without it; one collection of a 24 KB heap takes about 12 us on the Unix port).
+        gc.threshold(512)
+        if type(config) is str:
+            from tbfleet import config as loader
+
+            try:
+                config = loader.load(config)
+            finally:
+                del loader
+                unload("config", "board")
+        self.cfg = config
+        self.app = config.app  # config.json's "app" object: the user's own settings
+        log.level = ("debug", "info", "warn", "error").index(config.log_level)
         self.link = link  # made on first use: a board with saved credentials checks them before the transport loads
         self.link_modules = None  # what making the link imported; None for a link passed in
         self.delay_ms = RETRY_FIRST_MS  # the next retry's wait; doubles per failure up to RETRY_CAP_MS
@@ -68,109 +69,391 @@ class Device:
         self.sent = 0
         self.creds = None  # kept in RAM once known, so reconnects touch neither flash nor provisioning
         self.unsaved = False  # creds came from config.json: saved once the server accepts them
+        self.last_error = None
+        self.connected = False
+        self.interval = config.telemetry_interval
+        try:
+            with open(SETTINGS) as f:
+                self.interval = json.load(f)["telemetry_interval"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none saved (or unreadable): config.json's
+        self.next_at = time.ticks_ms()  # when the next telemetry message is due
+        self.readers = []
+        self.handlers = {"status": self.status}
+        self.watchers = []
+        self.rssi = None
+
+    # -- the public API ----------------------------------------------------------------------------------------------
+
+    def telemetry(self, fn):
+        # Decorator: fn() returns a dict of values that joins each telemetry message.
+        self.readers.append(fn)
+        return fn
+
+    def rpc(self, method):
+        # Decorator factory: the function answers server-side RPC `method`; it takes the params, returns the reply.
+        def register(fn):
+            self.handlers[method] = fn
+            return fn
+
+        return register
+
+    def attributes(self, fn):
+        # Decorator: fn(changed) gets the current shared attributes after each connect, then every change
+        # ({"key": value, ...}, or {"deleted": [keys]}).
+        self.watchers.append(fn)
+        return fn
+
+    def send(self, values):
+        # One telemetry message of these values now; NoAnswer when not connected.
+        if not self.connected:
+            raise NoAnswer("not connected")
+        self.link.send_telemetry(self.payload(values))
+        self.sent += 1
+        self._dispatch()
+
+    def run(self, max_messages=None):
+        # Provision when needed, connect, send and listen for ever (max_messages: return once that many were sent,
+        # with their count). Anything unexpected goes to on_error.
+        try:
+            while True:
+                wait_ms = self.attempt(max_messages)
+                if wait_ms is None:
+                    return self.sent
+                log.info("retrying in %d ms", wait_ms)
+                time.sleep_ms(wait_ms)
+        except Exception as e:  # noqa: BLE001 - a board must come back by itself, whatever went wrong
+            self.on_error(e)
+
+    def status(self, params=None):
+        # The built-in RPC "status": what a person diagnosing the board asks first.
+        import machine
+
+        reply = _about()
+        reply["uptime"] = self.uptime_ms() // 1000
+        reply["free_heap"] = gc.mem_free()
+        reply["rssi"] = self.rssi() if self.rssi else None
+        # machine.reset_cause()'s number (machine.PWRON_RESET ...); the Unix port has none.
+        reply["reset_cause"] = machine.reset_cause() if hasattr(machine, "reset_cause") else None
+        reply["last_error"] = self.last_error
+        return reply
+
+    # -- the failure policy: override in a subclass to change it ------------------------------------------------------
+
+    def retry_ms(self):
+        # The wait before the next attempt: between half and all of the current delay, so that a fleet that lost
+        # its server does not return in step; the delay doubles per failure.
+        delay = self.delay_ms
+        self.delay_ms = min(delay * 2, RETRY_CAP_MS)
+        half = delay // 2
+        import random
+
+        return half + random.getrandbits(20) % (half + 1)
+
+    def on_provisioning_failed(self, status, message):
+        # Provisioning gave no credentials. status: NOT_FOUND, FAILURE, NO_ANSWER, BAD_ANSWER (or another status
+        # the server sent); returns the ms to wait before provisioning again.
+        if status == "NOT_FOUND":
+            log.error("provisioning refused (NOT_FOUND: %s): check provision_key, provision_secret, the profile",
+                      message)
+            return LONG_WAIT_MS
+        if status == "FAILURE":
+            log.error("provisioning failed (FAILURE: %s): %s already exists or is not pre-provisioned", message,
+                      self.cfg.device_name)
+            return LONG_WAIT_MS
+        log.warn("provisioning got %s: %s", status, message)
+        return self.retry_ms()
+
+    def on_refused(self, error, refusals):
+        # The server refused the credentials (error: Refused), `refusals` times in a row. True forgets them:
+        # config.json's at once, saved ones (set aside, so that the next attempt provisions again) after 3, as one
+        # refusal may be the server's passing state.
+        log.warn("server refused the credentials (%s %s), %d in a row", error.args[0], error.args[1], refusals)
+        if self.unsaved:
+            log.error("the server refused the credentials in config.json too: fix them or delete %s on the server",
+                      self.cfg.device_name)
+            return True
+        return refusals >= 3
+
+    def on_error(self, error):
+        # What run does with an exception nothing else handled: log it; reset a board that can, raise elsewhere.
+        log.error("unexpected %s", _text(error))
+        from tbfleet import board
+
+        if not board.can_reset():
+            raise error
+        time.sleep_ms(RETRY_FIRST_MS * 10)
+        board.reset()
+
+    # -- the core ----------------------------------------------------------------------------------------------------
 
     def get_link(self):
         if self.link is None:
             loaded = list(sys.modules)
             # Only the configured transport is imported: a board that speaks MQTT never loads HTTP or CoAP.
-            name = "tbfleet.via_" + self.cfg.transport
-            __import__(name)
-            self.link = sys.modules[name].Link(self.cfg)
+            transport = self.cfg.transport
+            if transport == "mqtt":
+                from tbfleet import via_mqtt as via
+            elif transport == "http":
+                from tbfleet import via_http as via
+            else:
+                from tbfleet import via_coap as via
+            self.link = via.Link(self.cfg)
             self.link_modules = _imported_since(loaded)
         return self.link
 
+    def onboard(self):
+        # Sets self.creds: the saved ones, else from one provisioning exchange over the device's link. Returns None,
+        # or the ms to wait when there are none. The link is dropped (with its modules) after the exchange, so that
+        # the transport shares RAM with none of the onboarding modules.
+        cfg = self.cfg
+        from tbfleet import onboard
+
+        try:
+            creds = onboard.saved(cfg)
+            request = None if creds else onboard.request(cfg)
+        finally:
+            del onboard
+            unload_onboarding()
+        if creds:
+            self.creds = creds
+            return None
+        body = error = None
+        try:
+            body = self.get_link().provision(request)
+        except (NoAnswer, BadAnswer) as e:
+            error = e
+        finally:
+            self.drop_link()
+        from tbfleet import onboard
+
+        try:
+            status, creds, message = onboard.outcome(body, error, cfg)
+            if status == "SUCCESS":
+                log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
+                creds = onboard.keep(creds, cfg)
+        finally:
+            del onboard
+            unload_onboarding()
+        if status == "SUCCESS":
+            self.creds = creds
+            return None
+        if status == "FAILURE" and creds:
+            # The device exists already: the credentials config.json gives may be the ones it has.
+            log.warn("provisioning answered FAILURE (%s): trying config.json's credentials", message)
+            self.creds = creds
+            self.unsaved = True
+            return None
+        return self.on_provisioning_failed(status, message)
+
+    def drop_link(self):
+        # Closes the link; one this device made goes, with the modules it imported (made again to connect). A link
+        # passed in is not the device's to drop.
+        if self.link is not None:
+            self.link.close()
+            if self.link_modules is not None:
+                self.link = None
+                unload(*self.link_modules)
+
     def accepted(self):
-        # Called on the first telemetry a connection sent: the proof that the credentials work (HTTP and CoAP have
-        # no connect step).
+        # Called once a connection's first telemetry went through: the proof that the credentials work (HTTP and
+        # CoAP have no connect step).
         if self.unsaved:
-            _step("onboard", "keep", self.creds, self.cfg)
+            from tbfleet import onboard
+
+            try:
+                self.creds = onboard.keep(self.creds, self.cfg)
+            finally:
+                del onboard
+                unload_onboarding()
             self.unsaved = False
         self.delay_ms = RETRY_FIRST_MS
         self.refusals = 0
 
-    def retry_ms(self):
-        # Between half and all of the current delay, so that a fleet that lost its server does not return in step.
-        delay = self.delay_ms
-        self.delay_ms = min(delay * 2, RETRY_CAP_MS)
-        half = delay // 2
-        return half + random.getrandbits(20) % (half + 1)
-
     def attempt(self, max_messages):
-        # One pass: credentials (saved or provisioned), connect, send. Returns ms to wait before the next pass,
-        # or None when max_messages were sent.
+        # One pass: credentials (saved or provisioned), connect, send and listen. Returns the ms to wait before the
+        # next pass, or None when max_messages were sent.
         cfg = self.cfg
         try:
             if cfg.wifi_ssid:
                 # Wi-Fi and the clock; a joined Wi-Fi stays joined, as the interface belongs to the network module.
-                _step("net", "up", cfg)
-            if self.creds is None:
-                creds, self.unsaved, wait_long = _onboard(self, cfg)
-                if creds is None:
-                    return LONG_WAIT_MS if wait_long else self.retry_ms()
-                self.creds = creds
-            self.get_link().open(self.creds)
-            log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
-            # telemetry is imported only now: while onboarding, its RAM is better spent on store and provision.
-            from tbfleet import telemetry
+                from tbfleet import net
 
-            telemetry.send(self, max_messages)
+                try:
+                    net.up(cfg)
+                finally:
+                    del net
+                    unload("net")
+            if self.creds is None:
+                wait_ms = self.onboard()
+                if wait_ms is not None:
+                    return wait_ms
+            self.serve(max_messages)
             return None
         except Refused as e:
             self.refusals += 1
-            # What to do about refused credentials is onboard's, loaded only when it happens.
-            if _step("onboard", "refused", cfg, e, self.refusals, self.unsaved):
+            self.last_error = _text(e)
+            if self.on_refused(e, self.refusals):
+                if not self.unsaved:
+                    from tbfleet import onboard
+
+                    try:
+                        onboard.discard("refused %d times in a row" % self.refusals)
+                    finally:
+                        del onboard
+                        unload_onboarding()
                 self.creds = None
                 self.refusals = 0
                 if self.unsaved:
+                    self.unsaved = False
                     return LONG_WAIT_MS  # config.json's own: a person has to act
         except (OSError, BadAnswer, Rejected) as e:  # NoAnswer is an OSError
-            log.warn("%s: %s", type(e).__name__, e)
+            self.last_error = _text(e)
+            log.warn("%s", self.last_error)
         finally:
+            self.connected = False
             if self.link:
                 self.link.close()
         return self.retry_ms()
 
+    def serve(self, max_messages):
+        # Connects (the client attributes, the request for the shared ones and the first telemetry go with it),
+        # then sends every interval and handles what the server sends in between, until max_messages were sent.
+        cfg = self.cfg
+        # telemetry is imported only now: while onboarding, its RAM is better spent on store and provision.
+        from tbfleet import telemetry
 
-def run(cfg, max_messages=None, link=None):
-    # The device loop; returns the number of telemetry messages sent once max_messages were sent.
-    device = Device(cfg, link)
-    while True:
-        wait_ms = device.attempt(max_messages)
-        if wait_ms is None:
-            return device.sent
-        log.info("retrying in %d ms", wait_ms)
-        time.sleep_ms(wait_ms)
+        if "rssi" in cfg.sensors and cfg.wifi_ssid:
+            from tbfleet import net
+
+            # net stays loaded while sending only on a board with Wi-Fi; elsewhere it is not kept at all.
+            if net.has_wifi():
+                self.rssi = net.rssi
+            else:
+                unload("net")
+            del net  # a local would keep the module alive for the whole loop
+        link = self.get_link()
+        hello = json.dumps(_about()).encode()
+        self.next_at = time.ticks_add(time.ticks_ms(), int(self.interval * 1000))
+        link.open(self.creds, hello, self.payload(self.reading(telemetry)))
+        self.connected = True
+        self.sent += 1
+        log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
+        log.info("telemetry %d sent", self.sent)
+        self.accepted()
+        self._dispatch()
+        while max_messages is None or self.sent < max_messages:
+            left = time.ticks_diff(self.next_at, time.ticks_ms())
+            if left > 0:
+                link.listen(min(left, _LISTEN_MS))
+                self._dispatch()
+                continue
+            # Behind schedule, the next message goes now, without catching up.
+            self.next_at = time.ticks_add(time.ticks_ms(), int(self.interval * 1000))
+            self.send(self.reading(telemetry))
+            log.info("telemetry %d sent", self.sent)
+
+    def reading(self, telemetry):
+        # The built-in sensors' values joined by every @telemetry function's; one that raises is logged and left out.
+        values = telemetry.read(self, self.rssi)
+        for fn in self.readers:
+            try:
+                values.update(fn())
+            except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
+                log.error("telemetry %s: %s", fn.__name__, _text(e))
+        return values
+
+    def payload(self, values):
+        # {"ts": ms since 1970, "values": values}; without ts (clock unset) the server stamps the message on arrival.
+        from tbfleet import telemetry
+
+        ts = telemetry.now_ms(time.gmtime(0)[0])
+        return json.dumps(values if ts is None else {"ts": ts, "values": values}).encode()
+
+    def uptime_ms(self):
+        # Summed from tick differences: ticks_ms wraps (about 12.4 days on ESP32), so no single reading is trusted.
+        now = time.ticks_ms()
+        self.up_ms += time.ticks_diff(now, self.ticked)
+        self.ticked = now
+        return self.up_ms
+
+    def _dispatch(self):
+        # Hands what the link received to the handlers: an RPC's reply goes back at once.
+        events = self.link.events
+        while events:
+            kind, rid, body = events.pop(0)
+            try:
+                data = json.loads(body)
+                if kind == "rpc":
+                    self._answer(data["id"] if rid is None else rid, data)
+                else:
+                    if kind == "current":  # {"client": {...}, "shared": {...}}: the shared ones are ours
+                        data = data.get("shared", {})
+                    self._changed(data)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                log.warn("bad %s from the server: %s", kind, _text(e))
+
+    def _answer(self, rid, request):
+        method = request.get("method")
+        handler = self.handlers.get(method)
+        if handler is None:
+            reply = {"error": "no handler for method %s" % method}
+        else:
+            try:
+                reply = json.dumps(handler(request.get("params")))
+            except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
+                log.error("rpc %s: %s", method, _text(e))
+                reply = {"error": _text(e)}
+        if type(reply) is dict:
+            reply = json.dumps(reply)
+        self.link.reply(rid, reply.encode())
+
+    def _changed(self, values):
+        # Shared attributes changed (or arrived after a connect): the built-in interval first, then the callbacks.
+        if "telemetry_interval" in values:
+            self._set_interval(values["telemetry_interval"])
+        elif "telemetry_interval" in values.get("deleted", ()):
+            self._set_interval(None)
+        for fn in self.watchers:
+            try:
+                fn(values)
+            except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
+                log.error("attributes %s: %s", fn.__name__, _text(e))
+
+    def _set_interval(self, seconds):
+        # The shared attribute telemetry_interval: takes effect at once and is saved for the next boot; deleted
+        # (None), config.json's interval again.
+        if seconds is None:
+            seconds = self.cfg.telemetry_interval
+        elif type(seconds) not in (int, float) or not 0 <= seconds <= _MAX_INTERVAL:
+            log.warn("telemetry_interval %r ignored: not a number in 0..%d", seconds, _MAX_INTERVAL)
+            return
+        if seconds == self.interval:
+            return
+        # Due counted from the last message, as if the new interval had been there all along.
+        self.next_at = time.ticks_add(self.next_at, int((seconds - self.interval) * 1000))
+        self.interval = seconds
+        log.info("telemetry interval %s s", seconds)
+        with open(SETTINGS, "w") as f:
+            json.dump({"telemetry_interval": seconds}, f)
 
 
 def main(path="config.json", max_messages=None):
-    # Entry point of main.py (max_messages: stop after that many, for benchmarks). A bad config stops here with
-    # one message; it is not retried.
-    # A collection after every 512 bytes allocated: left to run only when the heap is full, garbage lies between
-    # the blocks that stay, and a module loaded later finds no room large enough (the lifecycle needs 0.8-2.3 KB
-    # more heap without it; one collection of a 24 KB heap takes about 12 us on the Unix port).
-    gc.threshold(512)
+    # The stock application (what firmware/main.py runs), and the benchmark's boots (max_messages: stop after that
+    # many). A bad config stops here with one message and exit code 2; it is not retried.
     loaded = list(sys.modules)
     from tbfleet import config
 
     try:
-        cfg = config.load(path)
+        device = Device(path)
     except config.ConfigError as e:
         log.error("%s", e)
         return 2
     finally:
         del config
         unload("config", "board")
-    log.level = ("debug", "info", "warn", "error").index(cfg.log_level)
     try:
-        run(cfg, max_messages)
-    except Exception as e:  # noqa: BLE001 - a board must come back by itself, whatever went wrong
-        log.error("unexpected %s: %s", type(e).__name__, e)
-        from tbfleet import board
-
-        if not board.can_reset():
-            raise
-        time.sleep_ms(RETRY_FIRST_MS * 10)
-        board.reset()
+        device.run(max_messages)
     finally:
         # What the run imported (transport, telemetry) goes when main returns, so that calling main again starts
         # from the heap a reboot would give, not from one fragmented by the last run.

@@ -15,6 +15,7 @@ _INTEGER = const(3)  # an integer in a range
 _NUMBER = const(4)  # a number in a range
 _CHOICE = const(5)  # one of ... (of the same type)
 _LIST = const(6)  # a list of SENSORS
+_OBJECT = const(7)  # a JSON object, free-form: the user's own settings
 
 
 class ConfigError(ValueError):
@@ -57,19 +58,35 @@ def validate(data):
     # A Config with every field set (null or "" leaves a field at its default; device_name expanded).
     if type(data) is not dict:
         raise ConfigError(None, "not a JSON object")
-    # [name, default, kind, ...] in the order checked; kind is one of the numbers above, followed by what it takes:
+    # (name, default, kind, ...) in the order checked; kind is one of the numbers above, followed by what it takes:
     # for text or a file, optionally a field it is used only with (a password only with a username: the server
     # refuses a client id with a password alone); for a number the lowest and highest allowed; for a choice the
-    # values allowed. JSON text rather than a literal table: while config is loaded only this one string takes RAM,
-    # and the table itself only while it is in use.
-    fields = json.loads(
-        '[["host",null,0],["transport","mqtt",5,"mqtt","http","coap"],["tls",false,5,false,true],'
-        '["port",null,3,1,65535],["ca_file",null,2,"tls"],["provision_key",null,0],["provision_secret",null,0],'
-        '["device_name","esp32-{uid}",0],["credentials_type",null,5,"ACCESS_TOKEN","MQTT_BASIC","X509_CERTIFICATE"],'
-        '["token",null,1],["client_id",null,1],["username",null,1],["password",null,1,"username"],["cert_file",null,2],'
-        '["key_file",null,2],["telemetry_interval",60,4,0,604800],["qos",1,3,0,1],["timeout",10,4,0.1,300],'
-        '["keepalive",60,3,0,65535],["sensors",["uptime","free_heap","rssi","mcu_temp"],6],["wifi_ssid",null,1],'
-        '["wifi_password",null,1,"wifi_ssid"],["log_level","info",5,"debug","info","warn","error"]]'
+    # values allowed. Built here, not at module level: it takes RAM only while a config is checked.
+    fields = (
+        ("host", None, _REQUIRED),
+        ("transport", "mqtt", _CHOICE, "mqtt", "http", "coap"),
+        ("tls", False, _CHOICE, False, True),
+        ("port", None, _INTEGER, 1, 65535),
+        ("ca_file", None, _FILE, "tls"),
+        ("provision_key", None, _REQUIRED),
+        ("provision_secret", None, _REQUIRED),
+        ("device_name", "esp32-{uid}", _REQUIRED),
+        ("credentials_type", None, _CHOICE, "ACCESS_TOKEN", "MQTT_BASIC", "X509_CERTIFICATE"),
+        ("token", None, _TEXT),
+        ("client_id", None, _TEXT),
+        ("username", None, _TEXT),
+        ("password", None, _TEXT, "username"),
+        ("cert_file", None, _FILE),
+        ("key_file", None, _FILE),
+        ("telemetry_interval", 60, _NUMBER, 0, 604800),
+        ("qos", 1, _INTEGER, 0, 1),
+        ("timeout", 10, _NUMBER, 0.1, 300),
+        ("keepalive", 60, _INTEGER, 0, 65535),
+        ("sensors", ["uptime", "free_heap", "rssi", "mcu_temp"], _LIST),
+        ("wifi_ssid", None, _TEXT),
+        ("wifi_password", None, _TEXT, "wifi_ssid"),
+        ("log_level", "info", _CHOICE, "debug", "info", "warn", "error"),
+        ("app", {}, _OBJECT),
     )
     cfg = Config()
     rest = dict(data)
@@ -107,6 +124,9 @@ def validate(data):
                 raise ConfigError(name, "must be an integer" if kind == _INTEGER else "must be a number")
             if not allowed[0] <= value <= allowed[1]:
                 raise ConfigError(name, "must be in %g..%g" % tuple(allowed))
+        elif kind == _OBJECT:
+            if type(value) is not dict:
+                raise ConfigError(name, "must be a JSON object")
         else:
             if kind == _LIST:
                 if type(value) is not list:

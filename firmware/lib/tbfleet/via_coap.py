@@ -18,6 +18,7 @@ _RX = const(1152)  # largest datagram taken: ThingsBoard keeps payloads within 1
 # Telemetry answers carry nothing we use past an error's first 60 bytes. recv allocates its whole size for every
 # datagram: a small one keeps the sending loop from needing a 1152-byte hole in the heap each message.
 _RX_TELEMETRY = const(128)
+_GET = const(1)
 _POST = const(2)
 _JSON = const(50)  # Content-Format application/json
 _CREATED = const(65)  # 2.01
@@ -26,6 +27,7 @@ _CHANGED = const(68)  # 2.04
 _CONTENT = const(69)  # 2.05
 _BAD_REQUEST = const(128)  # 4.00
 _UNAUTHORIZED = const(129)  # 4.01
+_NOT_FOUND = const(132)  # 4.04
 
 
 def _why(code, body):
@@ -57,23 +59,45 @@ class Link:
             return body
         raise BadAnswer("provisioning answered %d: %s" % _why(code, body))
 
-    def open(self, creds):
+    def open(self, creds, hello, first):
+        # Sends hello (client attributes, JSON bytes), fetches the current shared attributes (an event "current"
+        # for tbfleet.Device) and sends the first telemetry.
         # Only ACCESS_TOKEN credentials hold a token: CoAP has no other way to authenticate without DTLS.
         if not creds.get("token"):
             raise ValueError("%s credentials without a token" % creds.get("type"))
         # Uri-Path options carry raw segments: the token needs no escaping
-        self._path = ("api", "v1", creds["token"], "telemetry")
+        self._path = ("api", "v1", creds["token"])
+        self.events = []
+        self.post("attributes", hello)
+        code, body = self.request(_GET, self._path + ("attributes",))
+        if code == _CONTENT:
+            self.events.append(("current", None, body))
+        elif code != _NOT_FOUND:  # 4.04: no attributes at all
+            self.check(code, body)
+        self.send_telemetry(first)
 
-    def send_telemetry(self, payload):
-        if self._path is None:
-            raise ValueError("not open")
-        code, body = self.request(_POST, self._path, payload, _JSON, (), _RX_TELEMETRY)
+    def check(self, code, body):
         # 2.01 today; 2.03 (3.2, 3.2.1) and 2.04 from older servers
         if code == _CREATED or code == _VALID or code == _CHANGED:
             return
         if code == _UNAUTHORIZED:
             raise Refused(401, "unauthorized")
         raise Rejected(*_why(code, body))
+
+    def post(self, feature, payload):
+        if self._path is None:
+            raise ValueError("not open")
+        self.check(*self.request(_POST, self._path + (feature,), payload, _JSON, (), _RX_TELEMETRY))
+
+    def send_telemetry(self, payload):
+        self.post("telemetry", payload)
+
+    def reply(self, rid, payload):
+        # The reply to server-side RPC rid.
+        self.post("rpc/%d" % rid, payload)
+
+    def listen(self, ms):
+        time.sleep_ms(ms)
 
     def close(self):
         self._path = None

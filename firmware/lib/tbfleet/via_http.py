@@ -2,6 +2,8 @@
 # one request per connection (Connection: close), TLS through an ssl.SSLContext, and one deadline that bounds every
 # wait of the exchange (the frozen requests module has neither). Client and adapter are one module, and one function
 # does the whole exchange: on a board every module, class and function costs heap, a long function does not.
+import time
+
 from micropython import const
 
 from tbfleet import BadAnswer, Refused, Rejected, tcp
@@ -148,7 +150,9 @@ class Link:
             raise BadAnswer("provisioning got HTTP %d: %r" % (status, body[:60]))
         return body
 
-    def open(self, creds):
+    def open(self, creds, hello, first):
+        # Sends hello (client attributes, JSON bytes), fetches the current shared attributes (an event "current"
+        # for tbfleet.Device) and sends the first telemetry.
         token = creds.get("token")  # only an ACCESS_TOKEN record has one
         if not token:
             raise ValueError("HTTP needs a token; %s has none" % creds.get("type"))
@@ -159,14 +163,23 @@ class Link:
                 path += chr(c)
             else:
                 path += "%%%02X" % c
-        self.path = path + "/telemetry"
+        self.path = path
+        self.events = []
+        self.post("/attributes", hello)
+        status, body = self.exchange("GET", "/attributes", None)
+        self.check(status, body)
+        self.events.append(("current", None, body))
+        self.send_telemetry(first)
 
-    def send_telemetry(self, payload):
+    def exchange(self, method, feature, body):
+        # (status, body) of one request to this device's path + feature.
         if self.path is None:
             raise ValueError("HTTP link not opened")
         cfg = self.cfg
-        status, body = request("POST", cfg.host, cfg.port, self.path, payload, self.ctx,
-                               int(cfg.timeout * 1000), self.buf)
+        return request(method, cfg.host, cfg.port, self.path + feature, body, self.ctx, int(cfg.timeout * 1000),
+                       self.buf)
+
+    def check(self, status, body):
         if status == 401:
             raise Refused(401, "unauthorized")
         if status != 200:
@@ -176,6 +189,19 @@ class Link:
             except UnicodeError:
                 text = ""
             raise Rejected(status, text or "HTTP %d" % status)
+
+    def post(self, feature, payload):
+        self.check(*self.exchange("POST", feature, payload))
+
+    def send_telemetry(self, payload):
+        self.post("/telemetry", payload)
+
+    def reply(self, rid, payload):
+        # The reply to server-side RPC rid.
+        self.post("/rpc/%d" % rid, payload)
+
+    def listen(self, ms):
+        time.sleep_ms(ms)
 
     def close(self):
         self.path = None

@@ -32,6 +32,7 @@ _FROM_SERVER = const(0x2A1C)
 
 _MAX_REMAINING = const(268435455)  # the largest remaining length four bytes can carry
 _MAX_IN = const(16384)  # incoming packets above this are refused rather than allocated
+_MAX_EVENTS = const(8)  # pushes and RPCs held for the device at most; more are acknowledged and dropped
 
 
 class Link:
@@ -45,11 +46,14 @@ class Link:
         self.sock = None
         self.pid = 0  # the last packet id used
         self.buf = bytearray(64)  # every packet in and out; grows only when a bigger one comes
+        self.out = 0  # bytes of packets put in buf and not sent yet
+        self.events = []  # (kind, RPC id, payload) of what the server sent, for tbfleet.Device: see on_message
 
-    def connect(self, client_id, username, password, client_cert):
+    def connect(self, client_id, username, password, client_cert, then=()):
         # Opens the connection (TLS when cfg.tls, with the client certificate when client_cert) and sends CONNECT
-        # (clean session); Refused on a CONNACK refusal. None leaves a user name or password out, "" is sent as an
-        # empty one. Every argument is required: default values cost a tuple in RAM per function.
+        # (clean session) with the packets in `then` (send's data lists) in the same write, without waiting for the
+        # CONNACK (MQTT 3.1.1 section 3.1.4 allows it); Refused on a CONNACK refusal. None leaves a user name or
+        # password out, "" is sent as an empty one.
         if password is not None and username is None:
             raise ValueError("password without user name")
         cfg = self.cfg
@@ -71,7 +75,10 @@ class Link:
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN)
         try:
-            self.send(data, at)
+            self.put(data)
+            for packet in then:
+                self.put(packet)
+            self.flush(at)
             n = self.wait(at, _T_CONNACK)
             code = self.buf[1]
             if n != 2 or code > 5:
@@ -106,13 +113,17 @@ class Link:
         if not 0 <= qos <= 1:
             raise ValueError("bad qos %r" % qos)
         at = tcp.deadline(self.ms)
+        self.send(self.packet(topic, payload, qos), at)
+        if qos:
+            self.wait(at, _T_PUBACK, self.pid)
+
+    def packet(self, topic, payload, qos):
+        # A PUBLISH as send takes it; at QoS 1 with the next packet id (self.pid).
         data = [_PUBLISH | qos << 1, topic, payload]
         if qos:
             self.pid = pid = self.pid % 65535 + 1
             data.insert(2, pid.to_bytes(2, "big"))
-        self.send(data, at)
-        if qos:
-            self.wait(at, _T_PUBACK, pid)
+        return data
 
     def subscribe(self, filters):
         # filters: a list of (topic filter, qos); returns the granted QoS codes. A refused filter (0x80) raises
@@ -134,6 +145,12 @@ class Link:
         if 0x80 in granted:
             raise Rejected(0x80, filters[granted.index(0x80)][0])
         return granted
+
+    def listen(self, ms):
+        # Waits up to ms for the server, then handles what came (as poll does).
+        if self.sock is not None:
+            self.poller.poll(ms)
+        self.poll()
 
     def poll(self):
         # Call between sends: handles every packet that has arrived. Once half the keep-alive passed without a
@@ -219,10 +236,18 @@ class Link:
                 return 0
 
     def send(self, data, at):
-        # Sends one packet, built whole in self.buf and written in one go. data: a list of its first byte (type
-        # and flags), then the parts that follow the remaining length: bytes-like as they are, str as an MQTT
-        # string (2-byte length, UTF-8), checked before anything is sent. A failed write closes the connection
-        # (part of a packet may be out). With `at` None the packet is only built.
+        # Sends one packet, built whole in self.buf and written in one go (see put). With `at` None the packet is
+        # only built.
+        self.put(data)
+        if at is None:
+            self.out = 0
+        else:
+            self.flush(at)
+
+    def put(self, data):
+        # Builds one packet in self.buf behind those not sent yet. data: a list of its first byte (type and flags),
+        # then the parts that follow the remaining length: bytes-like as they are, str as an MQTT string (2-byte
+        # length, UTF-8), checked before anything is sent.
         n = 0
         for k in range(1, len(data)):
             p = data[k]
@@ -235,10 +260,13 @@ class Link:
         if n > _MAX_REMAINING:
             raise ValueError("too long: %d bytes" % n)
         buf = self.buf
-        if n + 5 > len(buf):
-            buf = self.buf = bytearray(n + 5)
-        buf[0] = data[0]
-        i = 1
+        i = self.out
+        if i + n + 5 > len(buf):
+            self.buf = bytearray(i + n + 5)
+            self.buf[:i] = buf[:i]
+            buf = self.buf
+        buf[i] = data[0]
+        i += 1
         while True:
             buf[i] = n & 0x7F | (0x80 if n > 0x7F else 0)
             i += 1
@@ -249,13 +277,18 @@ class Link:
             p = data[k]
             buf[i : i + len(p)] = p
             i += len(p)
-        if at is None:
-            return
+        self.out = i
+
+    def flush(self, at):
+        # Writes the packets put in self.buf in one go. A failed write closes the connection (part of a packet may
+        # be out).
+        n = self.out
+        self.out = 0
         sock = self.sock
         if sock is None:
             raise NoAnswer("not connected")
         try:
-            tcp.write_all(sock, memoryview(buf)[:i], at)
+            tcp.write_all(sock, memoryview(self.buf)[:n], at)
         except NoAnswer:
             self.close(False)
             raise
@@ -283,28 +316,61 @@ class Link:
             self.close()
 
     def on_message(self, topic, payload):
-        # Only the provisioning answer matters; pushes (shared attributes, RPC) in the device's own session are
-        # acknowledged by the client and dropped.
+        # The provisioning answer, or, in the device's own session, what tbfleet.Device handles once the exchange
+        # under way is over (it may send in reply): a shared attributes push ("attributes"), the answer to our
+        # attribute request ("current") or a server-side RPC ("rpc", with the id from the topic).
         if topic == b"/provision/response":
             self._answer = payload
+            return
+        if topic == b"v1/devices/me/attributes":
+            event = ("attributes", None, payload)
+        elif topic.startswith(b"v1/devices/me/attributes/response/"):
+            event = ("current", None, payload)
+        elif topic.startswith(b"v1/devices/me/rpc/request/"):
+            try:
+                event = ("rpc", int(topic[26:]), payload)
+            except ValueError:
+                return  # not an id ThingsBoard gives: nothing to reply to
+        else:
+            return
+        if len(self.events) < _MAX_EVENTS:
+            self.events.append(event)
 
-    def open(self, creds):
-        # Connects with saved credentials; Refused when the server refuses them. (config refuses the device name
-        # "provision", which would open a provisioning session instead.)
+    def open(self, creds, hello, first):
+        # Connects with saved credentials; Refused when the server refuses them. The SUBSCRIBE to shared attribute
+        # pushes and RPC requests, hello (client attributes, JSON bytes), the request for the current shared
+        # attributes and the first telemetry (JSON bytes) leave with the CONNECT in one write: one round trip to
+        # the first PUBACK. (config refuses the device name "provision", which would open a provisioning session.)
         kind = creds.get("type")
         name = self.cfg.device_name
+        qos = self.cfg.qos
+        self.events = []
+        self.pid = pid = self.pid % 65535 + 1
+        then = [[_SUBSCRIBE, pid.to_bytes(2, "big"), "v1/devices/me/attributes", b"\x01",
+                 "v1/devices/me/rpc/request/+", b"\x01"],
+                self.packet("v1/devices/me/attributes", hello, 0),
+                self.packet("v1/devices/me/attributes/request/1", b"{}", 0),
+                self.packet("v1/devices/me/telemetry", first, qos)]
         if kind == "MQTT_BASIC":
             # Empty means absent: ThingsBoard picks its lookup by which fields are present (reference 3.4).
             self.connect(creds.get("client_id") or "", creds.get("username") or None,
-                         creds.get("password") or None, False)
+                         creds.get("password") or None, False, then)
         elif kind == "ACCESS_TOKEN":
-            self.connect(name, creds["token"], None, False)
+            self.connect(name, creds["token"], None, False, then)
         elif kind == "X509_CERTIFICATE" and self.cfg.tls:
-            self.connect(name, None, None, True)
+            self.connect(name, None, None, True, then)
         else:
             # An unknown type, or X509_CERTIFICATE without TLS: config refuses that pair, but credentials saved
             # under an earlier config may meet it.
             raise ValueError("can't use credentials type %r" % (kind,))
+        if qos:
+            # The SUBACK and the attribute response, when they come first, are taken in passing (ThingsBoard
+            # grants both filters).
+            self.wait(tcp.deadline(self.ms), _T_PUBACK, self.pid)
+
+    def reply(self, rid, payload):
+        # The reply to server-side RPC rid.
+        self.publish("v1/devices/me/rpc/response/%d" % rid, payload, self.cfg.qos)
 
     def send_telemetry(self, payload):
         # ThingsBoard answers a rejected publish (unparsable payload, rate limit, size limit) by closing
