@@ -271,3 +271,37 @@ def test_close_disconnects_once_and_never_raises():
     s2.closed = True  # the socket is already dead: writing raises OSError
     lk.close()
     raises(NoAnswer, lk.poll)
+
+
+def test_rpc_and_push_in_the_middle_of_a_qos1_exchange_wait_for_the_device():
+    # The server sends an RPC and a shared attribute push before the PUBACK: both are acknowledged, the PUBACK still
+    # ends the exchange, and the device gets them afterwards; its reply goes to rpc/response/{id}.
+    rpc = publish(b"v1/devices/me/rpc/request/42", b'{"method":"setRelay","params":{"on":true}}', 0x0101)
+    push = publish(b"v1/devices/me/attributes", b'{"target":22}', 0x0102)
+    s = scripted(OPENED, rpc + push + b"\x40\x02\x00\x03", b"\x40\x02\x00\x04")
+    lk = link(s)
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
+    lk.send_telemetry(TELEMETRY)
+    eq(s.writes[2:], [b"\x40\x02\x01\x01", b"\x40\x02\x01\x02"])
+    eq(lk.events, [("rpc", 42, b'{"method":"setRelay","params":{"on":true}}'), ("attributes", None, b'{"target":22}')])
+    lk.reply(42, b'{"on":true}')
+    eq(s.writes[4], b"\x32\x2c\x00\x1dv1/devices/me/rpc/response/42\x00\x04" + b'{"on":true}')
+
+
+def test_attribute_response_is_the_current_attributes_and_other_topics_are_dropped():
+    s = scripted(CONNACK_OK + publish(b"v1/devices/me/attributes/response/1", b'{"shared":{"a":1}}')
+                 + publish(b"v1/devices/me/rpc/request/x", b"{}") + publish(b"v1/other", b"{}")
+                 + b"\x40\x02\x00\x02")
+    lk = link(s)
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
+    eq(lk.events, [("current", None, b'{"shared":{"a":1}}')])
+
+
+def test_events_beyond_eight_are_acknowledged_and_dropped():
+    pushes = b"".join(publish(b"v1/devices/me/attributes", b'{"n":%d}' % i, 0x0200 + i) for i in range(10))
+    s = scripted(OPENED, pushes + b"\x40\x02\x00\x03")
+    lk = link(s)
+    open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
+    lk.send_telemetry(TELEMETRY)
+    eq(len(lk.events), 8)
+    eq(len(s.writes), 2 + 10)
