@@ -117,14 +117,16 @@ def values(device):
 
 
 def test_net_is_loaded_for_sending_only_when_rssi_is_configured():
+    from tbfleet import session
+
     unload("net")
     dev = device(["uptime", "free_heap"])
-    dev.serve(1)
+    session.serve(dev, 1)
     eq(sorted(values(dev)), ["free_heap", "uptime"])
     assert "tbfleet.net" not in sys.modules
     WLAN(0).joins_after = 0
     WLAN(0).connect("greenhouse", "w1f1-pa55")
     dev = device(["uptime", "rssi"])
-    dev.serve(1)
+    session.serve(dev, 1)
     assert "tbfleet.net" in sys.modules  # a board with Wi-Fi keeps net while sending
     eq(values(dev)["rssi"], -58)

@@ -3,7 +3,7 @@ import json
 import time
 
 from mptest import eq
-from tbfleet import app, config, telemetry
+from tbfleet import app, config, session, telemetry
 
 
 def test_now_ms_is_milliseconds_since_1970():
@@ -54,7 +54,7 @@ def device(**fields):
 def test_payload_shapes():
     # {"ts": ms since 1970, "values": {...}} while the clock is set; the bare values (stamped by the server) before.
     dev = device()
-    first = json.loads(dev.payload({"heap_used": 5}))
+    first = json.loads(session.payload({"heap_used": 5}))
     eq(sorted(first), ["ts", "values"])
     assert abs(first["ts"] - time.time() * 1000) < 2000 and first["values"] == {"heap_used": 5}, first
 
@@ -65,7 +65,7 @@ def test_payload_shapes():
 
     telemetry.time = UnsetClock
     try:
-        eq(json.loads(dev.payload({"heap_used": 5})), {"heap_used": 5})
+        eq(json.loads(session.payload({"heap_used": 5})), {"heap_used": 5})
     finally:
         telemetry.time = time
 
@@ -93,4 +93,4 @@ def test_uptime_counts_from_the_boot():
     # The app starts sending only once connected, but uptime counts from the device's start.
     dev = device(sensors=["uptime"])
     dev.ticked = time.ticks_add(time.ticks_ms(), -7200)
-    eq(dev.reading(telemetry), {"uptime": 7})
+    eq(session.reading(dev), {"uptime": 7})

@@ -7,17 +7,13 @@ import json
 import sys
 import time
 
-from micropython import const
-
-from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, __version__, log, unload
+from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, log, unload
 
 # Module attributes rather than const() so that tests can shorten them.
 RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with jitter
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
 SETTINGS = "settings.json"  # what ThingsBoard set that outlives a reboot: the telemetry interval
-_LISTEN_MS = const(1000)  # the longest single wait for the server between messages
-_MAX_INTERVAL = const(604800)  # the telemetry_interval range config.json allows, for the shared attribute too
 
 
 def _imported_since(loaded):
@@ -29,16 +25,6 @@ def unload_onboarding():
     # The one place the onboarding modules go, as a group: while onboarding they are loaded step by step, and
     # the transport's exchange and the telemetry loop need their RAM.
     unload("onboard", "store", "provision")
-
-
-def _text(e):
-    return "%s: %s" % (type(e).__name__, e)
-
-
-def _about():
-    # What the board publishes as client attributes at each connect, and the start of the status RPC's answer.
-    impl = sys.implementation
-    return {"firmware": __version__, "board": impl._machine, "micropython": "%d.%d.%d" % impl.version[:3]}
 
 
 class Device:
@@ -108,9 +94,9 @@ class Device:
         # One telemetry message of these values now; NoAnswer when not connected.
         if not self.connected:
             raise NoAnswer("not connected")
-        self.link.send_telemetry(self.payload(values))
-        self.sent += 1
-        self._dispatch()
+        from tbfleet import session
+
+        session.send(self, values)
 
     def run(self, max_messages=None):
         # Provision when needed, connect, send and listen for ever (max_messages: return once that many were sent,
@@ -126,17 +112,18 @@ class Device:
             self.on_error(e)
 
     def status(self, params=None):
-        # The built-in RPC "status": what a person diagnosing the board asks first.
-        import machine
+        # The built-in RPC "status": firmware, MicroPython and board, uptime, free heap, RSSI, reset cause, last
+        # error.
+        from tbfleet import session
 
-        reply = _about()
-        reply["uptime"] = self.uptime_ms() // 1000
-        reply["free_heap"] = gc.mem_free()
-        reply["rssi"] = self.rssi() if self.rssi else None
-        # machine.reset_cause()'s number (machine.PWRON_RESET ...); the Unix port has none.
-        reply["reset_cause"] = machine.reset_cause() if hasattr(machine, "reset_cause") else None
-        reply["last_error"] = self.last_error
-        return reply
+        return session.status(self)
+
+    def uptime_ms(self):
+        # Summed from tick differences: ticks_ms wraps (about 12.4 days on ESP32), so no single reading is trusted.
+        now = time.ticks_ms()
+        self.up_ms += time.ticks_diff(now, self.ticked)
+        self.ticked = now
+        return self.up_ms
 
     # -- the failure policy: override in a subclass to change it ------------------------------------------------------
 
@@ -177,7 +164,7 @@ class Device:
 
     def on_error(self, error):
         # What run does with an exception nothing else handled: log it; reset a board that can, raise elsewhere.
-        log.error("unexpected %s", _text(error))
+        log.error("unexpected %s", log.describe(error))
         from tbfleet import board
 
         if not board.can_reset():
@@ -288,11 +275,16 @@ class Device:
                 wait_ms = self.onboard()
                 if wait_ms is not None:
                     return wait_ms
-            self.serve(max_messages)
+            # session (the connected part) is imported only now: while onboarding, its RAM is better spent on store
+            # and provision. bench shows the split is needed: with it in this module the lifecycle needs about
+            # 5 KB more heap.
+            from tbfleet import session
+
+            session.serve(self, max_messages)
             return None
         except Refused as e:
             self.refusals += 1
-            self.last_error = _text(e)
+            self.last_error = log.describe(e)
             if self.on_refused(e, self.refusals):
                 if not self.unsaved:
                     from tbfleet import onboard
@@ -308,135 +300,13 @@ class Device:
                     self.unsaved = False
                     return LONG_WAIT_MS  # config.json's own: a person has to act
         except (OSError, BadAnswer, Rejected) as e:  # NoAnswer is an OSError
-            self.last_error = _text(e)
+            self.last_error = log.describe(e)
             log.warn("%s", self.last_error)
         finally:
             self.connected = False
             if self.link:
                 self.link.close()
         return self.retry_ms()
-
-    def serve(self, max_messages):
-        # Connects (the client attributes, the request for the shared ones and the first telemetry go with it),
-        # then sends every interval and handles what the server sends in between, until max_messages were sent.
-        cfg = self.cfg
-        # telemetry is imported only now: while onboarding, its RAM is better spent on store and provision.
-        from tbfleet import telemetry
-
-        if "rssi" in cfg.sensors and cfg.wifi_ssid:
-            from tbfleet import net
-
-            # net stays loaded while sending only on a board with Wi-Fi; elsewhere it is not kept at all.
-            if net.has_wifi():
-                self.rssi = net.rssi
-            else:
-                unload("net")
-            del net  # a local would keep the module alive for the whole loop
-        link = self.get_link()
-        hello = json.dumps(_about()).encode()
-        self.next_at = time.ticks_add(time.ticks_ms(), int(self.interval * 1000))
-        link.open(self.creds, hello, self.payload(self.reading(telemetry)))
-        self.connected = True
-        self.sent += 1
-        log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
-        log.info("telemetry %d sent", self.sent)
-        self.accepted()
-        self._dispatch()
-        while max_messages is None or self.sent < max_messages:
-            left = time.ticks_diff(self.next_at, time.ticks_ms())
-            if left > 0:
-                link.listen(min(left, _LISTEN_MS))
-                self._dispatch()
-                continue
-            # Behind schedule, the next message goes now, without catching up.
-            self.next_at = time.ticks_add(time.ticks_ms(), int(self.interval * 1000))
-            self.send(self.reading(telemetry))
-            log.info("telemetry %d sent", self.sent)
-
-    def reading(self, telemetry):
-        # The built-in sensors' values joined by every @telemetry function's; one that raises is logged and left out.
-        values = telemetry.read(self, self.rssi)
-        for fn in self.readers:
-            try:
-                values.update(fn())
-            except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
-                log.error("telemetry %s: %s", fn.__name__, _text(e))
-        return values
-
-    def payload(self, values):
-        # {"ts": ms since 1970, "values": values}; without ts (clock unset) the server stamps the message on arrival.
-        from tbfleet import telemetry
-
-        ts = telemetry.now_ms(time.gmtime(0)[0])
-        return json.dumps(values if ts is None else {"ts": ts, "values": values}).encode()
-
-    def uptime_ms(self):
-        # Summed from tick differences: ticks_ms wraps (about 12.4 days on ESP32), so no single reading is trusted.
-        now = time.ticks_ms()
-        self.up_ms += time.ticks_diff(now, self.ticked)
-        self.ticked = now
-        return self.up_ms
-
-    def _dispatch(self):
-        # Hands what the link received to the handlers: an RPC's reply goes back at once.
-        events = self.link.events
-        while events:
-            kind, rid, body = events.pop(0)
-            try:
-                data = json.loads(body)
-                if kind == "rpc":
-                    self._answer(data["id"] if rid is None else rid, data)
-                else:
-                    if kind == "current":  # {"client": {...}, "shared": {...}}: the shared ones are ours
-                        data = data.get("shared", {})
-                    self._changed(data)
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                log.warn("bad %s from the server: %s", kind, _text(e))
-
-    def _answer(self, rid, request):
-        method = request.get("method")
-        handler = self.handlers.get(method)
-        if handler is None:
-            reply = {"error": "no handler for method %s" % method}
-        else:
-            try:
-                reply = json.dumps(handler(request.get("params")))
-            except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
-                log.error("rpc %s: %s", method, _text(e))
-                reply = {"error": _text(e)}
-        if type(reply) is dict:
-            reply = json.dumps(reply)
-        self.link.reply(rid, reply.encode())
-
-    def _changed(self, values):
-        # Shared attributes changed (or arrived after a connect): the built-in interval first, then the callbacks.
-        if "telemetry_interval" in values:
-            self._set_interval(values["telemetry_interval"])
-        elif "telemetry_interval" in values.get("deleted", ()):
-            self._set_interval(None)
-        for fn in self.watchers:
-            try:
-                fn(values)
-            except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
-                log.error("attributes %s: %s", fn.__name__, _text(e))
-
-    def _set_interval(self, seconds):
-        # The shared attribute telemetry_interval: takes effect at once and is saved for the next boot; deleted
-        # (None), config.json's interval again.
-        if seconds is None:
-            seconds = self.cfg.telemetry_interval
-        elif type(seconds) not in (int, float) or not 0 <= seconds <= _MAX_INTERVAL:
-            log.warn("telemetry_interval %r ignored: not a number in 0..%d", seconds, _MAX_INTERVAL)
-            return
-        if seconds == self.interval:
-            return
-        # Due counted from the last message, as if the new interval had been there all along.
-        self.next_at = time.ticks_add(self.next_at, int((seconds - self.interval) * 1000))
-        self.interval = seconds
-        log.info("telemetry interval %s s", seconds)
-        with open(SETTINGS, "w") as f:
-            json.dump({"telemetry_interval": seconds}, f)
-
 
 def main(path="config.json", max_messages=None):
     # The stock application (what firmware/main.py runs), and the benchmark's boots (max_messages: stop after that

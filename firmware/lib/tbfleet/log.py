@@ -23,3 +23,8 @@ def warn(msg, *args):
 
 def error(msg, *args):
     _emit(3, msg, args)
+
+
+def describe(e):
+    # "Type: message" of an exception, as the log and the RPC error replies give it.
+    return "%s: %s" % (type(e).__name__, e)
