@@ -54,6 +54,9 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(200, json.dumps(out).encode())
             return
         parts = self.path.split("/")
+        if len(parts) == 5 and parts[4] == "attributes":
+            self._answer(200 if unquote(parts[3]) == TOKEN else 401)
+            return
         if len(parts) == 5 and parts[4] == "telemetry":
             if unquote(parts[3]) != TOKEN:
                 self._answer(401)
@@ -81,6 +84,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(b"until the end " * 20)
+        elif self.path.endswith("/attributes"):
+            self._answer(200, b'{"shared":{"led":true}}')
         else:
             self._answer(404)
 
@@ -140,17 +145,17 @@ def test_thingsboard_like_lifecycle(http_server, tmp_path):
     got = run_firmware(tmp_path, ADAPTER + """
 out["wrong"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"no","provisionDeviceSecret":"s"}'))
 out["ok"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
-link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]})
-for i in range(3):
+link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, b'{"fw":"1"}', b'{"n":0}')
+out["events"] = [list(e) for e in link.events]
+for i in range(1, 3):
     link.send_telemetry(b'{"n":%d}' % i)
 for name, payload in (("big", b'{"x":"' + b"y" * 80 + b'"}'), ("bad", b"{not json")):
     try:
         link.send_telemetry(payload)
     except Rejected as e:
         out[name] = list(e.args)
-link.open({"type": "ACCESS_TOKEN", "token": "revoked"})
 try:
-    link.send_telemetry(b'{"n":9}')
+    link.open({"type": "ACCESS_TOKEN", "token": "revoked"}, b'{"fw":"1"}', b'{"n":9}')
 except Refused as e:
     out["revoked"] = list(e.args)
 print(json.dumps(out))
@@ -161,7 +166,8 @@ print(json.dumps(out))
     assert got["big"] == [413, '"Payload size exceeds the limit of %d bytes"' % LIMIT]
     assert got["bad"][0] == 500 and got["bad"][1]
     assert got["revoked"] == [401, "unauthorized"]
-    path, headers, length = http_server.requests[2]
+    assert got["events"] == [["current", None, '{"shared":{"led":true}}']]
+    path, headers, length = http_server.requests[3]
     assert path == "/api/v1/tok%201%2F%C3%A9/telemetry"
     assert headers["Content-Type"] == "application/json" and headers["Connection"] == "close"
     assert headers["Host"] == f"127.0.0.1:{http_server.server_port}" and length == 7
@@ -254,8 +260,7 @@ def test_tls_verified_against_the_ca_and_refused_with_another(tmp_path):
         got = run_firmware(tmp_path, ADAPTER.replace("tls = False", "tls = True") + """
 Cfg.ca_file = sys.argv[2]
 out["ok"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
-link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]})
-link.send_telemetry(b'{"tls":1}')
+link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, b"{}", b'{"tls":1}')
 Cfg.ca_file = sys.argv[3]
 other = via_http.Link(Cfg())
 try:

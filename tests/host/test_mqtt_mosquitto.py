@@ -57,8 +57,13 @@ payloads = [(b'{"ts":%d,"values":{"uptime":%d,"free_heap":%d,"temp":21.5}}' % (r
             for i in range(run["count"])]
 out = {}
 link = via_mqtt.Link(cfg)
+creds = run["creds"]
 try:
-    link.open(run["creds"])
+    # The client alone (Link.open adds ThingsBoard's subscriptions and requests, which mosquitto does not answer).
+    if creds["type"] == "MQTT_BASIC":
+        link.connect(creds["client_id"], creds["username"] or None, creds["password"] or None, False)
+    else:
+        link.connect(cfg.device_name, None, None, True)
 except Refused as e:
     out["refused"] = list(e.args)
 except Exception as e:

@@ -39,9 +39,9 @@ def serve(dev, max_messages):
     link.open(dev.creds, json.dumps(about()).encode(), payload(reading(dev)))
     dev.connected = True
     dev.sent += 1
+    dev.accepted()  # credentials from config.json are saved now: they work
     log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
     log.info("telemetry %d sent", dev.sent)
-    dev.accepted()
     dispatch(dev)
     while max_messages is None or dev.sent < max_messages:
         left = time.ticks_diff(dev.next_at, time.ticks_ms())

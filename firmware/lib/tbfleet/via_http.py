@@ -2,6 +2,7 @@
 # one request per connection (Connection: close), TLS through an ssl.SSLContext, and one deadline that bounds every
 # wait of the exchange (the frozen requests module has neither). Client and adapter are one module, and one function
 # does the whole exchange: on a board every module, class and function costs heap, a long function does not.
+import select
 import time
 
 from micropython import const
@@ -9,6 +10,7 @@ from micropython import const
 from tbfleet import BadAnswer, Refused, Rejected, tcp
 
 _MAX_BODY = const(8192)  # larger answers are refused: a provisioning answer with a certificate fits well inside
+_POLL_MS = const(20000)  # how long the server holds a long poll of RPC or attribute updates before 408
 _LINE_MAX = const(512)  # status line, header line or chunk-size line: what the parser holds at most
 # What the parser of the answer waits for next: a line (the status line, a header, a chunk's size, the empty line
 # after a chunk's data, a trailer) or bytes (a chunk's data; a body framed by Content-Length or by the close).
@@ -26,6 +28,13 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
     # final answer. Connecting is bounded by timeout_ms, then one deadline of timeout_ms bounds sending and the
     # whole answer. buf: a bytearray that the request is written and the answer read through; a caller making many
     # requests passes the same one, as a buffer per request splits the free heap.
+    buf = buf or bytearray(256)
+    sock = send(method, host, port, path, body, ssl_ctx, timeout_ms, buf)
+    return answer(sock, tcp.deadline(timeout_ms), buf, limit)
+
+
+def send(method, host, port, path, body, ssl_ctx, timeout_ms, buf):
+    # The first half of request: connects and sends; returns the socket the answer comes on.
     for s in (method, host, path):
         if not s or " " in s or "\r" in s or "\n" in s:
             raise ValueError("bad HTTP %s: %r" % ("request", s))
@@ -35,7 +44,7 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
     tail = b"Connection: close\r\n\r\n" if body is None else (
         b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
     body = body or b""
-    mv = memoryview(buf or bytearray(256))
+    mv = memoryview(buf)
     n = len(head) + len(tail)
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
@@ -49,7 +58,17 @@ def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000,
             tcp.write_all(sock, mv[:n + len(body)], at)
         else:
             tcp.write_all(sock, head + tail + body, at)
-        head = tail = None  # garbage from here, while the answer is read
+    except Exception:
+        sock.close()
+        raise
+    return sock
+
+
+def answer(sock, at, buf, limit=_MAX_BODY):
+    # The second half of request: (status, body bytes) of the answer on sock, read through buf before the deadline
+    # at; the socket is closed.
+    mv = memoryview(buf)
+    try:
         data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
         out = bytearray()  # a chunked body, decoded
         state = _STATUS
@@ -134,6 +153,8 @@ class Link:
     def __init__(self, cfg):
         self.cfg = cfg
         self.path = None
+        self.polls = []  # [socket, feature, deadline] of each long poll open
+        self.poller = select.poll()
         self.buf = bytearray(256)  # every request is sent and read through it: one per request splits the free heap
         self.ctx = None
         if cfg.tls:
@@ -201,7 +222,41 @@ class Link:
         self.post("/rpc/%d" % rid, payload)
 
     def listen(self, ms):
-        time.sleep_ms(ms)
+        # Keeps a long poll open on rpc and one on attributes/updates (ThingsBoard answers each when something
+        # comes for the device, 408 when the poll's timeout passed) and waits up to ms for either: a poll open while
+        # the other answers keeps an RPC from waiting for an attribute poll. What they bring becomes an event.
+        if not self.polls:
+            self.poll("/rpc")
+            self.poll("/attributes/updates")
+        ready = self.poller.poll(ms)
+        for poll in list(self.polls):
+            sock, feature, at = poll
+            due = time.ticks_diff(time.ticks_ms(), at) > 0
+            if not due and not [1 for s, _ in ready if s is sock]:
+                continue
+            self.polls.remove(poll)
+            self.poller.unregister(sock)
+            if due:
+                sock.close()  # the server never answered: a connection lost without a word
+            else:
+                status, body = answer(sock, tcp.deadline(self.cfg.timeout * 1000), self.buf)
+                if status == 200:
+                    self.events.append(("rpc" if feature == "/rpc" else "attributes", None, body))
+                elif status != 408:  # 408: nothing came in time
+                    self.check(status, body)
+            self.poll(feature)
+
+    def poll(self, feature):
+        # Opens a long poll of feature, answered within _POLL_MS by the server.
+        cfg = self.cfg
+        sock = send("GET", cfg.host, cfg.port, "%s%s?timeout=%d" % (self.path, feature, _POLL_MS), None, self.ctx,
+                    int(cfg.timeout * 1000), self.buf)
+        self.polls.append([sock, feature, tcp.deadline(_POLL_MS + cfg.timeout * 1000)])
+        self.poller.register(sock, select.POLLIN)
 
     def close(self):
         self.path = None
+        for sock, _, _ in self.polls:
+            self.poller.unregister(sock)
+            sock.close()
+        self.polls = []

@@ -262,7 +262,7 @@ class Link:
         buf = self.buf
         i = self.out
         if i + n + 5 > len(buf):
-            self.buf = bytearray(max(i + n + 5, 2 * len(buf)))
+            self.buf = bytearray(i + n + 5)
             self.buf[:i] = buf[:i]
             buf = self.buf
         buf[i] = data[0]
