@@ -181,7 +181,7 @@ def test_provision_turns_every_ending_into_an_outcome():
 
 
 def test_one_exchange_per_attempt_and_the_link_dropped_however_it_ended():
-    from tbfleet import app, store
+    from tbfleet import store
 
     link = Link(OK)
     device = Device(link)

@@ -53,7 +53,6 @@ def device(**fields):
 
 def test_payload_shapes():
     # {"ts": ms since 1970, "values": {...}} while the clock is set; the bare values (stamped by the server) before.
-    dev = device()
     first = json.loads(session.payload({"heap_used": 5}))
     eq(sorted(first), ["ts", "values"])
     assert abs(first["ts"] - time.time() * 1000) < 2000 and first["values"] == {"heap_used": 5}, first

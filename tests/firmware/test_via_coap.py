@@ -143,7 +143,8 @@ def test_silence_is_no_answer():
 
 def test_open_refuses_other_credentials_and_dtls():
     lk = via_coap.Link(Cfg())
-    e = raises(ValueError, lk.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"}, b"{}", b"{}")
+    e = raises(ValueError, lk.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"},
+               b"{}", b"{}")
     eq(str(e), "MQTT_BASIC credentials without a token")
     e = raises(ValueError, lk.open, {"type": "X509_CERTIFICATE"}, b"{}", b"{}")
     eq(str(e), "X509_CERTIFICATE credentials without a token")

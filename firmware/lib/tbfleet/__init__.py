@@ -39,4 +39,4 @@ class Rejected(Exception):
     pass
 
 
-from tbfleet.app import Device  # noqa: E402 - app uses the names above
+from tbfleet.app import Device  # noqa: E402, F401 - the public API; app uses the names above

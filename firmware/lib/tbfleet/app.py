@@ -28,24 +28,27 @@ def unload_onboarding():
 
 
 class Device:
-    # config: the path of config.json, or a tbfleet.config.Config already loaded. link: a transport link to use
-    # instead of the configured one (tests). A bad config raises config.ConfigError naming the field.
-    def __init__(self, config="config.json", link=None):
+    # config: the path of the config file (None: config.json), or a tbfleet.config.Config already loaded. link: a
+    # transport link to use instead of the configured one (tests). A bad config raises config.ConfigError naming
+    # the field.
+    def __init__(self, config=None, link=None):
         # A collection after every 512 bytes allocated: left to run only when the heap is full, garbage lies between
         # the blocks that stay, and a module loaded later finds no room large enough (the lifecycle needs 0.8-2.3 KB
         # more heap without it; one collection of a 24 KB heap takes about 12 us on the Unix port).
         gc.threshold(512)
-        if type(config) is str:
+        if config is None or type(config) is str:
             from tbfleet import config as loader
 
             try:
-                config = loader.load(config)
+                cfg = loader.load(config or "config.json")
             finally:
                 del loader
                 unload("config", "board")
-        self.cfg = config
-        self.app = config.app  # config.json's "app" object: the user's own settings
-        log.level = ("debug", "info", "warn", "error").index(config.log_level)
+        else:
+            cfg = config
+        self.cfg = cfg
+        self.app = cfg.app  # config.json's "app" object: the user's own settings
+        log.level = ("debug", "info", "warn", "error").index(cfg.log_level)
         self.link = link  # made on first use: a board with saved credentials checks them before the transport loads
         self.link_modules = None  # what making the link imported; None for a link passed in
         self.delay_ms = RETRY_FIRST_MS  # the next retry's wait; doubles per failure up to RETRY_CAP_MS
@@ -57,7 +60,7 @@ class Device:
         self.unsaved = False  # creds came from config.json: saved once the server accepts them
         self.last_error = None
         self.connected = False
-        self.interval = config.telemetry_interval
+        self.interval = cfg.telemetry_interval
         try:
             with open(SETTINGS) as f:
                 self.interval = json.load(f)["telemetry_interval"]

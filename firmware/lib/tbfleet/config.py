@@ -52,6 +52,7 @@ class Config:
     wifi_ssid: str | None
     wifi_password: str | None
     log_level: str
+    app: dict
 
 
 def validate(data):

@@ -100,17 +100,18 @@ def answer(dev, rid, request):
     # Replies to RPC rid with its handler's return value; {"error": ...} when there is no handler or it raised.
     method = request.get("method")
     handler = dev.handlers.get(method)
+    reply = error = None
     if handler is None:
-        reply = {"error": "no handler for method %s" % method}
+        error = "no handler for method %s" % method
     else:
         try:
             reply = json.dumps(handler(request.get("params")))
         except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
             log.error("rpc %s: %s", method, log.describe(e))
-            reply = {"error": log.describe(e)}
-    if type(reply) is dict:
-        reply = json.dumps(reply)
-    dev.link.reply(rid, reply.encode())
+            error = log.describe(e)
+    if error is not None:
+        reply = json.dumps({"error": error})
+    dev.link.reply(rid, str(reply).encode())
 
 
 def changed(dev, values):
@@ -154,7 +155,8 @@ def status(dev):
     reply["uptime"] = dev.uptime_ms() // 1000
     reply["free_heap"] = gc.mem_free()
     reply["rssi"] = dev.rssi() if dev.rssi else None
-    # machine.reset_cause()'s number (machine.PWRON_RESET ...); the Unix port has none.
-    reply["reset_cause"] = machine.reset_cause() if hasattr(machine, "reset_cause") else None
+    reply["reset_cause"] = None  # the Unix port has none
+    if hasattr(machine, "reset_cause"):
+        reply["reset_cause"] = machine.reset_cause()  # its number: machine.PWRON_RESET ...
     reply["last_error"] = dev.last_error
     return reply
