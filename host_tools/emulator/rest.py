@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import jwt
 import multipart
@@ -54,6 +54,7 @@ _SCOPES = {"CLIENT_SCOPE": "client", "SHARED_SCOPE": "shared", "SERVER_SCOPE": "
 _DEVICE_NOT_FOUND = "Device with requested id wasn't found!"
 
 Handler = Callable[..., Awaitable[Response] | Response]
+T = TypeVar("T")
 
 
 class _Refusal(Exception):
@@ -86,6 +87,26 @@ def _uuid(text: str) -> str:
         return str(uuid.UUID(text))
     except ValueError:
         raise _bad_request(f"Invalid UUID string: {text}") from None
+
+
+def _find(what: str, lookup: Callable[[str], T | None], entity_id: str) -> T:
+    """The entity `lookup` finds for a path id; 400 for a malformed id, 404 naming `what` for an unknown one."""
+    entity_id = _uuid(entity_id)
+    found = lookup(entity_id)
+    if found is None:
+        raise _not_found(what, entity_id)
+    return found
+
+
+def _auth_body(request: Request) -> dict:
+    """The JSON object the login and refresh filters read; {} when unreadable; 401 for a method other than POST."""
+    if request.method != "POST":
+        raise _Refusal(error_json(401, "Authentication method not supported", 10))
+    try:
+        body = json.loads(request.body)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _json_object(request: Request) -> dict:
@@ -160,7 +181,8 @@ def page(items: list[dict], request: Request, text_of: Callable[[dict], str],
     if prop:
         if prop not in sort_keys:
             raise _bad_request(f"Unsupported sort property '{prop}'; one of {', '.join(sort_keys)}")
-        items = sorted(items, key=lambda item: (sort_keys[prop](item) is None, sort_keys[prop](item) or ""),
+        # Nulls last ascending and first descending, as PostgreSQL sorts them.
+        items = sorted(items, key=lambda item: (sort_keys[prop](item) is None, sort_keys[prop](item)),
                        reverse=order == "DESC")
     total = len(items)
     start = size * number
@@ -266,14 +288,9 @@ class RestApi:
 
     def _login(self, request: Request) -> Response:
         """POST /api/auth/login; every failure is 401 with errorCode 10 (RestAwareAuthenticationFailureHandler)."""
-        if request.method != "POST":
-            return error_json(401, "Authentication method not supported", 10)
-        try:
-            body = json.loads(request.body)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("username"), str) or \
-                not isinstance(body.get("password"), str) or not body["username"].strip() or not body["password"]:
+        body = _auth_body(request)
+        if not isinstance(body.get("username"), str) or not isinstance(body.get("password"), str) or \
+                not body["username"].strip() or not body["password"]:
             return error_json(401, "Authentication failed", 10)
         user = self.state.users.get(body["username"].lower())
         if user is None or not _same(user["password"], body["password"]):
@@ -284,13 +301,7 @@ class RestApi:
 
     def _refresh(self, request: Request) -> Response:
         """POST /api/auth/token with {"refreshToken"}: a new pair (RefreshTokenProcessingFilter)."""
-        if request.method != "POST":
-            return error_json(401, "Authentication method not supported", 10)
-        try:
-            body = json.loads(request.body)
-        except ValueError:
-            body = None
-        token = body.get("refreshToken") if isinstance(body, dict) else None
+        token = _auth_body(request).get("refreshToken")
         if not isinstance(token, str) or not token.strip():
             return error_json(401, "Authentication failed", 10)
         claims = self._claims(token)
@@ -351,11 +362,7 @@ class RestApi:
         return _ok(infos)
 
     def _profile(self, profile_id: str) -> dict:
-        profile_id = _uuid(profile_id)
-        profile = self.state.profile_by_id(profile_id)
-        if profile is None:
-            raise _not_found("Device profile", profile_id)
-        return profile
+        return _find("Device profile", self.state.profile_by_id, profile_id)
 
     def _get_profile(self, _request: Request, _user: dict, profile_id: str) -> Response:
         return _ok(self._profile(profile_id))
@@ -414,11 +421,7 @@ class RestApi:
                         self._DEVICE_SORT))
 
     def _device(self, device_id: str) -> dict:
-        device_id = _uuid(device_id)
-        device = self.state.device_entity(device_id)
-        if device is None:
-            raise _not_found("Device", device_id)
-        return device
+        return _find("Device", self.state.device_entity, device_id)
 
     def _get_device(self, _request: Request, _user: dict, device_id: str) -> Response:
         return _ok(self._device(device_id))
@@ -591,11 +594,7 @@ class RestApi:
                 "name": package.title, "additionalInfo": package.additional_info}
 
     def _package(self, package_id: str) -> OtaPackage:
-        package_id = _uuid(package_id)
-        package = self.state.package(package_id)
-        if package is None:
-            raise _not_found("Ota package", package_id)
-        return package
+        return _find("Ota package", self.state.package, package_id)
 
     def _save_package_info(self, request: Request, _user: dict) -> Response:
         """POST /api/otaPackage: a package without data yet (or a URL package, with `usesUrl`)."""

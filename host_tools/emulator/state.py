@@ -1405,7 +1405,7 @@ class EmulatorState:
             raise DataError("Device profile with such provision device key already exists!")
         for ota_type, package_id in packages.items():
             if package_id is not None:
-                self._assignable(package_id, ota_type, name if old is None or old[0] == name else old[0])
+                self._assignable(package_id, ota_type, name if old is None else old[0])
         with self._tx():
             if old is None:
                 pid = _new_id()

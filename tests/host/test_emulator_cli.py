@@ -54,6 +54,32 @@ def test_ready_line_events_and_clean_sigterm():
         assert token not in text and "demo-provision-secret" not in text
 
 
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net shows them) of the TCP listeners and UDP sockets on `port`."""
+    found = set()
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].rsplit(":", 1)
+            if int(port_hex, 16) == port and (table.startswith("udp") or fields[3] == "0A"):
+                found.add(address)
+    return found
+
+
+def test_it_listens_on_127_0_0_1_only_unless_bind_says_otherwise():
+    cmd = [sys.executable, "-m", "host_tools", "emulator", "--config", str(DEMO), "--mqtt-port", "0",
+           "--http-port", "0", "--coap-port", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        ports = json.loads(proc.stdout.readline())
+        for name in ("mqtt", "http", "coap"):
+            assert _listening(ports[name]) == {"0100007F"}, name  # 127.0.0.1, no IPv6 or wildcard socket
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_sigint_stops_cleanly_too():
     with emulator_process(DEMO) as emu:
         os.kill(emu.proc.pid, signal.SIGINT)

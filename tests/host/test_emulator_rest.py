@@ -120,6 +120,12 @@ def test_client_creates_a_provisioning_profile_that_devices_then_provision_with(
     assert json.loads(answer)["status"] == "NOT_FOUND"
 
 
+def test_client_refreshes_its_token(client: RestClient) -> None:
+    first = client.get_token()
+    client.refresh()
+    assert client.get_token() != first and client.get_device_profiles(1, 0).total_elements >= 1
+
+
 def test_client_lists_a_profiles_devices_with_paging(emu: EmulatorProcess, client: RestClient) -> None:
     profile = client.save_device_profile(provisioning_profile(unique("paged"), unique("key"), "s"))
     names = sorted(unique(f"dev{i}") for i in range(5))
@@ -382,6 +388,17 @@ def test_a_stale_version_is_409(emu: EmulatorProcess) -> None:
                                              "errorCode": 35})
 
 
+def test_sorting_puts_missing_values_last_ascending_and_first_descending(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    profile = unique("sorted")
+    for name, label in (("a", "x2"), ("b", None), ("c", "x1")):
+        call(emu, "POST", "/api/device", {"name": f"{profile}-{name}", "type": profile, "label": label}, token=token)
+    for order, expected in (("ASC", ["c", "a", "b"]), ("DESC", ["b", "a", "c"])):
+        _, _, body = call(emu, "GET", f"/api/tenant/devices?pageSize=10&page=0&type={profile}&sortProperty=label"
+                                      f"&sortOrder={order}", token=token)
+        assert [d["name"][-1] for d in json.loads(body)["data"]] == expected
+
+
 def test_paging_parameters_are_checked(emu: EmulatorProcess) -> None:
     token = login(emu)["token"]
     for query, message in (("page=0", "Required request parameter 'pageSize' for method parameter type int is "
@@ -463,6 +480,10 @@ def test_unknown_rest_paths_and_methods(emu: EmulatorProcess) -> None:
     token = login(emu)["token"]
     status, _, body = call(emu, "GET", "/api/nothing/here", token=token)
     assert (status, error(body)["errorCode"]) == (404, 32)
+    for path in ("/api/auth/login", "/api/auth/token"):
+        status, _, body = call(emu, "GET", path)
+        assert (status, error(body)) == (401, {"status": 401, "message": "Authentication method not supported",
+                                               "errorCode": 10})
     status, _, body = call(emu, "PUT", "/api/device", {"name": "x"}, token=token)
     assert (status, error(body)) == (405, {"status": 405, "message": "Request method 'PUT' is not supported",
                                            "errorCode": 2})
