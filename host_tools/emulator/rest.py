@@ -22,6 +22,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ MIN_RPC_TIMEOUT_MS = 5000
 # Attribute scopes in the REST API and in the state.
 _SCOPES = {"CLIENT_SCOPE": "client", "SHARED_SCOPE": "shared", "SERVER_SCOPE": "server"}
 _DEVICE_NOT_FOUND = "Device with requested id wasn't found!"
+_JAVA_INT = re.compile(r"[-+]?[0-9]+")
 
 Handler = Callable[..., Awaitable[Response] | Response]
 T = TypeVar("T")
@@ -120,17 +122,15 @@ def _json_object(request: Request) -> dict:
     return body
 
 
-def _int_param(request: Request, name: str, required: bool = True) -> int | None:
+def _int_param(request: Request, name: str) -> int:
+    """A required int query parameter as Spring binds it (Integer.parseInt: ASCII digits, a sign, 32 bits)."""
     text = request.param(name)
     if text is None:
-        if required:
-            raise _bad_request(f"Required request parameter '{name}' for method parameter type int is not present")
-        return None
-    try:
-        return int(text)
-    except ValueError:
+        raise _bad_request(f"Required request parameter '{name}' for method parameter type int is not present")
+    if not _JAVA_INT.fullmatch(text) or not -2 ** 31 <= int(text) < 2 ** 31:
         raise _bad_request(f"Failed to convert value of type 'java.lang.String' to required type 'int'; "
-                           f"For input string: \"{text}\"") from None
+                           f"For input string: \"{text}\"")
+    return int(text)
 
 
 def _keys(request: Request) -> list[str] | None:
@@ -166,7 +166,6 @@ def page(items: list[dict], request: Request, text_of: Callable[[dict], str],
     """PageData of `items` for the request's pageSize, page, textSearch, sortProperty and sortOrder."""
     size = _int_param(request, "pageSize")
     number = _int_param(request, "page")
-    assert size is not None and number is not None
     if size < 1:
         raise _bad_request(f"Incorrect page link page size '{size}'. Page size must be greater than zero.")
     if number < 0:

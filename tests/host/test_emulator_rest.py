@@ -405,6 +405,10 @@ def test_paging_parameters_are_checked(emu: EmulatorProcess) -> None:
                                       "not present"),
                            ("pageSize=0&page=0", "Incorrect page link page size '0'. Page size must be greater "
                                                  "than zero."),
+                           ("pageSize=1_0&page=0", "Failed to convert value of type 'java.lang.String' to required "
+                                                   "type 'int'; For input string: \"1_0\""),
+                           ("pageSize=10&page=2147483648", "Failed to convert value of type 'java.lang.String' to "
+                                                           "required type 'int'; For input string: \"2147483648\""),
                            ("pageSize=1&page=0&sortOrder=UP", "Unsupported sort order 'UP'! Only 'ASC' or 'DESC' "
                                                               "types are allowed.")):
         status, _, body = call(emu, "GET", "/api/tenant/devices?" + query, token=token)
