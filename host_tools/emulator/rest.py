@@ -203,6 +203,7 @@ class RestApi:
             ("GET", ("deviceProfile", "{}"), self._get_profile),
             ("GET", ("deviceProfileInfo", "{}"), self._get_profile_info),
             ("POST", ("deviceProfile",), self._save_profile),
+            ("DELETE", ("deviceProfile", "{}"), self._delete_profile),
             ("GET", ("tenant", "devices"), self._list_devices),
             ("GET", ("tenant", "deviceInfos"), self._list_device_infos),
             ("GET", ("tenant", "device"), self._device_by_name),
@@ -375,6 +376,10 @@ class RestApi:
             return _ok(self.state.save_profile(body))
         except KeyError as e:
             raise _not_found("Device profile", e.args[0]) from None
+
+    def _delete_profile(self, _request: Request, _user: dict, profile_id: str) -> Response:
+        self.state.delete_profile(self._profile(profile_id)["id"]["id"])
+        return Response(200)
 
     # --- devices -------------------------------------------------------------------------------------------------
 

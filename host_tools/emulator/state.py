@@ -32,6 +32,7 @@ MQTT_BASIC = "MQTT_BASIC"
 X509_CERTIFICATE = "X509_CERTIFICATE"
 LWM2M_CREDENTIALS = "LWM2M_CREDENTIALS"
 CREDENTIALS_TYPES = (ACCESS_TOKEN, MQTT_BASIC, X509_CERTIFICATE)
+X509_CHAIN = "X509_CERTIFICATE_CHAIN"
 
 ALLOW_CREATE = "ALLOW_CREATE_NEW_DEVICES"
 CHECK_PRE_PROVISIONED = "CHECK_PRE_PROVISIONED_DEVICES"
@@ -1180,7 +1181,7 @@ class EmulatorState:
         self.event(f"ota: package {package.title!r} {package.version!r} deleted")
         return True
 
-    def _assignable(self, package_id: str, ota_type: str, profile: str) -> None:
+    def _assignable(self, package_id: str, ota_type: str, profile: str | None) -> None:
         """AbstractHasOtaPackageValidator: OtaError unless the package can be assigned within `profile`."""
         field = ota_type.lower()
         package = self.package(package_id)
@@ -1190,7 +1191,7 @@ class EmulatorState:
             raise OtaError(f"Can't assign {field} with type: {package.type}")
         if not package.has_data and not package.url:
             raise OtaError(f"Can't assign {field} with empty data!")
-        if package.profile != profile:
+        if package.profile is None or package.profile != profile:  # a package of no profile fits none
             raise OtaError(f"Can't assign {field} with different deviceProfile!")
 
     def assign_device_package(self, name: str, ota_type: str, package_id: str | None) -> None:
@@ -1363,7 +1364,8 @@ class EmulatorState:
             "profileData": {
                 "configuration": data.get("configuration") or {"type": "DEFAULT"},
                 "transportConfiguration": data.get("transportConfiguration") or {"type": "DEFAULT"},
-                "provisionConfiguration": {"type": ptype, "provisionDeviceSecret": secret},
+                "provisionConfiguration": {"type": data.get("provisionConfigurationType") or ptype,
+                                           "provisionDeviceSecret": secret},
                 "alarms": data.get("alarms")},
         }
 
@@ -1383,7 +1385,11 @@ class EmulatorState:
         if not isinstance(profile_data, dict):
             raise DataError("Device profile data should be an object")
         provision = profile_data.get("provisionConfiguration") or {}
-        ptype = provision.get("type") or body.get("provisionType") or DISABLED
+        if not isinstance(provision, dict) or provision.get("type", DISABLED) not in PROVISION_TYPES + (X509_CHAIN,):
+            raise DataError("Invalid request body")  # Jackson knows no such provisionConfiguration subtype
+        # Provisioning follows the top-level provisionType, saved as DISABLED when null (DeviceProvisionServiceImpl,
+        # DeviceProfileDataValidator); provisionConfiguration only carries the secret.
+        ptype = body.get("provisionType") or DISABLED
         if ptype not in PROVISION_TYPES:
             raise DataError(f"Provision type {ptype} is not emulated (one of {', '.join(PROVISION_TYPES)})")
         key = body.get("provisionDeviceKey") or None
@@ -1393,13 +1399,16 @@ class EmulatorState:
                 raise DataError(f"{field} must be a string")
         packages = _package_ids(body)
         data = {"description": body.get("description"), "image": body.get("image"),
-                "transportType": body.get("transportType"), "configuration": profile_data.get("configuration"),
+                "transportType": body.get("transportType"), "provisionConfigurationType": provision.get("type"),
+                "configuration": profile_data.get("configuration"),
                 "transportConfiguration": profile_data.get("transportConfiguration"),
                 "alarms": profile_data.get("alarms")}
         old = self._profile_row_by_id(entity_uuid(body.get("id")))
         same_name = self._db.execute("SELECT id FROM profiles WHERE name = ?", (name,)).fetchone()
         if same_name and (old is None or same_name[0] != old[4]):
             raise DataError("Device profile with such name already exists!")
+        if body.get("default") and not (old is not None and self._is_default(old)):
+            raise DataError("Another default device profile is present in scope of current tenant!")
         same_key = key and self._db.execute("SELECT id FROM profiles WHERE provision_key = ?", (key,)).fetchone()
         if same_key and (old is None or same_key[0] != old[4]):
             raise DataError("Device profile with such provision device key already exists!")
@@ -1415,7 +1424,7 @@ class EmulatorState:
             else:
                 pid = old[4]
                 self._check_version("Device profile", body, old[6])
-                data["default"] = json.loads(old[7]).get("default", old[0] == DEFAULT_PROFILE)
+                data["default"] = self._is_default(old)
                 self._db.execute("UPDATE profiles SET name = ?, provision_key = ?, provision_secret = ?, "
                                  "provision_type = ?, version = version + 1, data = ? WHERE id = ?",
                                  (name, key, secret, ptype, _json_text(data), pid))
@@ -1427,6 +1436,25 @@ class EmulatorState:
         saved = self.profile_by_id(pid)
         assert saved is not None
         return saved
+
+    @staticmethod
+    def _is_default(row: tuple) -> bool:
+        """Whether a profiles row is the tenant's default profile (the one made as `default`, even if renamed)."""
+        return json.loads(row[7]).get("default", row[0] == DEFAULT_PROFILE)
+
+    def delete_profile(self, profile_id: str) -> None:
+        """Delete a device profile and its OTA packages (DELETE /api/deviceProfile/{id}).
+
+        KeyError for an unknown id; DataError for the default profile or one that devices use.
+        """
+        row = self._profile_row_by_id(profile_id)
+        assert row is not None
+        if self._is_default(row):
+            raise DataError("Deletion of Default Device Profile is prohibited!")
+        if self._db.execute("SELECT 1 FROM devices WHERE profile = ?", (row[0],)).fetchone():
+            raise DataError("The device profile referenced by the devices cannot be deleted!")
+        self._db.execute("DELETE FROM profiles WHERE id = ?", (profile_id,))
+        self.event(f"device profile {row[0]!r} deleted")
 
     def _profile_row_by_id(self, profile_id: str | None) -> tuple | None:
         if profile_id is None:
@@ -1498,12 +1526,15 @@ class EmulatorState:
         elif self.device(name) is not None:
             raise DataError("Device with such name already exists!")
         data = {"label": label, "additionalInfo": body.get("additionalInfo")}
+        # DeviceDataValidator checks the packages against the body's deviceProfileId, before a profile is derived
+        # from `type`: a package comes with its profile's id or is refused.
+        given_profile = entity_uuid(body.get("deviceProfileId"))
+        for ota_type, package_id in packages.items():
+            if package_id is not None:
+                self._assignable(package_id, ota_type, given_profile and self.profile_name(given_profile))
         before = {} if old is None else self.ota_targets(name)
         with self._tx():
             profile = self._device_profile_for(body)
-            for ota_type, package_id in packages.items():
-                if package_id is not None:
-                    self._assignable(package_id, ota_type, profile)
             if old is None:
                 token = access_token if access_token is not None else _random_alphanumeric()
                 if not token:
@@ -1531,7 +1562,7 @@ class EmulatorState:
         if profile_id is not None:
             row = self._db.execute("SELECT name FROM profiles WHERE id = ?", (profile_id,)).fetchone()
             if row is None:
-                raise DataError("Device is referencing to non-existent device profile!")
+                raise DataError("Device is referencing non existing device profile!")
             return row[0]
         name = body.get("type") or DEFAULT_PROFILE
         if not isinstance(name, str):

@@ -364,7 +364,7 @@ def test_save_errors_are_400_with_thingsboards_messages(emu: EmulatorProcess, cl
              ("/api/device", {"label": "x"}, "Device name should be specified!"),
              ("/api/device", {"name": unique("d"), "deviceProfileId": {"entityType": "DEVICE_PROFILE",
                                                                        "id": UNKNOWN}},
-              "Device is referencing to non-existent device profile!"),
+              "Device is referencing non existing device profile!"),
              ("/api/deviceProfile", {"name": "pre", "type": "DEFAULT", "transportType": "DEFAULT"},
               "Device profile with such name already exists!"),
              ("/api/deviceProfile", {"name": unique("p"), "type": "DEFAULT", "transportType": "DEFAULT",
@@ -372,10 +372,45 @@ def test_save_errors_are_400_with_thingsboards_messages(emu: EmulatorProcess, cl
               "Device profile with such provision device key already exists!"),
              ("/api/deviceProfile", {"name": unique("p"), "transportType": "DEFAULT"},
               "Device profile type should be specified!"),
+             ("/api/deviceProfile", {"name": unique("p"), "type": "DEFAULT", "transportType": "DEFAULT",
+                                     "default": True},
+              "Another default device profile is present in scope of current tenant!"),
              ("/api/device", b"{broken", "Invalid request body")]
     for path, body, message in cases:
         status, _, answer = call(emu, "POST", path, body, token=token)
         assert (status, error(answer)) == (400, {"status": 400, "message": message, "errorCode": 31}), path
+
+
+def test_provisioning_follows_the_top_level_provision_type(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    key = unique("key")
+    body = {"name": unique("half"), "type": "DEFAULT", "transportType": "DEFAULT", "provisionDeviceKey": key,
+            "profileData": {"provisionConfiguration": {"type": "ALLOW_CREATE_NEW_DEVICES",
+                                                       "provisionDeviceSecret": "s"}}}
+    status, _, answer = call(emu, "POST", "/api/deviceProfile", body, token=token)
+    profile = json.loads(answer)
+    assert status == 200 and profile["provisionType"] == "DISABLED"
+    assert profile["profileData"]["provisionConfiguration"] == {"type": "ALLOW_CREATE_NEW_DEVICES",
+                                                                "provisionDeviceSecret": "s"}
+    request = {"deviceName": unique("b"), "provisionDeviceKey": key, "provisionDeviceSecret": "s"}
+    assert json.loads(device_api(emu, "provision", request)[1])["status"] == "NOT_FOUND"
+    status, _, _ = call(emu, "POST", "/api/deviceProfile", {**profile, "provisionType": "ALLOW_CREATE_NEW_DEVICES"},
+                        token=token)
+    assert status == 200 and json.loads(device_api(emu, "provision", request)[1])["status"] == "SUCCESS"
+
+
+def test_deleting_profiles(emu: EmulatorProcess, client: RestClient) -> None:
+    token = login(emu)["token"]
+    default = next(p for p in client.get_device_profiles(100, 0).data if p.default)
+    used = client.save_device_profile(provisioning_profile(unique("used"), unique("key"), "s"))
+    client.save_device(Device(name=unique("user"), device_profile_id=used.id))
+    for profile, message in ((default, "Deletion of Default Device Profile is prohibited!"),
+                             (used, "The device profile referenced by the devices cannot be deleted!")):
+        status, _, body = call(emu, "DELETE", f"/api/deviceProfile/{profile.id.id}", token=token)
+        assert (status, error(body)["message"]) == (400, message)
+    unused = client.save_device_profile(provisioning_profile(unique("unused"), unique("key"), "s"))
+    client.delete_device_profile(unused.id)
+    assert call(emu, "GET", f"/api/deviceProfile/{unused.id.id}", token=token)[0] == 404
 
 
 def test_a_stale_version_is_409(emu: EmulatorProcess) -> None:
@@ -478,6 +513,23 @@ def test_ota_errors(emu: EmulatorProcess) -> None:
     _, _, body = call(emu, "POST", "/api/device", {"name": unique("d"), "firmwareId": {
         "entityType": "OTA_PACKAGE", "id": url_package["id"]["id"]}}, token=token)
     assert error(body)["message"] == "Can't assign firmware with different deviceProfile!"
+
+
+def test_a_device_takes_a_package_only_with_the_packages_profile_id(emu: EmulatorProcess,
+                                                                     client: RestClient) -> None:
+    profile = client.save_device_profile(provisioning_profile(unique("otaid"), unique("key"), "s"))
+    package = client.save_ota_package_info(SaveOtaPackageInfoRequest(
+        title=unique("fw"), version="1", type="FIRMWARE", device_profile_id=profile.id, uses_url=True,
+        url="http://example.invalid/fw.bin"))
+    token = login(emu)["token"]
+    firmware = {"entityType": "OTA_PACKAGE", "id": package.id.id}
+    status, _, body = call(emu, "POST", "/api/device", {"name": unique("d"), "type": profile.name,
+                                                        "firmwareId": firmware}, token=token)
+    assert (status, error(body)["message"]) == (400, "Can't assign firmware with different deviceProfile!")
+    status, _, body = call(emu, "POST", "/api/device", {"name": unique("d"), "firmwareId": firmware,
+                                                        "deviceProfileId": {"entityType": "DEVICE_PROFILE",
+                                                                            "id": profile.id.id}}, token=token)
+    assert status == 200 and json.loads(body)["firmwareId"]["id"] == package.id.id
 
 
 def test_unknown_rest_paths_and_methods(emu: EmulatorProcess) -> None:
