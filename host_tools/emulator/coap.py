@@ -8,10 +8,12 @@ processed twice), malformed datagrams get exactly the RFC 7252 treatment (RST fo
 rest), and version differences (2.05/2.03 codes before 3.2.2, always-separate before 3.4) are plain conditions.
 aiocoap and libcoap remain the clients that check this server's fidelity in the tests.
 
-Not emulated: block-wise transfer (Block1/Block2 are critical options, so a request carrying one is answered
-4.02 Bad Option), DTLS, OTA (`/fw`, `/sw`: 4.04), protobuf payloads. GET on `.../rpc` (the server-side RPC
-subscription) or on `.../rpc/{id}`, POST on `.../rpc` (client-side RPC) and GET or POST on `.../claim` are answered
-5.01 Not Implemented.
+Block-wise transfer (RFC 7959) works on every resource as Californium does it for ThingsBoard (blockwise.py). OTA
+packages are served on `/fw/{token}` and `/sw/{token}` (reference §5.8) as OtaPackageTransportResource serves them.
+
+Not emulated: DTLS, protobuf payloads, block-wise observe notifications (a notification goes out whole). GET on
+`.../rpc` (the server-side RPC subscription) or on `.../rpc/{id}`, POST on `.../rpc` (client-side RPC) and GET or
+POST on `.../claim` are answered 5.01 Not Implemented.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from host_tools.emulator import ota
+from host_tools.emulator.blockwise import BLOCK1, BLOCK2, MAX_RESOURCE_BODY_SIZE, Answer, Blockwise
 from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
     parse_keys
 
@@ -42,7 +46,7 @@ INTERNAL_SERVER_ERROR, NOT_IMPLEMENTED = 0xA0, 0xA1
 URI_HOST, OBSERVE, URI_PORT, URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT = 3, 6, 7, 11, 12, 14, 15, 17
 SIZE2, SIZE1 = 28, 60
 _UNDERSTOOD = frozenset({URI_HOST, 4, OBSERVE, URI_PORT, URI_PATH, CONTENT_FORMAT, MAX_AGE, URI_QUERY, ACCEPT,
-                         SIZE2, SIZE1})
+                         BLOCK2, BLOCK1, SIZE2, SIZE1})
 
 TEXT_PLAIN, APPLICATION_JSON = 0, 50
 
@@ -164,12 +168,17 @@ def uint(value: int) -> bytes:
 
 @dataclass
 class Reply:
-    """What a resource answers: code, payload, options; `observe` registers the request as an observer."""
+    """What a resource answers: code, payload, options; `observe` registers the request as an observer.
+
+    `separate`: the resource accepted the exchange first (an empty ACK to a CON), the answer follows on its own; a
+    `code` of EMPTY then means that no answer follows at all.
+    """
 
     code: int
     payload: bytes = b""
     options: list[tuple[int, bytes]] = field(default_factory=list)
     observe: Device | None = None
+    separate: bool = False
 
 
 @dataclass
@@ -190,8 +199,9 @@ class CoapServer(asyncio.DatagramProtocol):
     """
 
     def __init__(self, state: EmulatorState, separate: bool = False, ack_timeout: float = 2.0,
-                 max_retransmit: int = 4):
+                 max_retransmit: int = 4, max_body_size: int = MAX_RESOURCE_BODY_SIZE):
         self.state = state
+        self._blockwise = Blockwise(max_body_size)
         self.separate = separate or not state.at_least(3, 4)
         self._posted = CREATED if state.at_least(3, 2, 2) else VALID  # what an accepted upload is answered with
         self.ack_timeout = ack_timeout
@@ -288,8 +298,12 @@ class CoapServer(asyncio.DatagramProtocol):
             log.debug("CoAP: duplicate message id %d from %s answered from the exchange cache", msg.mid, addr)
             self._send(cached[1], addr)
             return
-        reply = self._handle(msg, addr)
-        separate = self.separate and msg.mtype == CON
+        request = self._blockwise.receive(msg, addr)
+        if isinstance(request, Answer):  # the block-wise layer answers by itself, always piggybacked
+            reply, separate = Reply(request.code, request.payload, list(request.options)), False
+        else:
+            reply = self._blockwise.respond(request, addr, self._handle(request, addr))
+            separate = (self.separate or reply.separate) and msg.mtype == CON
         if msg.mtype == CON and not separate:
             answer = Message(ACK, reply.code, msg.mid, msg.token, reply.options, reply.payload)
         elif separate:
@@ -302,7 +316,7 @@ class CoapServer(asyncio.DatagramProtocol):
         obs_key = None
         if reply.observe is not None:
             obs_key = self._observe(msg, addr, reply.observe)
-        if separate:
+        if separate and reply.code != EMPTY:
             response = Message(CON, reply.code, self._next_mid(), msg.token, reply.options, reply.payload)
             self._send_confirmable(response, addr, obs_key)
 
@@ -338,6 +352,8 @@ class CoapServer(asyncio.DatagramProtocol):
         if unknown:
             return Reply(BAD_OPTION, f"Unrecognized critical option {unknown[0]}".encode(), [(CONTENT_FORMAT, b"")])
         path = [v.decode("utf-8", "replace") for v in msg.option_values(URI_PATH)]
+        if path[:1] in (["fw"], ["sw"]):
+            return self._ota(msg, path)
         if path[:2] != ["api", "v1"]:
             return Reply(NOT_FOUND)
         rest = path[2:]
@@ -392,6 +408,32 @@ class CoapServer(asyncio.DatagramProtocol):
             code = CREATED if answer["status"] == "SUCCESS" else BAD_REQUEST
         return Reply(code, body, [(CONTENT_FORMAT, uint(TEXT_PLAIN))])
 
+    def _ota(self, msg: Message, path: list[str]) -> Reply:
+        """OtaPackageTransportResource: GET /fw/{token} or /sw/{token} [?title=&version=&size=&chunk=] (§5.8).
+
+        Any method but GET is 4.05. A GET is accepted at once (an empty ACK) and answered separately: 4.01 for a
+        path that is not exactly fw|sw/{token} or an unknown token, 4.04 without a package (or with a URL one), 4.00
+        when a title or version is given and differs, 5.00 for a size or chunk that is no int, else 2.05 with the
+        bytes (block-wise when over 1024). An empty chunk (past the end) is never answered: ThingsBoard sends nothing.
+        """
+        if msg.code != GET:
+            return Reply(METHOD_NOT_ALLOWED)
+        device = self.state.device_by_token(path[1]) if len(path) == 2 else None
+        if device is None:
+            return Reply(UNAUTHORIZED, separate=True)
+        status, package = self.state.ota_request(device, ota.FIRMWARE if path[0] == "fw" else ota.SOFTWARE)
+        if status != "SUCCESS" or package is None:
+            return Reply(NOT_FOUND, separate=True)
+        query = _query(msg)
+        if query.get("title", package.title) != package.title or \
+                query.get("version", package.version) != package.version:
+            return Reply(BAD_REQUEST, separate=True)
+        size, number = ota.java_int(query.get("size") or "0"), ota.java_int(query.get("chunk") or "0")
+        if size is None or number is None:
+            return Reply(INTERNAL_SERVER_ERROR, separate=True)
+        data = ota.chunk(self.state.package_data(package.id) or b"", size, number)
+        return Reply(CONTENT, data, separate=True) if data else Reply(EMPTY, separate=True)
+
     def _get_attributes(self, msg: Message, device: Device) -> Reply:
         fmt = msg.uint_option(CONTENT_FORMAT)
         options = [(CONTENT_FORMAT, uint(APPLICATION_JSON if fmt is None else fmt))]
@@ -399,7 +441,7 @@ class CoapServer(asyncio.DatagramProtocol):
         if observe == 0:
             current = self.state.get_attributes(device, None, None).get("shared", {})
             return Reply(CONTENT, json_bytes(current), options + [(OBSERVE, uint(1))], observe=device)
-        query = dict(q.decode("utf-8", "replace").partition("=")[::2] for q in msg.option_values(URI_QUERY))
+        query = _query(msg)
         client = parse_keys(query.get("clientKeys"))
         shared = parse_keys(query.get("sharedKeys"))
         found = self.state.get_attributes(device, client, shared)
@@ -453,13 +495,23 @@ class CoapServer(asyncio.DatagramProtocol):
             self.state.unlisten(obs.handle)
 
 
+def _query(msg: Message) -> dict[str, str]:
+    """The Uri-Query options as name -> value; the first of repeated names wins (getQueryParameter)."""
+    query: dict[str, str] = {}
+    for option in msg.option_values(URI_QUERY):
+        name, _, value = option.decode("utf-8", "replace").partition("=")
+        query.setdefault(name, value)
+    return query
+
+
 _servers: dict[asyncio.AbstractEventLoop, list[CoapServer]] = {}
 
 
 async def start(state: EmulatorState, host: str, port: int, separate: bool = False, **options: float) -> int:
     """Start the CoAP endpoint on the running loop and return the bound UDP port.
 
-    `separate` selects the separate-response path; `options` are CoapServer's `ack_timeout`/`max_retransmit`.
+    `separate` selects the separate-response path; `options` are CoapServer's `ack_timeout`, `max_retransmit` and
+    `max_body_size`.
     """
     server = CoapServer(state, separate, **options)
     bound = await server.start(host, port)

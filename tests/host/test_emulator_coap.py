@@ -39,14 +39,15 @@ class Emulator:
     """An EmulatorState plus the CoAP endpoint, served by an asyncio loop in a thread."""
 
     def __init__(self, config: dict, version: tuple[int, ...] = (4, 3), separate: bool = False,
-                 ack_timeout: float = 2.0):
+                 ack_timeout: float = 2.0, **options: int):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.events: list[str] = []
         self.state: EmulatorState = self.call(lambda _: EmulatorState(config, server_version=version,
                                                                       events=self.events.append))
-        self.port = self._run(coap.start(self.state, "127.0.0.1", 0, separate=separate, ack_timeout=ack_timeout))
+        self.port = self._run(coap.start(self.state, "127.0.0.1", 0, separate=separate, ack_timeout=ack_timeout,
+                                         **options))
         self.uri = f"coap://127.0.0.1:{self.port}/api/v1"
 
     def _run(self, coro: Any) -> Any:
