@@ -17,8 +17,10 @@ TOKEN = "preTokenValue0000001"  # device "pre-token"
 IMAGE = bytes(range(256)) * 40 + b"tbfleet"
 
 
-@pytest.mark.parametrize("algorithm, chunk_size", [("SHA256", 1000), ("MURMUR3_128", 0), ("CRC32", 4096)])
-@pytest.mark.parametrize("protocol", ["3.1.1"])
+@pytest.mark.parametrize("protocol, algorithm, chunk_size", [
+    ("5", "SHA256", 1000), ("5", "MURMUR3_128", 0), ("5", "CRC32", 4096),  # MQTT 5: the SDK's default
+    ("3.1.1", "SHA256", 1000),
+])
 def test_sdk_updates_its_firmware_from_an_assigned_package(tb_sdk, protocol, algorithm, chunk_size):
     # The SDK drops leading zero bytes of 32-bit checksums (sdk_utils.verify_checksum): this image has none.
     assert not ota.checksum(algorithm, IMAGE).startswith("00") and not ota.checksum(algorithm, IMAGE).endswith("00")
