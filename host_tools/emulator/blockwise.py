@@ -214,7 +214,9 @@ class Blockwise:
 
     def respond(self, msg: Any, addr: tuple, reply: Any) -> Any:
         """The resource's `reply` (coap.Reply) to `msg` as it goes on the wire: cut to a block when needed, the
-        acknowledged Block1 option added."""
+        acknowledged Block1 option added. A reply that sends nothing (code EMPTY) stays as it is."""
+        if reply.code == 0:
+            return reply
         block1 = _option(msg.options, BLOCK1)
         block2 = self._block(msg, BLOCK2)
         if block2 is not None and block2.num > 0:
@@ -251,7 +253,7 @@ class Blockwise:
         else:
             self._downloads.pop(key, None)
         self._expire(now)
-        return replace(download.reply, payload=chunk, options=options, observe=None)
+        return replace(download.reply, payload=chunk, options=options)
 
     @staticmethod
     def _crop(reply: Any, block: Block) -> Any:

@@ -293,3 +293,17 @@ def test_many_unfinished_uploads_stay_bounded(emu: Emulator, udp: Udp) -> None:
         assert answer(udp).code == Code.CONTINUE
     kept = emu.call(lambda _: [len(server._blockwise._uploads) for server in coap._servers[emu.loop]])
     assert kept == [500]
+
+
+def test_an_observation_whose_first_answer_goes_block_wise_is_kept(emu: Emulator, udp: Udp) -> None:
+    emu.call(lambda s: s.set_shared_attributes("pre-token", {"big": "v" * 2000}))
+    msg = aiocoap.Message(code=aiocoap.GET, uri=f"{emu.uri}/{TOKEN}/attributes", observe=0)
+    msg.mtype, msg.mid, msg.token = aiocoap.CON, 1, b"\x0b"
+    udp.send(msg.encode())
+    first = answer(udp)
+    assert first.code == Code.CONTENT and first.opt.observe is not None
+    assert opt(first, BLOCK2) == Block(0, True, 6).encode()
+    emu.call(lambda s: s.set_shared_attributes("pre-token", {"small": 1}))
+    pushed = answer(udp)
+    assert (pushed.code, pushed.token, pushed.payload) == (Code.CONTENT, b"\x0b", b'{"small":1}')
+    udp.send(wire(Code.EMPTY, aiocoap.ACK, pushed.mid))
