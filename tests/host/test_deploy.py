@@ -6,6 +6,7 @@ Every run is watched for secrets in the argv of any process and in the output.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -38,7 +39,9 @@ def test_unix_board_deploys_provisions_and_sends_telemetry(transport: str) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
     assert "provisioned device 'unix-" in out and f"over {transport}" in out
-    assert "the emulator stored 2 telemetry messages" in out
+    # deploy stops once the emulator holds COUNT messages; on a busy machine the board may get one more out first
+    stored = re.search(r"the emulator stored (\d+) telemetry messages", out)
+    assert stored and int(stored.group(1)) >= 2, out
     assert "[board]" in out and "telemetry 2 sent" in out
     assert DEMO_SECRET not in out
     assert watch.scans > 0 and watch.hits == []
