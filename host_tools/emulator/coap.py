@@ -10,10 +10,12 @@ aiocoap and libcoap remain the clients that check this server's fidelity in the 
 
 Block-wise transfer (RFC 7959) works on every resource as Californium does it for ThingsBoard (blockwise.py). OTA
 packages are served on `/fw/{token}` and `/sw/{token}` (reference §5.8) as OtaPackageTransportResource serves them.
+Server-side RPC: GET on `.../rpc` with Observe=0 subscribes; the request gets only its ACK (empty), and each RPC
+then arrives as a 2.05 notification `{"id", "method", "params"}`; Observe=1 unsubscribes.
 
 Not emulated: DTLS, protobuf payloads, block-wise observe notifications (a notification goes out whole). GET on
-`.../rpc` (the server-side RPC subscription) or on `.../rpc/{id}`, POST on `.../rpc` (client-side RPC) and GET or
-POST on `.../claim` are answered 5.01 Not Implemented.
+`.../rpc` without Observe or on `.../rpc/{id}`, POST on `.../rpc` (client-side RPC) and GET or POST on `.../claim`
+are answered 5.01 Not Implemented.
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def uint(value: int) -> bytes:
 
 @dataclass
 class Reply:
-    """What a resource answers: code, payload, options; `observe` registers the request as an observer.
+    """What a resource answers: code, payload, options; `observe` registers the request as an observer of the
+    `feature` ("attributes" or "rpc").
 
     `separate`: the resource accepted the exchange first (an empty ACK to a CON), the answer follows on its own; a
     `code` of EMPTY then means that no answer follows at all.
@@ -179,6 +182,7 @@ class Reply:
     options: list[tuple[int, bytes]] = field(default_factory=list)
     observe: Device | None = None
     separate: bool = False
+    feature: str = "attributes"
 
 
 @dataclass
@@ -188,6 +192,7 @@ class _Observation:
     mtype: int
     device: str
     handle: object
+    feature: str
     seq: int = 2
 
 
@@ -312,10 +317,11 @@ class CoapServer(asyncio.DatagramProtocol):
             answer = Message(NON, reply.code, self._next_mid(), msg.token, reply.options, reply.payload)
         first = encode(answer)
         self._exchanges[key] = (now, first)
-        self._send(first, addr)
+        if reply.code != EMPTY or msg.mtype == CON:
+            self._send(first, addr)
         obs_key = None
         if reply.observe is not None:
-            obs_key = self._observe(msg, addr, reply.observe)
+            obs_key = self._observe(msg, addr, reply.observe, reply.feature)
         if separate and reply.code != EMPTY:
             response = Message(CON, reply.code, self._next_mid(), msg.token, reply.options, reply.payload)
             self._send_confirmable(response, addr, obs_key)
@@ -384,8 +390,13 @@ class CoapServer(asyncio.DatagramProtocol):
             return Reply(self._posted)
         if method == GET and feature == ["attributes"]:
             if msg.uint_option(OBSERVE) == 1:
-                self._cancel_observation((addr, device.name))
+                self._cancel_observation((addr, device.name, "attributes"))
             return self._get_attributes(msg, device)
+        if method == GET and feature == ["rpc"] and msg.uint_option(OBSERVE) is not None:
+            if msg.uint_option(OBSERVE) == 1:
+                self._cancel_observation((addr, device.name, "rpc"))
+                return Reply(CONTENT)
+            return Reply(EMPTY, observe=device, feature="rpc", separate=True)
         if method in (GET, POST) and feature[0] in ("rpc", "claim"):
             return Reply(NOT_IMPLEMENTED, f"{feature[0]} is not emulated over CoAP".encode(),
                          [(CONTENT_FORMAT, b"")])
@@ -451,8 +462,8 @@ class CoapServer(asyncio.DatagramProtocol):
 
     # --- observe (RFC 7641) on shared attributes -----------------------------------------------------------------
 
-    def _observe(self, msg: Message, addr: tuple, device: Device) -> tuple:
-        key = (addr, device.name)
+    def _observe(self, msg: Message, addr: tuple, device: Device, feature: str) -> tuple:
+        key = (addr, device.name, feature)
         old = self._observations.get(key)
         if old is not None and old.token != msg.token:
             # ThingsBoard ends the replaced observation with 2.02 Deleted.
@@ -465,18 +476,21 @@ class CoapServer(asyncio.DatagramProtocol):
             self._notify(key, kind, data)
 
         handle = self.state.listen(device.name, on_event)
-        self._observations[key] = _Observation(addr, msg.token, msg.mtype, device.name, handle)
+        self._observations[key] = _Observation(addr, msg.token, msg.mtype, device.name, handle, feature)
         return key
 
     def _notify(self, key: tuple, kind: str, data: Any) -> None:
         obs = self._observations.get(key)
-        if obs is None or kind not in ("attributes", "deleted"):
+        if obs is None or kind not in (obs.feature, "deleted"):
             return
         if kind == "deleted":
             # A non-2.xx notification ends the observation (RFC 7641 3.2).
             self._cancel_observation(key)
             self._deliver(Message(obs.mtype, NOT_FOUND, self._next_mid(), obs.token), obs.addr)
             return
+        if kind == "rpc":
+            rpc_id, method, params = data  # type: ignore[misc]
+            data = {"id": rpc_id, "method": method, "params": params}
         options = [(OBSERVE, uint(obs.seq)), (CONTENT_FORMAT, uint(APPLICATION_JSON))]
         obs.seq = (obs.seq + 1) & 0xFFFFFF
         self._deliver(Message(obs.mtype, CONTENT, self._next_mid(), obs.token, options, json_bytes(data)), obs.addr,

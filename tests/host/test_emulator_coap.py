@@ -435,6 +435,28 @@ def test_an_unacknowledged_notification_is_retransmitted_then_the_observation_dr
         emu.close()
 
 
+def test_observe_rpc_side_by_side_with_attributes_then_cancel(emu: Emulator, udp: Udp) -> None:
+    # The RPC observation's request gets only its (empty) ACK; each RPC then comes as a notification with its id.
+    udp.send(wire(aiocoap.GET, aiocoap.CON, 9, b"at", path=f"api/v1/{TOKEN}/attributes", observe=0))
+    assert aiocoap.Message.decode(udp.recv()).opt.observe == 1
+    udp.send(wire(aiocoap.GET, aiocoap.CON, 10, b"rp", path=f"api/v1/{TOKEN}/rpc", observe=0))
+    ack = aiocoap.Message.decode(udp.recv())
+    assert (ack.mtype, ack.code, ack.mid, ack.payload) == (aiocoap.ACK, numbers.codes.Code.EMPTY, 10, b"")
+    rpc_id = emu.call(lambda s: s.send_rpc("pre-token", "setRelay", {"on": True}))
+    note = aiocoap.Message.decode(udp.recv())
+    assert (note.mtype, note.code, note.token) == (aiocoap.CON, CONTENT, b"rp") and note.opt.observe >= 2
+    assert json.loads(note.payload) == {"id": rpc_id, "method": "setRelay", "params": {"on": True}}
+    udp.send(empty(aiocoap.ACK, note.mid))
+    emu.call(lambda s: s.set_shared_attributes("pre-token", {"k": 1}))
+    note = aiocoap.Message.decode(udp.recv())
+    assert (note.token, json.loads(note.payload)) == (b"at", {"k": 1})
+    udp.send(empty(aiocoap.ACK, note.mid))
+    udp.send(wire(aiocoap.GET, aiocoap.CON, 11, b"rp", path=f"api/v1/{TOKEN}/rpc", observe=1))
+    assert aiocoap.Message.decode(udp.recv()).mid == 11
+    emu.call(lambda s: s.send_rpc("pre-token", "setRelay", {"on": False}))
+    assert udp.recv(0.3) is None
+
+
 @pytest.mark.parametrize("code, feature", [(aiocoap.GET, "rpc"), (aiocoap.POST, "rpc"), (aiocoap.POST, "claim")])
 def test_features_the_emulator_does_not_emulate_say_5_01(emu: Emulator, code: Any, feature: str) -> None:
     resp = request(f"{emu.uri}/{TOKEN}/{feature}", code=code, payload=b"{}" if code == aiocoap.POST else b"")
