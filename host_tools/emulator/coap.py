@@ -472,22 +472,23 @@ class CoapServer(asyncio.DatagramProtocol):
         elif old is not None:
             self.state.unlisten(old.handle)
 
-        def on_event(kind: str, data: Any) -> None:
-            self._notify(key, kind, data)
+        def on_event(kind: str, data: Any) -> bool:
+            return self._notify(key, kind, data)
 
         handle = self.state.listen(device.name, on_event)
         self._observations[key] = _Observation(addr, msg.token, msg.mtype, device.name, handle, feature)
         return key
 
-    def _notify(self, key: tuple, kind: str, data: Any) -> None:
+    def _notify(self, key: tuple, kind: str, data: Any) -> bool:
+        """Send the event to the observer; True when it was one for this observation (delivered, as state counts)."""
         obs = self._observations.get(key)
         if obs is None or kind not in (obs.feature, "deleted"):
-            return
+            return False
         if kind == "deleted":
             # A non-2.xx notification ends the observation (RFC 7641 3.2).
             self._cancel_observation(key)
             self._deliver(Message(obs.mtype, NOT_FOUND, self._next_mid(), obs.token), obs.addr)
-            return
+            return True
         if kind == "rpc":
             rpc_id, method, params = data  # type: ignore[misc]
             data = {"id": rpc_id, "method": method, "params": params}
@@ -495,6 +496,7 @@ class CoapServer(asyncio.DatagramProtocol):
         obs.seq = (obs.seq + 1) & 0xFFFFFF
         self._deliver(Message(obs.mtype, CONTENT, self._next_mid(), obs.token, options, json_bytes(data)), obs.addr,
                       key)
+        return True
 
     def _deliver(self, msg: Message, addr: tuple, obs_key: tuple | None = None) -> None:
         """Send a notification: reliably when the observer registered with CON."""
