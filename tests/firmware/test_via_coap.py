@@ -25,10 +25,7 @@ def opened(code, body=b"", kind=ACK, sock=None, token="T"):
     lk = link_answering(code, body, kind, sock)
     script = lk.sock.on_send
 
-    def welcome(sock, data):
-        t, c, mid, tok, _, _ = decode(data)
-        sock.feed(encode(ACK, CONTENT if c == 1 else CREATED, mid, tok, (), b'{"led":true}' if c == 1 else b""))
-    lk.sock.on_send = welcome
+    lk.sock.on_send = tb_server(lambda sock, data: sock.feed(encode(ACK, CREATED, decode(data)[2], decode(data)[3])))
     lk.open({"type": "ACCESS_TOKEN", "token": token}, b'{"fw":"1"}', b'{"t":0}')
     lk.sock.on_send = script
     del lk.sock.sent[:]
@@ -37,23 +34,59 @@ def opened(code, body=b"", kind=ACK, sock=None, token="T"):
     return lk
 
 
-def test_open_sends_client_attributes_gets_shared_ones_and_sends_first_telemetry():
-    lk = link_answering(CREATED)
-    answer = lk.sock.on_send
-
+def tb_server(answer):
+    # ThingsBoard at open: the attributes observation answered with the current ones, the RPC observation with an
+    # empty ACK (its notifications come later); other requests go to answer (a link_answering script).
     def server(sock, data):
-        t, c, mid, tok, _, _ = decode(data)
-        if c == 1:
-            sock.feed(encode(ACK, CONTENT, mid, tok, (), b'{"client":{},"shared":{"led":true}}'))
+        t, c, mid, tok, opts, _ = decode(data)
+        if c == 1 and opts[-1] == (11, b"attributes"):
+            sock.feed(encode(ACK, CONTENT, mid, tok, ((6, b"\x01"),), b'{"led":true}'))
+        elif c == 1:
+            sock.feed(encode(ACK, 0, mid))
         else:
             answer(sock, data)
-    lk.sock.on_send = server
+    return server
+
+
+def test_open_sends_client_attributes_observes_attributes_and_rpc_and_sends_first_telemetry():
+    lk = link_answering(CREATED)
+    lk.sock.on_send = tb_server(lk.sock.on_send)
     lk.open({"type": "ACCESS_TOKEN", "token": "T"}, b'{"fw":"1"}', b'{"t":0}')
-    eq([(m[1], m[4], m[5]) for m in sent(lk)],
-       [(POST, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes"), (12, b"\x32")], b'{"fw":"1"}'),
-        (1, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes")], b""),
-        (POST, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"telemetry"), (12, b"\x32")], b'{"t":0}')])
-    eq(lk.events, [("current", None, b'{"client":{},"shared":{"led":true}}')])
+    eq([(m[0], m[1], m[4], m[5]) for m in sent(lk)],
+       [(CON, POST, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes"), (12, b"\x32")], b'{"fw":"1"}'),
+        (CON, 1, [(6, b""), (11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes")], b""),
+        (CON, 1, [(6, b""), (11, b"api"), (11, b"v1"), (11, b"T"), (11, b"rpc")], b""),
+        (CON, POST, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"telemetry"), (12, b"\x32")], b'{"t":0}')])
+    eq(lk.events, [("attributes", None, b'{"led":true}')])
+
+
+def test_notifications_while_listening_and_in_the_middle_of_a_request():
+    lk = link_answering(CREATED)
+    answer = lk.sock.on_send
+    lk.sock.on_send = tb_server(answer)
+    lk.open({"type": "ACCESS_TOKEN", "token": "T"}, b"{}", b"{}")
+    attrs_token, rpc_token = sent(lk)[1][3], sent(lk)[2][3]
+    lk.events.clear()
+    rpc = b'{"id":5,"method":"setRelay","params":{"on":true}}'
+    lk.sock.feed(encode(CON, CONTENT, 0x7001, rpc_token, ((6, b"\x02"), (12, b"\x32")), rpc))
+    lk.sock.feed(encode(CON, CONTENT, 0x7001, rpc_token, ((6, b"\x02"), (12, b"\x32")), rpc), 5)  # again: ACK lost
+    lk.listen(50)
+    eq(lk.events, [("rpc", None, rpc)])
+    eq([(m[0], m[2]) for m in sent(lk)[-2:]], [(ACK, 0x7001), (ACK, 0x7001)])  # acknowledged twice, taken once
+
+    def push_first(sock, data):
+        # An attributes notification (NON) arrives before the telemetry's answer.
+        t, c, mid, tok, _, _ = decode(data)
+        if t == CON:
+            sock.feed(encode(1, CONTENT, 0x7002, attrs_token, ((6, b"\x03"),), b'{"target":22}'))
+        answer(sock, data)
+    lk.sock.on_send = push_first
+    lk.send_telemetry(b"{}")
+    eq(lk.events[1:], [("attributes", None, b'{"target":22}')])
+    lk.sock.feed(encode(CON, 0x84, 0x7003, rpc_token))  # 4.04: the observation ends
+    lk.listen(20)
+    eq(lk.observing.get(bytes(rpc_token)), None)
+    eq(len(lk.events), 2)
 
 
 def sent(lk):

@@ -157,8 +157,8 @@ except NoAnswer as e:
 # --- aiocoap, answering like ThingsBoard -----------------------------------------------------------------------
 
 class ThingsBoardLike(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
-    """/api/v1/provision, /api/v1/<token>/telemetry and .../attributes with ThingsBoard's codes (document section 5):
-    the device has no shared attributes (GET: 4.04)."""
+    """/api/v1/provision, /api/v1/<token>/telemetry and .../attributes with ThingsBoard's codes (document section 5);
+    GET on .../attributes and .../rpc answers {} (the device has no shared attributes, no RPC comes)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,8 +168,8 @@ class ThingsBoardLike(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
 
     async def render_get(self, request):
         path = request.opt.uri_path
-        if len(path) == 2 and path[1] == "attributes":
-            return aiocoap.Message(code=aiocoap.NOT_FOUND if path[0] == TOKEN else aiocoap.UNAUTHORIZED)
+        if len(path) == 2 and path[1] in ("attributes", "rpc"):  # no notification ever follows
+            return aiocoap.Message(code=aiocoap.CONTENT if path[0] == TOKEN else aiocoap.UNAUTHORIZED, payload=b"{}")
         return aiocoap.Message(code=aiocoap.BAD_REQUEST)
 
     async def render_post(self, request):

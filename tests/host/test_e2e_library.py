@@ -78,7 +78,7 @@ def rpc(emu: EmulatorProcess, name: str, method: str, params: object, timeout: f
     raise AssertionError(f"no reply to {method} within {timeout} s")
 
 
-@pytest.mark.parametrize("transport", ["mqtt", "http"])
+@pytest.mark.parametrize("transport", ["mqtt", "http", "coap"])
 def test_user_application(emulator, tmp_path: Path, transport: str) -> None:
     name = f"lib-{transport}"
     board = FirmwareBoard(tmp_path / "b", {

@@ -39,6 +39,38 @@ def _why(code, body):
     return (code >> 5) * 100 + (code & 31), text or "%d.%02d" % (code >> 5, code & 31)
 
 
+def _parse(data):
+    # (type, code, message id, token, payload) of a datagram, or None when it is malformed: a malformed message is
+    # silently ignored (RFC 7252 4.2): bad header, token length over 8, reserved option nibble 15, an option or
+    # token past the end, a payload marker with no payload, an empty message with content.
+    n = len(data)
+    if n < 4 or data[0] >> 6 != 1 or data[0] & 15 > 8:
+        return None
+    i = 4 + (data[0] & 15)
+    tok = data[4:i]
+    ok = True
+    try:
+        while ok and i < n and data[i] != 0xFF:
+            d = data[i] >> 4
+            ln = data[i] & 15
+            ok = d != 15 and ln != 15
+            i += 1 + (d == 13) + 2 * (d == 14)  # past the delta's extension: the number is not needed
+            if ln == 13:
+                ln = 13 + data[i]
+                i += 1
+            elif ln == 14:
+                ln = 269 + (data[i] << 8 | data[i + 1])
+                i += 2
+            i += ln
+    except IndexError:
+        ok = False
+    body = data[i + 1:]
+    c = data[1]
+    if not ok or i > n or i < n and not body or c == 0 and n > 4:
+        return None
+    return data[0] >> 4 & 3, c, data[2] << 8 | data[3], tok, body
+
+
 class Link:
     # One UDP socket to the server, opened by the first request; requests are made one at a time.
     def __init__(self, cfg):
@@ -51,6 +83,8 @@ class Link:
         self.mid = int.from_bytes(os.urandom(2), "big")
         self.seen = []
         self._path = None
+        self.observing = {}  # token: the event kind its notifications are
+        self.events = []  # (kind, None, payload) of notifications, for tbfleet.Device
 
     def provision(self, request):
         code, body = self.request(_POST, ("api", "v1", "provision"), request, _JSON)
@@ -68,12 +102,15 @@ class Link:
         # Uri-Path options carry raw segments: the token needs no escaping
         self._path = ("api", "v1", creds["token"])
         self.events = []
-        self.post("attributes", hello)
-        code, body = self.request(_GET, self._path + ("attributes",))
-        if code == _CONTENT:
-            self.events.append(("current", None, body))
-        elif code != _NOT_FOUND:  # 4.04: no attributes at all
-            self.check(code, body)
+        self.observing = {}
+        self.post(("attributes",), hello)
+        # Observing the shared attributes answers with all of them ({} when none), then each change follows.
+        for feature in ("attributes", "rpc"):
+            code, body = self.request(_GET, self._path + (feature,), observe=feature)
+            if code == _CONTENT and feature == "attributes":
+                self.events.append((feature, None, body))
+            elif code and code >> 5 != 2:  # 0: an empty ACK, the first notification to come
+                self.check(code, body)
         self.send_telemetry(first)
 
     def check(self, code, body):
@@ -84,31 +121,69 @@ class Link:
             raise Refused(401, "unauthorized")
         raise Rejected(*_why(code, body))
 
-    def post(self, feature, payload):
+    def post(self, path, payload):
+        # path: the segments after the token.
         if self._path is None:
             raise ValueError("not open")
-        self.check(*self.request(_POST, self._path + (feature,), payload, _JSON, (), _RX_TELEMETRY))
+        self.check(*self.request(_POST, self._path + path, payload, _JSON, (), _RX_TELEMETRY))
 
     def send_telemetry(self, payload):
-        self.post("telemetry", payload)
+        self.post(("telemetry",), payload)
 
     def reply(self, rid, payload):
         # The reply to server-side RPC rid.
-        self.post("rpc/%d" % rid, payload)
+        self.post(("rpc", str(rid)), payload)
 
     def listen(self, ms):
-        time.sleep_ms(ms)
+        # Waits up to ms for notifications of the observations (events) and takes them.
+        if not self.sock:
+            time.sleep_ms(ms)  # no observation without the socket: the next request makes one
+            return
+        at = time.ticks_add(time.ticks_ms(), ms)
+        while self.sock and self.poller.poll(max(0, time.ticks_diff(at, time.ticks_ms()))):
+            try:
+                data = self.sock.recv(_RX)
+            except OSError as e:
+                if e.errno == 11:
+                    continue
+                self.close()
+                raise NoAnswer("CoAP to %s:%d failed: %s" % (self.cfg.host, self.cfg.port, e))
+            parsed = _parse(data)
+            if parsed and not self._notified(*parsed) and parsed[0] == 0:
+                self.sock.send(bytes((0x70, 0, data[2], data[3])))  # a CON not ours, or a ping: reset
+
+    def _notified(self, kind, code, mid, token, body):
+        # Takes a CON or NON of an observation (True): acknowledged, once (a retransmission is only acknowledged
+        # again), its payload an event; a notification that is not 2.xx ends the observation (RFC 7641 3.2).
+        event = self.observing.get(bytes(token))
+        if kind > 1 or event is None:
+            return False
+        if kind == 0:
+            self.sock.send(bytes((0x60, 0, mid >> 8, mid & 255)))
+            if mid in self.seen:
+                return True
+            self.seen.append(mid)
+            if len(self.seen) > _SEEN:
+                self.seen.pop(0)
+        if code >> 5 == 2:
+            self.events.append((event, None, bytes(body)))
+        else:
+            self.observing.pop(bytes(token))
+        return True
 
     def close(self):
         self._path = None
+        self.observing = {}
         if self.sock:
             self.sock.close()
             self.sock = self.poller = None
 
-    def request(self, code, path, payload=None, fmt=None, query=(), rx=_RX):
+    def request(self, code, path, payload=None, fmt=None, query=(), rx=_RX, observe=None):
         # A confirmable request. path: raw segments (one may hold "/"), query: "key=value" strings, fmt: the
-        # Content-Format number or None, rx: the largest datagram taken (a longer one is cut).
-        # Returns (response code, payload bytes); NoAnswer when none came.
+        # Content-Format number or None, rx: the largest datagram taken (a longer one is cut). observe: the event
+        # kind ("attributes", "rpc") of an observation this GET registers (RFC 7641): its notifications become
+        # events, and an empty ACK ends the request (the response comes as the first notification).
+        # Returns (response code, payload bytes), (0, b"") for that empty ACK; NoAnswer when none came.
         cfg = self.cfg
         try:
             if not self.sock:
@@ -127,6 +202,9 @@ class Link:
             msg = bytearray((0x44, code, mid >> 8, mid & 255))  # version 1, CON, 4-byte token
             msg += token
             opts = [(11, seg.encode()) for seg in path]  # Uri-Path
+            if observe:
+                opts.insert(0, (6, b""))  # Observe: 0, register
+                self.observing[bytes(token)] = observe
             if fmt is not None:
                 opts.append((12, fmt.to_bytes((fmt > 0) + (fmt > 255), "big")))  # Content-Format: a minimal uint
             for q in query:
@@ -176,36 +254,10 @@ class Link:
                     if e.errno == 11:
                         continue
                     raise
-                # A malformed message is silently ignored (RFC 7252 4.2): bad header, token length over 8,
-                # reserved option nibble 15, an option or token past the end, a payload marker with no payload,
-                # an empty message with content.
-                n = len(data)
-                if n < 4 or data[0] >> 6 != 1 or data[0] & 15 > 8:
+                parsed = _parse(data)
+                if parsed is None:
                     continue
-                i = 4 + (data[0] & 15)
-                tok = data[4:i]
-                ok = True
-                try:
-                    while ok and i < n and data[i] != 0xFF:
-                        d = data[i] >> 4
-                        ln = data[i] & 15
-                        ok = d != 15 and ln != 15
-                        i += 1 + (d == 13) + 2 * (d == 14)  # past the delta's extension: the number is not needed
-                        if ln == 13:
-                            ln = 13 + data[i]
-                            i += 1
-                        elif ln == 14:
-                            ln = 269 + (data[i] << 8 | data[i + 1])
-                            i += 2
-                        i += ln
-                except IndexError:
-                    ok = False
-                body = data[i + 1:]
-                c = data[1]
-                if not ok or i > n or i < n and not body or c == 0 and n > 4:
-                    continue
-                kind = data[0] >> 4 & 3
-                m = data[2] << 8 | data[3]
+                kind, c, m, tok, body = parsed
                 if kind > 1:
                     # ACK or RST, matched by message id: another id is a late answer to an earlier request.
                     if m != mid:
@@ -213,15 +265,19 @@ class Link:
                     if kind == 3:
                         raise NoAnswer("the server reset the request")
                     if c == 0:
+                        if observe:
+                            return 0, b""
                         # Empty ACK: the response follows separately, retransmission stops.
                         acked = True
                         at = time.ticks_add(time.ticks_ms(), int(cfg.timeout * 1000))
                     elif tok == token:
                         return c, body
                     continue
-                # CON or NON: a separate response, matched by token.
+                # CON or NON: a separate response, matched by token, or a notification of an observation.
                 if kind == 0 and m in self.seen:
                     sock.send(bytes((0x60, 0, data[2], data[3])))  # our ACK was lost: ACK again, do not process
+                    continue
+                if tok != token and self._notified(kind, c, m, tok, body):
                     continue
                 if tok != token or c < 64:
                     if kind == 0:
