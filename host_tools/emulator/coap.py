@@ -358,7 +358,7 @@ class CoapServer(asyncio.DatagramProtocol):
         if unknown:
             return Reply(BAD_OPTION, f"Unrecognized critical option {unknown[0]}".encode(), [(CONTENT_FORMAT, b"")])
         path = [v.decode("utf-8", "replace") for v in msg.option_values(URI_PATH)]
-        if path[:1] in (["fw"], ["sw"]):
+        if path[:1] in (["fw"], ["sw"]) and self.state.at_least(3, 3):  # OTA came with ThingsBoard 3.3
             return self._ota(msg, path)
         if path[:2] != ["api", "v1"]:
             return Reply(NOT_FOUND)

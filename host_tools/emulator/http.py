@@ -55,6 +55,7 @@ _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 2 * 1024 * 1024
 _JSON = "application/json"
 _TEXT = "text/plain;charset=UTF-8"
+_OTA_SHAPES = (("firmware",), ("software",))  # the OTA downloads, from ThingsBoard 3.3 on
 
 
 @dataclass
@@ -338,7 +339,7 @@ class HttpApi:
             return Response(200, json_bytes(answer), _negotiate(request))
         token, feature = seg[0], seg[1:]
         shape = tuple(feature[:1]) + (("*",) if feature[:1] == ["rpc"] and len(feature) == 2 else tuple(feature[1:]))
-        handlers = self._routes.get(shape)
+        handlers = self._routes.get(shape) if shape not in _OTA_SHAPES or self.state.at_least(3, 3) else None
         if handlers is None:
             return error_json(404, "No static resource " + redact(request.path).lstrip("/") + ".", 32)
         handler = handlers.get(method)
@@ -346,7 +347,7 @@ class HttpApi:
             return _method_not_allowed(method)
         if method == "POST" and not request.body and shape != ("claim",):  # a claim's body is optional (§6.4)
             return error_json(400, "Required request body is missing", 31)
-        if shape in (("firmware",), ("software",)):
+        if shape in _OTA_SHAPES:
             refused = _ota_parameters(request)  # Spring binds them before the token is looked at
             if refused is not None:
                 return refused

@@ -610,7 +610,7 @@ class Session:
             elif (reply := _topic_id(topic, RPC_RESPONSE_PREFIXES)) is not None:
                 self.state.record_rpc_reply(device, reply[1], payload)
                 self.puback(packet_id)
-            elif (request := OTA_REQUEST.search(topic)) is not None:
+            elif self.state.at_least(3, 3) and (request := OTA_REQUEST.search(topic)) is not None:
                 await self._ota_chunk(device, request, payload, packet_id)
             elif topic.startswith(NOT_EMULATED_PREFIXES):
                 self.puback(packet_id)

@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         state = EmulatorState(config, args.db, args.server_version)
     except ConfigError as e:
-        print(f"emulator: config does not fit the database {args.db}: {e}", file=sys.stderr)
+        version = ".".join(map(str, args.server_version))
+        print(f"emulator: config does not fit the database {args.db} or ThingsBoard {version}: {e}", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(args, state))

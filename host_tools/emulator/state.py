@@ -247,6 +247,7 @@ def validate_config(config: Any) -> None:
     _validate_ota_config(config)
 
 
+_NO_OTA = "ThingsBoard before 3.3 has no OTA packages"
 _PACKAGE_FIELDS = {"title", "version", "type", "profile", "tag", "url", "file", "text", "base64", "fileName",
                    "contentType", "checksumAlgorithm", "checksum", "additionalInfo"}
 _PACKAGE_SOURCES = ("url", "file", "text", "base64")
@@ -638,6 +639,8 @@ class EmulatorState:
 
     def _load_ota(self, config: dict) -> None:
         """Upsert the config's packages (by title and version) and write the assignments it names."""
+        if config.get("otaPackages") and not self.at_least(3, 3):
+            raise ConfigError(f"otaPackages: {_NO_OTA}")
         ids: dict[tuple[str, str], str] = {}
         for i, entry in enumerate(config.get("otaPackages", [])):
             data = None if "url" in entry else _config_package_data(entry, f"otaPackages[{i}]")
@@ -1077,6 +1080,8 @@ class EmulatorState:
         OtaError with ThingsBoard's message for a missing or too long title or version, an unknown type or
         profile, and a title and version another package already has.
         """
+        if not self.at_least(3, 3):
+            raise OtaError(_NO_OTA)
         if not isinstance(title, str) or not title.strip():
             raise OtaError("OtaPackage title should be specified!")
         if ota_type not in ota.TYPES:

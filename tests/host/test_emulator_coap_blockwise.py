@@ -307,3 +307,11 @@ def test_an_observation_whose_first_answer_goes_block_wise_is_kept(emu: Emulator
     pushed = answer(udp)
     assert (pushed.code, pushed.token, pushed.payload) == (Code.CONTENT, b"\x0b", b'{"small":1}')
     udp.send(wire(Code.EMPTY, aiocoap.ACK, pushed.mid))
+
+
+def test_before_3_3_there_is_no_fw_resource() -> None:
+    emu = Emulator(CONFIG, (3, 2, 2))
+    try:
+        assert request(f"{root(emu)}/fw/{TOKEN}", code=aiocoap.GET).code == Code.NOT_FOUND
+    finally:
+        emu.close()

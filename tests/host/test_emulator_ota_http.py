@@ -122,3 +122,12 @@ def test_bad_parameters_are_spring_400s_even_before_the_token_is_checked(emu: Em
         status, _, body = emu.request("GET", f"/api/v1/{token}/firmware?{query}")
         error = json.loads(body)
         assert (status, error["status"], error["errorCode"], error["message"]) == (400, 400, 31, message)
+
+
+def test_before_3_3_the_download_paths_do_not_exist() -> None:
+    emu = Emulator(CONFIG, (3, 2, 2))
+    try:
+        status, _, body = emu.request("GET", f"/api/v1/{TOKEN}/firmware?title=fw&version=1.0")
+        assert (status, json.loads(body)["errorCode"]) == (404, 32)
+    finally:
+        emu.close()

@@ -169,3 +169,12 @@ def test_the_paho_session_survives_a_whole_download_and_keeps_serving_telemetry(
         assert states == ["QUEUED", "INITIATED", "UPDATED"]
         with pytest.raises(queue.Empty):
             client.message(timeout=0.2)
+
+
+def test_before_3_3_the_chunk_topics_are_unknown():
+    with mqtt_emulator(server_version=(3, 2)) as emu:
+        with raw_session(emu, "v2/fw/response/+/chunk/+") as raw:
+            raw.send(publish_packet("v2/fw/request/1/chunk/0", b"100", packet_id=4))
+            assert raw.read_packet() == (0x40, b"\x00\x04")  # a PUBACK and nothing else: the topic means nothing
+            raw.send(publish_packet("v1/devices/me/telemetry", b'{"after":1}', packet_id=5))
+            assert raw.read_packet() == (0x40, b"\x00\x05")

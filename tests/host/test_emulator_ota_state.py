@@ -306,3 +306,13 @@ def test_config_mistakes_are_named(tmp_path, change, message):
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=message):
         load_config(str(path))
+
+
+def test_before_3_3_there_are_no_ota_packages(tmp_path):
+    config = ota_config(tmp_path)
+    config["otaPackages"][1]["file"] = str(tmp_path / "fw-2.bin")
+    with pytest.raises(ConfigError, match="^otaPackages: ThingsBoard before 3.3 has no OTA packages$"):
+        EmulatorState(config, server_version=(3, 2, 2))
+    state = EmulatorState(CONFIG, server_version=(3, 2, 2))
+    with pytest.raises(OtaError, match="^ThingsBoard before 3.3 has no OTA packages$"):
+        state.create_package("fw", "1.0", "FIRMWARE", "check")
