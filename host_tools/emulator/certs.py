@@ -11,15 +11,17 @@ import datetime
 import ipaddress
 import logging
 import os
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+
+from host_tools.emulator import tls
 
 log = logging.getLogger(__name__)
 
@@ -112,30 +114,16 @@ def client_certificate(common_name: str, ca: ServerFiles | None = None, days: in
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def server_context(files: ServerFiles, device_certificates: Callable[[], Iterable[str]]) -> ssl.SSLContext:
-    """A TLS server context asking for (not requiring) a client certificate.
+def server_context(files: ServerFiles) -> SSL.Context:
+    """The MQTTS listener's TLS context: the server certificate; any client certificate passes the handshake.
 
-    ThingsBoard accepts any client certificate in the handshake and refuses unknown ones at CONNACK. OpenSSL
-    only accepts certificates it can verify, so the context trusts the emulator's CA plus every X.509 device
-    certificate the state holds (`device_certificates()` gives their one-line base64 text); newly provisioned
-    ones are added at the start of each handshake.
+    ThingsBoard accepts any client certificate in the handshake and refuses unknown ones at CONNACK (tls.py).
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(files.server_pem, files.server_key)
-    ctx.load_verify_locations(cafile=files.ca_pem)
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    trusted: set[str] = set()
+    return tls.server_context(str(files.server_pem), str(files.server_key))
 
-    def refresh(_sock: object, _server_name: str | None, context: ssl.SSLContext) -> None:
-        for text in device_certificates():
-            if text in trusted:
-                continue
-            trusted.add(text)
-            pem = "-----BEGIN CERTIFICATE-----\n" + text + "\n-----END CERTIFICATE-----\n"
-            try:
-                context.load_verify_locations(cadata=pem)
-            except (ssl.SSLError, ValueError):
-                log.debug("an X.509 credential is not a loadable certificate; devices cannot use it over TLS")
 
-    ctx.sni_callback = refresh
-    return ctx
+def valid_now(cert_der: bytes) -> bool:
+    """Whether the certificate's validity period includes now (ThingsBoard checks it at CONNECT)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc

@@ -18,11 +18,12 @@ import contextlib
 import json
 import logging
 import re
-import ssl
 import struct
 from typing import Iterable
 
-from host_tools.emulator import ota
+from OpenSSL import SSL
+
+from host_tools.emulator import certs, ota, tls
 from host_tools.emulator.state import CONNACK_NOT_AUTHORIZED, Device, EmulatorState, PayloadError, RequestError, \
     json_bytes, parse_keys
 
@@ -341,7 +342,7 @@ class Session:
         except asyncio.TimeoutError:
             log.info("mqtt %s: inactive for %.0f s, closing", self.peer, self.server.inactivity_timeout)
             await self._close_after_error(RC_MAXIMUM_CONNECT_TIME)
-        except (asyncio.IncompleteReadError, ConnectionError, _Closed, ssl.SSLError):
+        except (asyncio.IncompleteReadError, ConnectionError, _Closed):
             pass
         except Exception:  # keep serving everybody else whatever one session hits
             log.exception("mqtt %s: session failed", self.peer)
@@ -351,7 +352,7 @@ class Session:
     async def _close_after_error(self, reason: int) -> None:
         # Before its CONNACK a session's protocol version is unknown to the server: it closes without a word.
         if self._connected:
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
+            with contextlib.suppress(ConnectionError):
                 await self.close_with(reason)
 
     def _finish(self) -> None:
@@ -425,9 +426,11 @@ class Session:
 
     def _authenticate(self, client_id: str, username: str | None, password: str | None
                       ) -> tuple[Device | None, int, str]:
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        cert = self.writer.get_extra_info("client_certificate")  # DER, from the TLS listener (tls.py)
         if cert:
+            # Certificate path only: user name and password are not looked at (reference §3.4).
+            if not certs.valid_now(cert):
+                return None, CONNACK_NOT_AUTHORIZED, "X.509 certificate expired or not yet valid"
             device = self.state.device_by_x509(cert)
             return device, RC_SUCCESS if device else CONNACK_NOT_AUTHORIZED, \
                 "X.509 certificate" if device else "unknown X.509 certificate"
@@ -719,10 +722,13 @@ class MqttServer:
         self._sessions: set[Session] = set()
         self._tasks: set[asyncio.Task] = set()
 
-    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
-        """Start a listener (TLS when `ssl_context` is given) and return its bound port."""
-        server = await asyncio.start_server(self._accept, host, port, ssl=ssl_context,
-                                            ssl_handshake_timeout=10.0 if ssl_context else None)
+    async def listen(self, host: str, port: int, tls_context: SSL.Context | None = None) -> int:
+        """Start a listener (TLS when `tls_context` is given, see tls.py) and return its bound port."""
+        if tls_context is None:
+            server = await asyncio.start_server(self._accept, host, port)
+        else:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: tls.TlsServerProtocol(tls_context, self._accept), host, port)
         self._servers.append(server)
         return server.sockets[0].getsockname()[1]
 

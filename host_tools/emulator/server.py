@@ -88,7 +88,7 @@ async def _serve(args: argparse.Namespace, state: EmulatorState) -> None:
         ports["coap"] = await coap.start(state, args.bind, args.coap_port, separate=args.coap_separate)
         if args.mqtts_port is not None:
             files = certs.ensure_server_files(args.tls_dir)
-            context = certs.server_context(files, state.x509_certificates)
+            context = certs.server_context(files)
             ports["mqtts"] = await mqtt.listen(args.bind, args.mqtts_port, context)
         sys.stdout.write(json.dumps(ports) + "\n")
         sys.stdout.flush()

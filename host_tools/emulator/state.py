@@ -865,11 +865,6 @@ class EmulatorState:
         device = self._by_credentials_id(sha3_hex(base64.b64encode(cert_der).decode("ascii")))
         return device if device is not None and device.credentials_type == X509_CERTIFICATE else None
 
-    def x509_certificates(self) -> list[str]:
-        """The one-line base64 text of every X509_CERTIFICATE credential (the TLS listener trusts them)."""
-        rows = self._db.execute("SELECT value FROM credentials WHERE type = ?", (X509_CERTIFICATE,))
-        return [value for (value,) in rows.fetchall()]
-
     def authenticate_mqtt(self, client_id: str, username: str | None, password: str | None
                           ) -> tuple[Device | None, int]:
         """Check MQTT CONNECT credentials (no certificate); (device, 0) or (None, MQTT 5 CONNACK reason)."""

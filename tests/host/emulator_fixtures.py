@@ -153,7 +153,7 @@ def mqtt_emulator(config: dict = CONFIG, server_version: tuple[int, ...] = (4, 3
         server = MqttServer(state, **server_options)
         emu = InProcessMqtt(loop, state, server, await server.listen("127.0.0.1", 0), events)
         if tls is not None:
-            emu.tls_port = await server.listen("127.0.0.1", 0, certs.server_context(tls, state.x509_certificates))
+            emu.tls_port = await server.listen("127.0.0.1", 0, certs.server_context(tls))
         return emu
 
     emu = asyncio.run_coroutine_threadsafe(setup(), loop).result(10)
@@ -185,9 +185,10 @@ def mqtt_packet(first: int, body: bytes = b"") -> bytes:
 
 def connect_packet(client_id: str = "raw", username: str | None = None, password: str | None = None,
                    clean: bool = True, level: int = 4, protocol: str = "MQTT") -> bytes:
-    """A CONNECT packet (keep-alive 60)."""
+    """A CONNECT packet (keep-alive 60; level 5: with an empty property list)."""
     flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = mqtt_string(protocol) + bytes([level, flags]) + struct.pack("!H", 60) + mqtt_string(client_id)
+    body = mqtt_string(protocol) + bytes([level, flags]) + struct.pack("!H", 60) + (b"\x00" if level == 5 else b"") \
+        + mqtt_string(client_id)
     if username is not None:
         body += mqtt_string(username)
     if password is not None:

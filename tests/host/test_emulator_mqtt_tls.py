@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
 import json
+import socket
 import ssl
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
 
-from emulator_fixtures import ALLOW_KEY, ALLOW_SECRET, CONFIG, Paho, mqtt_emulator
+from emulator_fixtures import ALLOW_KEY, ALLOW_SECRET, CONFIG, Paho, connect_packet, mqtt_emulator
 from host_tools.emulator import certs
 
 
@@ -87,6 +93,110 @@ def test_unknown_certificate_handshakes_then_is_refused_at_connack(tls_files, tm
         finally:
             client.client.loop_stop()
         assert any("unknown X.509 certificate" in e for e in emu.events)
+
+
+def self_signed(tmp_path: Path, name: str, not_before: datetime.datetime | None = None,
+                not_after: datetime.datetime | None = None) -> dict:
+    """Files of a self-signed client certificate nobody registered, optionally with the given validity."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before or now - datetime.timedelta(hours=1))
+            .not_valid_after(not_after or now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return write_pair(tmp_path, name, (cert.public_bytes(Encoding.PEM), key.private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())))
+
+
+def test_unknown_self_signed_certificate_is_refused_at_connack(tls_files, tmp_path):
+    options = tls_options(tls_files, self_signed(tmp_path, "stranger"))
+    with mqtt_emulator(tls=tls_files) as emu:
+        client = Paho(emu.tls_port, "c", "preTokenValue0000001", tls=options)  # the token is not looked at
+        try:
+            assert client.rc.is_failure and client.rc.getName() == "Not authorized"  # 3.1.1 return code 5
+        finally:
+            client.client.loop_stop()
+        client = Paho(emu.tls_port, "c", "preTokenValue0000001", tls=options, protocol=mqtt.MQTTv5)
+        try:
+            assert client.rc.value == 0x87
+        finally:
+            client.client.loop_stop()
+        # The bytes: CONNACK 0x87 without properties, then DISCONNECT 0x87, then the close.
+        context = ssl.create_default_context(cafile=options["ca_certs"])
+        context.load_cert_chain(options["certfile"], options["keyfile"])
+        with socket.create_connection(("127.0.0.1", emu.tls_port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(connect_packet("c", "preTokenValue0000001", level=5))
+            received = b""
+            while chunk := s.recv(100):
+                received += chunk
+        assert received == b"\x20\x03\x00\x87\x00\xe0\x02\x87\x00"
+        assert sum("unknown X.509 certificate" in e for e in emu.events) == 3
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_unknown_self_signed_certificate_may_provision_then_connect(tls_files, tmp_path, protocol):
+    files = self_signed(tmp_path, "newcomer")
+    options = tls_options(tls_files, files)
+    pem = Path(files["certfile"]).read_text()
+    with mqtt_emulator(tls=tls_files) as emu:
+        with Paho(emu.tls_port, "provision", tls=options, protocol=protocol) as p:
+            assert p.rc == 0
+            assert p.publish("/provision/request", json.dumps({
+                "deviceName": "newcomer", "provisionDeviceKey": ALLOW_KEY, "provisionDeviceSecret": ALLOW_SECRET,
+                "credentialsType": "X509_CERTIFICATE", "hash": pem})) == 0
+            assert json.loads(p.message().payload)["status"] == "SUCCESS"
+        with Paho(emu.tls_port, "newcomer", tls=options, protocol=protocol) as d:
+            assert d.rc == 0
+            d.publish("v1/devices/me/telemetry", b'{"provisioned":1}')
+        assert emu.call(lambda s: s.telemetry("newcomer"))[0]["values"] == {"provisioned": 1}
+
+
+def test_expired_registered_certificate_is_refused_at_connack(tls_files, tmp_path):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    files = self_signed(tmp_path, "old", now - datetime.timedelta(days=10), now - datetime.timedelta(days=1))
+    config = {"profiles": CONFIG["profiles"], "devices": [
+        {"name": "old", "profile": "check", "credentialsType": "X509_CERTIFICATE",
+         "credentialsValue": Path(files["certfile"]).read_text()}]}
+    with mqtt_emulator(config, tls=tls_files) as emu:
+        client = Paho(emu.tls_port, "c", tls=tls_options(tls_files, files))
+        try:
+            assert client.rc.is_failure and client.rc.getName() == "Not authorized"
+        finally:
+            client.client.loop_stop()
+        assert any("expired or not yet valid" in e for e in emu.events)
+
+
+def test_a_chain_whose_certificates_do_not_sign_each_other_is_dropped_after_the_handshake(tls_files, tmp_path):
+    leaf = self_signed(tmp_path, "leaf")
+    unrelated = self_signed(tmp_path, "unrelated")
+    chain = tmp_path / "chain.pem"
+    chain.write_text(Path(leaf["certfile"]).read_text() + Path(unrelated["certfile"]).read_text())
+    context = ssl.create_default_context(cafile=str(tls_files.ca_pem))
+    context.load_cert_chain(str(chain), leaf["keyfile"])
+    with mqtt_emulator(tls=tls_files) as emu:
+        with socket.create_connection(("127.0.0.1", emu.tls_port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as s:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                s.sendall(connect_packet("c", "preTokenValue0000001"))
+            with pytest.raises((ConnectionError, ssl.SSLError)):
+                if not s.recv(10):
+                    raise ConnectionError("closed")
+
+
+def test_tls_garbage_and_silence_do_not_stop_the_listener(tls_files):
+    with mqtt_emulator(tls=tls_files) as emu:
+        with socket.create_connection(("127.0.0.1", emu.tls_port), timeout=5) as junk:
+            junk.sendall(b"\x16\x03\x01\x00\x05hello" + bytes(range(256)))
+            with contextlib.suppress(ConnectionError):
+                assert junk.recv(100) is not None
+        silent = socket.create_connection(("127.0.0.1", emu.tls_port), timeout=5)
+        try:
+            with Paho(emu.tls_port, "c", "preTokenValue0000001", tls=tls_options(tls_files)) as d:
+                assert d.rc == 0
+        finally:
+            silent.close()
 
 
 def test_tls_without_client_certificate_uses_the_token_and_provisioning(tls_files):
