@@ -11,7 +11,8 @@ with the configuration ThingsBoard gives it (reference §5.1; DefaultCoapServerS
   number 0 is always answered with a Block2 option (BLOCKWISE_STRICT_BLOCK2_OPTION).
 
 Transfers live BLOCKWISE_STATUS_LIFETIME seconds after their last block; at most `max_transfers` of each kind and
-`max_buffered` bytes of unfinished uploads are kept, the oldest given up first, so that garbage cannot grow memory.
+`max_buffered` bytes of each kind are kept, the oldest given up first, so that garbage cannot grow memory (a
+download given up still completes: its later blocks are cropped from the resource's answer each time).
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class Blockwise:
                 transfers.popitem(last=False)
         while self._uploads and sum(len(u.body) for u in self._uploads.values()) > self.max_buffered:
             self._uploads.popitem(last=False)
+        # A download given up is not lost: its next block goes to the resource again and is cropped from its answer.
+        while self._downloads and sum(len(d.reply.payload) for d in self._downloads.values()) > self.max_buffered:
+            self._downloads.popitem(last=False)
 
     # --- requests ------------------------------------------------------------------------------------------------
 

@@ -315,3 +315,18 @@ def test_before_3_3_there_is_no_fw_resource() -> None:
         assert request(f"{root(emu)}/fw/{TOKEN}", code=aiocoap.GET).code == Code.NOT_FOUND
     finally:
         emu.close()
+
+
+def test_a_download_over_the_memory_budget_still_completes_block_by_block(emu: Emulator, udp: Udp) -> None:
+    emu.call(lambda _: [setattr(server._blockwise, "max_buffered", 2000) for server in coap._servers[emu.loop]])
+    got = b""
+    for num in range(5):
+        udp.send(block_datagram(aiocoap.GET, f"fw/{TOKEN}", 1 + num, block2=Block(num, False, 6).encode()))
+        reply = answer(udp)
+        if reply.code == Code.EMPTY:  # the first block: accepted, then answered separately
+            reply = answer(udp)
+            udp.send(wire(Code.EMPTY, aiocoap.ACK, reply.mid))
+        assert opt(reply, BLOCK2) == Block(num, num < 4, 6).encode()
+        got += reply.payload
+    assert got == IMAGE
+    assert emu.call(lambda _: [len(server._blockwise._downloads) for server in coap._servers[emu.loop]]) == [0]
