@@ -416,6 +416,8 @@ class HttpApi:
             return False
 
         handle = self.state.listen(device.name, on_event)
+        if kind == "rpc":
+            self.state.rpc_subscribed(device.name)  # a long poll for RPC is a subscription: it gets a waiting one
         try:
             event_kind, data = await asyncio.wait_for(arrived, max(timeout_ms, 0) / 1000)
         except TimeoutError:

@@ -531,6 +531,8 @@ class Session:
             granted = ", ".join(t for (t, _), code in zip(filters, codes, strict=True) if code != failure)
             self.state.event(f"mqtt: device {self.device.name!r} subscribed to {granted or 'nothing'}")
         self.send(packet(_SUBACK << 4, self._acks(packet_id, bytes(codes))))
+        if self.device is not None and self._push_topic("rpc") is not None:
+            self.state.rpc_subscribed(self.device.name)  # RPC requests that waited for a subscription go now
 
     def _qos(self, topic: str) -> int:
         """Granted QoS of the subscription matching the outgoing `topic`; 1 when none does (the server's default)."""

@@ -554,29 +554,37 @@ class RestApi:
         now_ms = int(time.time() * 1000)
         deadline_ms = expiration if expiration else now_ms + max(timeout_ms or 0, MIN_RPC_TIMEOUT_MS)
         loop = asyncio.get_running_loop()
-        reply: asyncio.Future = loop.create_future()
-        sent: list[int] = []
+        # Resolved with ("reply", reply) for a two-way request, with ("sent", None) for a one-way one.
+        outcome: asyncio.Future = loop.create_future()
+        sent: dict[str, Any] = {}
 
         def on_event(event_kind: str, data: Any) -> bool:
-            if event_kind == "rpc_reply" and sent and data[0] == sent[0] and not reply.done():
-                reply.set_result(data[1])
+            if outcome.done() or "id" not in sent:
+                return False
+            if event_kind == "rpc_reply" and data[0] == sent["id"]:
+                outcome.set_result(("reply", data[1]))
+            elif event_kind == "rpc_delivered" and data == sent["id"]:
+                sent["delivered"] = True
+                if kind == "oneway":
+                    outcome.set_result(("sent", None))
             return False
 
         handle = self.state.listen(name, on_event)
         try:
-            rpc_id, delivered = self.state.call_rpc(name, method, body.get("params", {}))
-            sent.append(rpc_id)
-            if kind == "oneway" and delivered:
+            sent["id"], sent["delivered"] = self.state.call_rpc(name, method, body.get("params", {}), deadline_ms)
+            if kind == "oneway" and sent["delivered"]:
                 return Response(200)
             try:
-                result = await asyncio.wait_for(reply, max(deadline_ms - now_ms, 0) / 1000)
+                what, result = await asyncio.wait_for(outcome, max(deadline_ms - now_ms, 0) / 1000)
             except TimeoutError:
-                status = 504 if v2 else 408 if delivered else 409
-                self.state.event(f"rpc {rpc_id} to {name!r} expired: REST answer {status}")
+                status = 504 if v2 else 408 if sent["delivered"] else 409
+                self.state.event(f"rpc {sent['id']} to {name!r} expired: REST answer {status}")
                 return Response(status)
         finally:
             self.state.unlisten(handle)
-        return _ok(result)
+            if "id" in sent:
+                self.state.forget_rpc(name, sent["id"])
+        return Response(200) if what == "sent" else _ok(result)
 
     # --- OTA packages (OtaPackageController) ---------------------------------------------------------------------
 

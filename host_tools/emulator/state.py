@@ -542,6 +542,8 @@ class EmulatorState:
         self._migrate()
         self._listeners: dict[str, dict[int, Callable[[str, object], Any]]] = {}
         self._handles = itertools.count(1)
+        # Server-side RPC requests no session took yet: device name -> {id: (method, params, expiry ms)}.
+        self._pending_rpc: dict[str, dict[int, tuple[str, Any, int]]] = {}
         self.users: dict[str, dict] = {u["email"].lower(): u for u in config.get("users", [])}
         self.jwt_settings: dict[str, int] = {**JWT_DEFAULTS, **config.get("jwt", {})}
         self.tenant_id = self._meta("tenantId", _new_id)
@@ -1029,15 +1031,43 @@ class EmulatorState:
         """Queue a server-side RPC for device `name`, deliver it to its listeners and return its id."""
         return self.call_rpc(name, method, params)[0]
 
-    def call_rpc(self, name: str, method: str, params: Any) -> tuple[int, bool]:
-        """`send_rpc`, also telling whether a session subscribed to RPC took the request."""
+    def call_rpc(self, name: str, method: str, params: Any, expires_ms: int | None = None) -> tuple[int, bool]:
+        """`send_rpc`, also telling whether a session subscribed to RPC took the request.
+
+        With `expires_ms` (ms since 1970) a request no session took waits for the device's next RPC subscription
+        until then, as ThingsBoard keeps it (DeviceActorMessageProcessor.sendPendingRequests); its delivery is
+        then told to listeners as "rpc_delivered" (the request id).
+        """
         self._require(name)
         cur = self._db.execute("INSERT INTO rpc (device, method, params) VALUES (?, ?, ?)",
                                (name, method, _json_text(params)))
         rpc_id = int(cur.lastrowid)
         delivered = self._notify(name, "rpc", (rpc_id, method, params))
         self.event(f"rpc {rpc_id} {method!r} sent to {name!r}" + ("" if delivered else " (no RPC subscription)"))
+        if not delivered and expires_ms is not None:
+            self._pending_rpc.setdefault(name, {})[rpc_id] = (method, params, expires_ms)
         return rpc_id, delivered > 0
+
+    def rpc_subscribed(self, name: str) -> None:
+        """A session of device `name` subscribed to RPC: deliver the requests still waiting for one."""
+        pending = self._pending_rpc.get(name, {})
+        now = _now_ms()
+        for rpc_id, (method, params, expires_ms) in list(pending.items()):
+            if expires_ms <= now:
+                del pending[rpc_id]
+            elif self._notify(name, "rpc", (rpc_id, method, params)):
+                del pending[rpc_id]
+                self.event(f"rpc {rpc_id} {method!r} delivered to {name!r} on its RPC subscription")
+                self._notify(name, "rpc_delivered", rpc_id)
+        if not pending:
+            self._pending_rpc.pop(name, None)
+
+    def forget_rpc(self, name: str, rpc_id: int) -> None:
+        """Stop keeping request `rpc_id` for device `name`'s next RPC subscription (its caller stopped waiting)."""
+        pending = self._pending_rpc.get(name, {})
+        pending.pop(rpc_id, None)
+        if not pending:
+            self._pending_rpc.pop(name, None)
 
     def rpc_replies(self, name: str) -> dict[int, object]:
         """{request id: reply} of the RPC replies device `name` sent."""
@@ -1051,6 +1081,7 @@ class EmulatorState:
         if not cur.rowcount:
             return False
         self.event(f"device {name!r} deleted")
+        self._pending_rpc.pop(name, None)
         self._notify(name, "deleted", None)
         return True
 
@@ -1600,8 +1631,9 @@ class EmulatorState:
     # ------------------------------------------------------------------ listeners (sessions)
 
     def listen(self, device_name: str, callback: Callable[[str, object], Any]) -> object:
-        """Call `callback(kind, data)` for events of the device: pushes ("attributes", "rpc"), "deleted", and
-        "rpc_reply" ((request id, reply)). For "rpc" the callback returns True when it delivered the request."""
+        """Call `callback(kind, data)` for events of the device: pushes ("attributes", "rpc"), "deleted",
+        "rpc_reply" ((request id, reply)) and "rpc_delivered" (request id). For "rpc" the callback returns True when
+        it delivered the request."""
         handle = next(self._handles)
         self._listeners.setdefault(device_name, {})[handle] = callback
         return (device_name, handle)

@@ -532,6 +532,45 @@ def test_a_device_takes_a_package_only_with_the_packages_profile_id(emu: Emulato
     assert status == 200 and json.loads(body)["firmwareId"]["id"] == package.id.id
 
 
+def test_an_rpc_waits_for_the_devices_subscription_until_it_expires(emu: EmulatorProcess) -> None:
+    token = login(emu)["token"]
+    device_token = unique("tok")
+    device = json.loads(call(emu, "POST", f"/api/device?accessToken={device_token}", {"name": unique("late")},
+                             token=token)[2])
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    def rest_call(kind: str, method: str) -> None:
+        body = {"method": method, "params": {"n": 1}, "expirationTime": int(time.time() * 1000) + 20000}
+        status, _, answer = call(emu, "POST", f"/api/plugins/rpc/{kind}/{device['id']['id']}", body, token=token,
+                                 timeout=30)
+        answers[method] = (status, answer)
+
+    def waiting(method: str) -> str:
+        return f"{method!r} sent to {device['name']!r} (no RPC subscription)"
+
+    callers = {method: threading.Thread(target=rest_call, args=(kind, method))
+               for kind, method in (("twoway", "late"), ("oneway", "later"))}
+    for method, caller in callers.items():
+        caller.start()
+        emu.wait_event(waiting(method), timeout=10)
+    with Paho(emu.ports["mqtt"], username=device_token) as paho:
+        assert paho.subscribe("v1/devices/me/rpc/request/+") == [1]
+        requests = [paho.message(timeout=10) for _ in range(2)]
+        late = next(r for r in requests if json.loads(r.payload)["method"] == "late")
+        paho.publish(late.topic.replace("request", "response"), b'{"ok":true}')
+        for caller in callers.values():
+            caller.join(30)
+    assert answers == {"late": (200, b'{"ok":true}'), "later": (200, b"")}
+
+    # A long poll over HTTP is a subscription too: it takes the waiting request.
+    poller = threading.Thread(target=rest_call, args=("oneway", "polled"))
+    poller.start()
+    emu.wait_event(waiting("polled"), timeout=10)
+    status, _, polled = call(emu, "GET", f"/api/v1/{device_token}/rpc?timeout=10000")
+    poller.join(30)
+    assert status == 200 and json.loads(polled)["method"] == "polled" and answers["polled"] == (200, b"")
+
+
 def test_unknown_rest_paths_and_methods(emu: EmulatorProcess) -> None:
     token = login(emu)["token"]
     status, _, body = call(emu, "GET", "/api/nothing/here", token=token)
