@@ -122,15 +122,26 @@ def _json_object(request: Request) -> dict:
     return body
 
 
-def _int_param(request: Request, name: str) -> int:
-    """A required int query parameter as Spring binds it (Integer.parseInt: ASCII digits, a sign, 32 bits)."""
+def _int_param(request: Request, name: str, bits: int = 32) -> int:
+    """A required int (or with bits=64 long) query parameter as Spring binds it: ASCII digits and a sign."""
+    java_type = "int" if bits == 32 else "long"
     text = request.param(name)
     if text is None:
-        raise _bad_request(f"Required request parameter '{name}' for method parameter type int is not present")
-    if not _JAVA_INT.fullmatch(text) or not -2 ** 31 <= int(text) < 2 ** 31:
-        raise _bad_request(f"Failed to convert value of type 'java.lang.String' to required type 'int'; "
+        raise _bad_request(f"Required request parameter '{name}' for method parameter type {java_type} is not "
+                           "present")
+    if not _JAVA_INT.fullmatch(text) or not -2 ** (bits - 1) <= int(text) < 2 ** (bits - 1):
+        raise _bad_request(f"Failed to convert value of type 'java.lang.String' to required type '{java_type}'; "
                            f"For input string: \"{text}\"")
     return int(text)
+
+
+def _long_param(request: Request, name: str) -> int:
+    return _int_param(request, name, 64)
+
+
+def _strict(request: Request) -> bool:
+    """useStrictDataTypes=true: native JSON values instead of strings."""
+    return (request.param("useStrictDataTypes") or "").lower() == "true"
 
 
 def _keys(request: Request) -> list[str] | None:
@@ -212,6 +223,7 @@ class RestApi:
             ("DELETE", ("device", "{}"), self._delete_device),
             ("GET", ("device", "{}", "credentials"), self._get_credentials),
             ("GET", ("plugins", "telemetry", "{}", "{}", "values", "timeseries"), self._latest_timeseries),
+            ("GET", ("plugins", "telemetry", "{}", "{}", "values", "timeseries", "history"), self._history),
             ("GET", ("plugins", "telemetry", "{}", "{}", "keys", "timeseries"), self._timeseries_keys),
             ("GET", ("plugins", "telemetry", "{}", "{}", "values", "attributes"), self._attributes),
             ("GET", ("plugins", "telemetry", "{}", "{}", "values", "attributes", "{}"), self._attributes),
@@ -458,16 +470,56 @@ class RestApi:
         return name
 
     def _latest_timeseries(self, request: Request, _user: dict, entity_type: str, entity_id: str) -> Response:
-        """Latest values: {key: [{"ts", "value"}]}, values as strings unless useStrictDataTypes=true."""
+        """Latest values: {key: [{"ts", "value"}]}, values as strings unless useStrictDataTypes=true.
+
+        With startTs and endTs (and `keys`, which the mapping requires before 4.3.1.2) it is the range query.
+        """
         name = self._telemetry_device(entity_type, entity_id)
-        strict = (request.param("useStrictDataTypes") or "").lower() == "true"
-        latest = self.state.latest_telemetry(name)
         keys = _keys(request)
+        ranged = "startTs" in request.query and "endTs" in request.query
+        if ranged and (keys is not None or self.state.at_least(4, 3, 1, 2)):
+            return self._timeseries_range(request, name, keys)
+        strict = _strict(request)
+        latest = self.state.latest_telemetry(name)
         now = int(time.time() * 1000)
         answer = {}
         for key in keys if keys is not None else sorted(latest):
             ts, value = latest.get(key, (now, None))
             answer[key] = [{"ts": ts, "value": value if strict or value is None else _as_string(value)}]
+        return _ok(answer)
+
+    def _history(self, request: Request, _user: dict, entity_type: str, entity_id: str) -> Response:
+        """GET .../values/timeseries/history (4.3.1.2+): the range query under its own path."""
+        if not self.state.at_least(4, 3, 1, 2):
+            return error_json(404, "No static resource " + request.path.lstrip("/") + ".", 32)
+        name = self._telemetry_device(entity_type, entity_id)
+        for required in ("startTs", "endTs"):
+            if required not in request.query:
+                raise _bad_request(f"Required request parameter '{required}' for method parameter type Long is "
+                                   "not present")
+        return self._timeseries_range(request, name, _keys(request))
+
+    def _timeseries_range(self, request: Request, name: str, keys: list[str] | None) -> Response:
+        """Raw points with startTs <= ts < endTs, per key at most `limit` (100), newest first unless orderBy=ASC.
+
+        Only agg=NONE is emulated; keys without points are left out (DefaultTbTelemetryService.getTimeseries).
+        """
+        start, end = _long_param(request, "startTs"), _long_param(request, "endTs")
+        limit = _int_param(request, "limit") if "limit" in request.query else 100
+        agg = request.param("agg") or "NONE"
+        if agg != "NONE":
+            raise _bad_request(f"Aggregation {agg} is not emulated; only NONE")
+        order = request.param("orderBy") or "DESC"
+        if order not in ("ASC", "DESC"):
+            raise _bad_request(f"Unsupported sort order '{order}'! Only 'ASC' or 'DESC' types are allowed.")
+        strict = _strict(request)
+        points = self.state.telemetry_points(name, start, end)
+        answer = {}
+        for key in keys if keys is not None else sorted(points):
+            if key in points:
+                stamps = sorted(points[key], reverse=order == "DESC")[:max(limit, 0)]
+                answer[key] = [{"ts": ts, "value": points[key][ts] if strict else _as_string(points[key][ts])}
+                               for ts in stamps]
         return _ok(answer)
 
     def _timeseries_keys(self, _request: Request, _user: dict, entity_type: str, entity_id: str) -> Response:

@@ -1622,6 +1622,16 @@ class EmulatorState:
                 latest[key] = (ts, value)
         return latest
 
+    def telemetry_points(self, name: str, start_ms: int, end_ms: int) -> dict[str, dict[int, Any]]:
+        """{key: {ts: value}} of the telemetry with start_ms <= ts < end_ms; a later value at the same key and ts
+        replaces the earlier one, as ThingsBoard's (entity, key, ts) primary key does."""
+        points: dict[str, dict[int, Any]] = {}
+        for ts, kv in self._db.execute("SELECT ts, kv FROM telemetry WHERE device = ? AND ts >= ? AND ts < ? "
+                                       "ORDER BY seq", (name, start_ms, end_ms)):
+            for key, value in json.loads(kv).items():
+                points.setdefault(key, {})[ts] = value
+        return points
+
     def attribute_entries(self, name: str, scope: str) -> list[tuple[str, Any, int]]:
         """[(key, value, last update ms)] of one scope ("client", "shared", "server") by key."""
         rows = self._db.execute("SELECT key, value, ts FROM attributes WHERE device = ? AND scope = ? ORDER BY key",

@@ -23,6 +23,7 @@ from tb_rest_client.rest import ApiException
 from tb_rest_client.rest_client import RestClient
 
 from emulator_fixtures import Paho, emulator_process
+from support import ROOT
 from host_tools.emulator.process import EmulatorProcess
 
 USER, PASSWORD = "tenant@example.com", "tenant-password"
@@ -184,6 +185,28 @@ def test_client_reads_latest_telemetry_as_strings_and_attributes_natively(emu: E
     assert [a.key for a in client.get_attributes_by_scope(device.id, "SERVER_SCOPE")] == ["zone"]
 
 
+def test_client_reads_a_telemetry_range(emu: EmulatorProcess, client: RestClient) -> None:
+    token = unique("tok")
+    device = client.save_device(Device(name=unique("history")), access_token=token)
+    device_api(emu, f"{token}/telemetry", [{"ts": ts, "values": {"t": ts / 1000, "other": 1}}
+                                           for ts in (1000, 2000, 3000)])
+    device_api(emu, f"{token}/telemetry", {"ts": 2000, "values": {"t": 2.5}})  # same key and ts: replaces
+
+    def points(**options: Any) -> dict:
+        answer = client.get_timeseries(device.id, 1000, 3000, **options)
+        return {key: [(p.ts, p.value) for p in values] for key, values in answer.items()}
+
+    assert points(keys="t") == {"t": [(2000, "2.5"), (1000, "1.0")]}  # [startTs, endTs), newest first
+    assert points(keys="t,none", order_by="ASC", limit=1, use_strict_data_types=True) == {"t": [(1000, 1.0)]}
+    assert set(points()) == {"t", "other"}
+    token_header = login(emu)["token"]
+    path = f"/api/plugins/telemetry/DEVICE/{device.id.id}/values/timeseries?keys=other&startTs=0&endTs=2001"
+    status, _, body = call(emu, "GET", path, token=token_header)
+    assert (status, json.loads(body)) == (200, {"other": [{"ts": 2000, "value": "1"}, {"ts": 1000, "value": "1"}]})
+    status, _, body = call(emu, "GET", path + "&agg=AVG", token=token_header)
+    assert (status, error(body)["message"]) == (400, "Aggregation AVG is not emulated; only NONE")
+
+
 def test_client_shared_attribute_write_is_pushed_to_the_connected_device(emu: EmulatorProcess,
                                                                           client: RestClient) -> None:
     token = unique("tok")
@@ -337,6 +360,16 @@ def test_an_expired_token_is_401_error_code_11() -> None:
             assert error(answer) == {"status": 401, "message": "Token has expired", "errorCode": 11}
         status, _, answer = call(emu, "POST", "/api/auth/token", {"refreshToken": pair["refreshToken"]})
         assert status == 401 and error(answer)["errorCode"] == 11
+
+
+def test_the_demo_config_has_thingsboards_demo_tenant() -> None:
+    with emulator_process(ROOT / "host_tools" / "emulator" / "demo.json") as emu:
+        status, _, body = call(emu, "POST", "/api/auth/login", {"username": "tenant@thingsboard.org",
+                                                                "password": "tenant"})
+        assert status == 200
+        devices = json.loads(call(emu, "GET", "/api/tenant/devices?pageSize=10&page=0",
+                                  token=json.loads(body)["token"])[2])
+        assert [d["name"] for d in devices["data"]] == ["demo-device-1"]
 
 
 def test_unknown_and_malformed_ids(emu: EmulatorProcess) -> None:
