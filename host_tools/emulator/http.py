@@ -511,6 +511,8 @@ class HttpApi:
         for field in ("title", "version", "profile", "tag", "url", "fileName", "contentType", "checksum"):
             if body.get(field) is not None and not isinstance(body[field], str):
                 return _inspection_error(400, f"'{field}' must be a string")
+        if not isinstance(body.get("additionalInfo", {}), dict):
+            return _inspection_error(400, "'additionalInfo' must be an object")
         if "text" in body and "base64" in body:
             return _inspection_error(400, "give the data as 'text' or as 'base64', not both")
         data = None

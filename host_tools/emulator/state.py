@@ -274,7 +274,7 @@ def _validate_ota_config(config: dict) -> None:
                                   f"{ota.MAX_NAME_LENGTH} characters")
         if entry.get("type") not in ota.TYPES:
             raise ConfigError(f"{where}.type: must be one of {', '.join(ota.TYPES)}")
-        if entry.get("profile") not in profiles:
+        if not isinstance(entry.get("profile"), str) or entry["profile"] not in profiles:
             raise ConfigError(f"{where}.profile: no profile named {entry.get('profile')!r}")
         for field in ("tag", "fileName", "contentType", "checksum"):
             if field in entry and not isinstance(entry[field], str):
@@ -305,7 +305,8 @@ def _validate_ota_config(config: dict) -> None:
                 if field not in owner:
                     continue
                 ref, where = owner[field], f"{section}[{i}].{field}"
-                if not isinstance(ref, dict) or set(ref) != {"title", "version"}:
+                if not isinstance(ref, dict) or set(ref) != {"title", "version"} or \
+                        not all(isinstance(v, str) for v in ref.values()):
                     raise ConfigError(f'{where}: must be {{"title": ..., "version": ...}} of an OTA package')
                 entry = known.get((ref["title"], ref["version"]))
                 if entry is None:

@@ -62,6 +62,9 @@ def test_inspection_refusals_carry_thingsboards_messages(emu: Emulator) -> None:
     assert call(emu, "POST", "/emulator/ota", {"title": "fw", "version": "3", "type": "FIRMWARE",
                                                 "base64": "not base64!"})[0] == 400
     assert call(emu, "POST", "/emulator/ota", [])[0] == 400
+    assert call(emu, "POST", "/emulator/ota", {"title": "fw", "version": "4", "type": "FIRMWARE",
+                                                "additionalInfo": "x"}) == \
+        (400, {"error": "'additionalInfo' must be an object"})
 
 
 def test_inspection_assigns_to_devices_and_profiles(emu: Emulator) -> None:

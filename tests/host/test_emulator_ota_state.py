@@ -293,6 +293,8 @@ def test_a_restart_on_the_same_database_does_not_start_the_updates_again(tmp_pat
     (lambda c: c["otaPackages"][1].update(checksum="39A34F41"), r"otaPackages\[1\]\.checksum: does not match"),
     (lambda c: c["otaPackages"][1].update(file="missing.bin"), r"otaPackages\[1\]\.file: cannot read"),
     (lambda c: c["otaPackages"][0].update(profile="nope"), r"otaPackages\[0\]\.profile: no profile"),
+    (lambda c: c["otaPackages"][0].update(profile=["check"]), r"otaPackages\[0\]\.profile: no profile"),
+    (lambda c: c["devices"][0].update(firmware={"title": ["fw"], "version": "1"}), r"devices\[0\]\.firmware: must be"),
     (lambda c: c["otaPackages"][0].update(colour="red"), r"unknown field 'colour'"),
     (lambda c: c["otaPackages"].append(dict(c["otaPackages"][0])), r"another package has title"),
     (lambda c: c["profiles"][1].update(firmware={"title": "fw", "version": "9"}), r"profiles\[1\]\.firmware: no"),
