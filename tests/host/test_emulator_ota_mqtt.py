@@ -8,6 +8,7 @@ import hashlib
 import os
 import queue
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from emulator_fixtures import Paho, RawMqtt, connect_packet, mqtt_emulator, publish_packet, subscribe_packet
@@ -178,3 +179,16 @@ def test_before_3_3_the_chunk_topics_are_unknown():
             assert raw.read_packet() == (0x40, b"\x00\x04")  # a PUBACK and nothing else: the topic means nothing
             raw.send(publish_packet("v1/devices/me/telemetry", b'{"after":1}', packet_id=5))
             assert raw.read_packet() == (0x40, b"\x00\x05")
+
+
+def test_mqtt_5_download_and_an_error_ends_with_disconnect_0x83():
+    with mqtt_emulator() as emu:
+        assign(emu)
+        with Paho(emu.port, "", TOKEN, protocol=mqtt.MQTTv5) as client:
+            client.subscribe("v2/fw/response/+/chunk/+")
+            client.subscribe("v2/fw/error")
+            assert download(client, 2048) == IMAGE
+            client.client.publish("v2/fw/request/9/chunk/0", "65537", qos=1)
+            error = client.message()
+            assert (error.topic, error.payload) == ("v2/fw/error", b"PAYLOAD_TOO_LARGE")
+            assert client.disconnected.wait(5) and client.server_disconnect == 0x83
