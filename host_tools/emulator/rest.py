@@ -232,6 +232,8 @@ class RestApi:
             ("POST", ("plugins", "telemetry", "{}", "{}", "attributes", "{}"), self._save_attributes),
             ("POST", ("plugins", "telemetry", "{}", "{}", "{}"), self._save_attributes),
             ("POST", ("plugins", "telemetry", "{}", "{}"), self._save_device_attributes),
+            ("DELETE", ("plugins", "telemetry", "{}", "{}", "{}"), self._delete_attributes),
+            ("DELETE", ("plugins", "telemetry", "{}", "{}"), self._delete_device_attributes),
             ("POST", ("plugins", "rpc", "{}", "{}"), self._rpc_v1),
             ("POST", ("rpc", "{}", "{}"), self._rpc_v2),
             ("POST", ("otaPackage",), self._save_package_info),
@@ -571,6 +573,20 @@ class RestApi:
             return _text(400, "Key cannot be blank" if self.state.at_least(4, 2)
                          else "Key cannot be empty or contains only spaces")
         self.state.save_attributes(name, _SCOPES[scope], values)
+        return Response(200)
+
+    def _delete_device_attributes(self, request: Request, user: dict, device_id: str, scope: str) -> Response:
+        return self._delete_attributes(request, user, "DEVICE", device_id, scope)
+
+    def _delete_attributes(self, request: Request, _user: dict, entity_type: str, entity_id: str, scope: str
+                           ) -> Response:
+        """DELETE .../{scope}?keys=a,b (or repeated key=): 200 with an empty body; shared deletions are pushed."""
+        name = self._telemetry_device(entity_type, entity_id)
+        self._scope_entries(name, scope)  # an unknown scope is the enum conversion error
+        keys = _keys(request)
+        if keys is None:
+            return _text(400, "Empty keys: []")
+        self.state.delete_attributes(name, _SCOPES[scope], keys)
         return Response(200)
 
     # --- server-side RPC (RpcV1Controller, RpcV2Controller) ------------------------------------------------------

@@ -1022,11 +1022,16 @@ class EmulatorState:
 
     def delete_shared_attributes(self, name: str, keys: list[str]) -> None:
         """Delete shared attributes and push {"deleted": [...]} to subscribed sessions."""
+        self.delete_attributes(name, "shared", keys)
+
+    def delete_attributes(self, name: str, scope: str, keys: list[str]) -> None:
+        """Delete attributes of one scope; for "shared" push {"deleted": [...]} (the keys asked) to the sessions."""
         self._require(name)
         with self._tx():
-            self._db.executemany("DELETE FROM attributes WHERE device = ? AND scope = 'shared' AND key = ?",
-                                 [(name, k) for k in keys])
-        self._notify(name, "attributes", {"deleted": list(keys)})
+            self._db.executemany("DELETE FROM attributes WHERE device = ? AND scope = ? AND key = ?",
+                                 [(name, scope, k) for k in keys])
+        if scope == "shared":
+            self._notify(name, "attributes", {"deleted": list(keys)})
 
     def send_rpc(self, name: str, method: str, params: Any) -> int:
         """Queue a server-side RPC for device `name`, deliver it to its listeners and return its id."""

@@ -207,7 +207,7 @@ def test_client_reads_a_telemetry_range(emu: EmulatorProcess, client: RestClient
     assert (status, error(body)["message"]) == (400, "Aggregation AVG is not emulated; only NONE")
 
 
-def test_client_shared_attribute_write_is_pushed_to_the_connected_device(emu: EmulatorProcess,
+def test_client_shared_attribute_write_and_delete_are_pushed_to_the_connected_device(emu: EmulatorProcess,
                                                                           client: RestClient) -> None:
     token = unique("tok")
     device = client.save_device(Device(name=unique("pushed")), access_token=token)
@@ -215,8 +215,14 @@ def test_client_shared_attribute_write_is_pushed_to_the_connected_device(emu: Em
         assert paho.rc == 0 and paho.subscribe("v1/devices/me/attributes") == [1]
         client.save_device_attributes(device.id, "SHARED_SCOPE", {"interval": 30})
         message = paho.message()
-    assert message.topic == "v1/devices/me/attributes" and json.loads(message.payload) == {"interval": 30}
-    assert client.get_attributes_by_scope(device.id, "SHARED_SCOPE")[0].value == 30
+        assert message.topic == "v1/devices/me/attributes" and json.loads(message.payload) == {"interval": 30}
+        assert client.get_attributes_by_scope(device.id, "SHARED_SCOPE")[0].value == 30
+        client.delete_device_attributes(device.id, "SHARED_SCOPE", keys="interval")
+        assert json.loads(paho.message().payload) == {"deleted": ["interval"]}
+    assert client.get_attributes_by_scope(device.id, "SHARED_SCOPE") == []
+    status, ctype, body = call(emu, "DELETE", f"/api/plugins/telemetry/DEVICE/{device.id.id}/SERVER_SCOPE",
+                               token=login(emu)["token"])
+    assert (status, body) == (400, b"Empty keys: []") and ctype.startswith("text/plain")
 
 
 def test_client_two_way_rpc_gets_the_reply_of_a_device_on_paho(emu: EmulatorProcess, client: RestClient) -> None:
