@@ -106,7 +106,7 @@ def _auth_body(request: Request) -> dict:
         raise _Refusal(error_json(401, "Authentication method not supported", 10))
     try:
         body = json.loads(request.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep for the parser
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -115,7 +115,7 @@ def _json_object(request: Request) -> dict:
     """The request body as a JSON object; 400 "Invalid request body" otherwise (HttpMessageNotReadable)."""
     try:
         body = json.loads(request.body)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if not isinstance(body, dict):
         raise _bad_request("Invalid request body")
@@ -563,7 +563,7 @@ class RestApi:
             return _text(400, f"Invalid scope: {scope}")
         try:
             values = json.loads(request.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return _text(400, "Invalid JSON")
         if not isinstance(values, dict):
             return _text(400, "Request is not a JSON object")

@@ -310,6 +310,7 @@ def test_a_profile_package_reaches_its_devices_and_checksums_are_checked(emu: Em
     ({"username": "nobody@example.com", "password": PASSWORD}, "Invalid username or password"),
     ({"username": USER, "password": ""}, "Authentication failed"),
     (b"not json", "Authentication failed"),
+    (b"[" * 100000, "Authentication failed"),
 ])
 def test_bad_login_is_401_error_code_10(emu: EmulatorProcess, body: Any, message: str) -> None:
     status, ctype, answer = call(emu, "POST", "/api/auth/login", body)
@@ -414,7 +415,8 @@ def test_save_errors_are_400_with_thingsboards_messages(emu: EmulatorProcess, cl
              ("/api/deviceProfile", {"name": unique("p"), "type": "DEFAULT", "transportType": "DEFAULT",
                                      "default": True},
               "Another default device profile is present in scope of current tenant!"),
-             ("/api/device", b"{broken", "Invalid request body")]
+             ("/api/device", b"{broken", "Invalid request body"),
+             ("/api/deviceProfile", b'{"a":' * 50000, "Invalid request body")]
     for path, body, message in cases:
         status, _, answer = call(emu, "POST", path, body, token=token)
         assert (status, error(answer)) == (400, {"status": 400, "message": message, "errorCode": 31}), path
