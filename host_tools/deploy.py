@@ -190,8 +190,10 @@ class FirmwareBuild:
     sources instead. Thread-safe, so that a fleet compiles once; `close()` removes the directory.
     """
 
-    def __init__(self, source: Path = build.FIRMWARE) -> None:
+    def __init__(self, source: Path = build.FIRMWARE, app: Mapping[str, Path] | None = None) -> None:
+        """`app`: the user's application files by board path (see app_files), copied over the firmware's."""
         self.source = source
+        self.app = dict(app or {})
         self._dir = Path(tempfile.mkdtemp(prefix="tbfleet-build-"))
         self._compiled: dict[str, Path] | None = None
         self._lock = threading.Lock()
@@ -213,7 +215,7 @@ class FirmwareBuild:
                     built = build.compile_firmware(self._dir, self.source)
                 except build.BuildError as e:
                     raise DeployError(f"compiling the firmware failed: {e}") from None
-                self._compiled = {p.relative_to(self._dir).as_posix(): p for p in built}
+                self._compiled = {**{p.relative_to(self._dir).as_posix(): p for p in built}, **self.app}
             return self._compiled
 
     def files(self, board_mpy: int | None) -> tuple[dict[str, Path], bool]:
@@ -225,7 +227,39 @@ class FirmwareBuild:
         log.warning("the board's MicroPython loads .mpy version %s, mpy-cross makes version %d: deploying .py "
                     "sources instead", "(unknown)" if board_mpy is None else board_mpy & 0xFF,
                     mpy_version_of(sample)[0])
-        return {p.relative_to(self.source).as_posix(): p for p in sorted(self.source.rglob("*.py"))}, True
+        sources = {p.relative_to(self.source).as_posix(): p for p in sorted(self.source.rglob("*.py"))}
+        return {**sources, **self.app}, True
+
+
+# Board files the firmware writes or deploy makes: an application may not bring its own.
+_RESERVED = ("config.json", "creds.json", "settings.json", "uid.txt")
+
+
+def app_files(path: str | None) -> dict[str, Path]:
+    """The user's application that APP names, by board path: a .py file becomes main.py; a folder is copied as it
+    is (its main.py, its own modules and data), hidden files and __pycache__ left out. {} without APP (the stock
+    main.py). DeployError names what is wrong."""
+    if not path:
+        return {}
+    root = Path(path).expanduser()
+    if root.is_file():
+        if root.suffix != ".py":
+            raise DeployError(f"APP={path}: not a .py file or a folder")
+        return {"main.py": root}
+    if not root.is_dir():
+        raise DeployError(f"APP={path}: no such file or folder")
+    files = {}
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if not f.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            continue
+        name = rel.as_posix()
+        if name.startswith(PACKAGE_DIR) or name in _RESERVED:
+            raise DeployError(f"APP={path}: {name} would replace the firmware's own {name}")
+        files[name] = f
+    if "main.py" not in files:
+        raise DeployError(f"APP={path}: the folder has no main.py")
+    return files
 
 
 def _sha256(data: bytes) -> str:
@@ -487,6 +521,7 @@ class Plan:
     emulator: bool
     transport: str
     flasher: Flasher
+    app: dict[str, Path] = field(default_factory=dict)
 
 
 def plan(env: Mapping[str, str]) -> Plan:
@@ -518,7 +553,7 @@ def plan(env: Mapping[str, str]) -> Plan:
     if port:
         check_port(port)
     return Plan(board, port, dc, count, True if monitor is None else monitor, emulator, dc.config["transport"],
-                flasher)
+                flasher, app_files(env_value(env, "APP")))
 
 
 def _device_name(dc: DeviceConfig, state: BoardState) -> str:
@@ -558,7 +593,7 @@ def execute(p: Plan, console: Console) -> int:
             vboard = VirtualBoard(flash_dir)
             port = vboard.start()
             log.info("virtual board on %s (flash %s)", port, flash_dir)
-        with FirmwareBuild() as firmware:
+        with FirmwareBuild(app=p.app) as firmware:
             outcome = deploy_board(p.board, port, lambda state: p.dc, p.flasher, firmware)
         name = _device_name(p.dc, outcome.state)
         log.info("%s: device %s, %d files copied, %d unchanged, %d removed%s; resetting the board", port, name,
@@ -588,10 +623,11 @@ def execute(p: Plan, console: Console) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`deploy` takes its settings from make variables in the environment (secrets never as arguments)."""
-    parser.epilog = ("settings come from the environment (make variables): BOARD PORT FLASH FIRMWARE ERASE "
-                     "ESPTOOL_ARGS TBFLEET_IMAGE_MIRROR MONITOR COUNT TRANSPORT TB_HOST TB_PORT TLS PROVISION_KEY "
-                     "PROVISION_SECRET PROVISION_SECRET_FILE DEVICE_NAME CREDENTIALS_TYPE TOKEN CLIENT_ID USERNAME "
-                     "PASSWORD CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD INTERVAL LOG_LEVEL")
+    parser.epilog = ("settings come from the environment (make variables): BOARD PORT APP APP_CONFIG FLASH FIRMWARE "
+                     "ERASE ESPTOOL_ARGS TBFLEET_IMAGE_MIRROR MONITOR COUNT TRANSPORT TB_HOST TB_PORT TLS "
+                     "PROVISION_KEY PROVISION_SECRET PROVISION_SECRET_FILE DEVICE_NAME CREDENTIALS_TYPE TOKEN "
+                     "CLIENT_ID USERNAME PASSWORD CERT_FILE KEY_FILE CA_FILE WIFI_SSID WIFI_PASSWORD INTERVAL "
+                     "LOG_LEVEL")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -167,6 +167,19 @@ def _port(env: Mapping[str, str], default: int | None) -> int | None:
     return port
 
 
+def _app_settings(path: str) -> dict:
+    """config.json's "app" object from the JSON file APP_CONFIG names; ConfigProblem when it is not one."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except OSError as e:
+        raise ConfigProblem(f"APP_CONFIG={path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigProblem(f"APP_CONFIG={path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigProblem(f"APP_CONFIG={path}: not a JSON object")
+    return data
+
+
 def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tuple[str, ...],
              defaults: Mapping[str, Any] | None = None, uid: str | None = None) -> DeviceConfig:
     """Build the board's config from `env` (make variables); ConfigProblem names the first wrong variable.
@@ -234,6 +247,10 @@ def from_env(env: Mapping[str, str], device_name: str, sensors: list[str] | tupl
         # A CA or a client certificate only makes sense over TLS.
         tls = bool(files)
     cfg["tls"] = tls
+
+    app = env_value(env, "APP_CONFIG")
+    if app is not None:
+        cfg["app"] = _app_settings(app)
 
     interval = env_value(env, "INTERVAL") or defaults.get("telemetry_interval")
     if interval is not None:

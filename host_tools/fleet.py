@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from host_tools import boards, deploy, devconfig
@@ -95,6 +95,7 @@ class Fleet:
     board: Board
     template: DeviceConfig  # the device name still holds {uid}
     flasher: deploy.Flasher
+    app: dict = field(default_factory=dict)  # the user's application files by board path (deploy.app_files)
 
 
 def board_config(template: DeviceConfig, state: BoardState) -> DeviceConfig:
@@ -150,14 +151,15 @@ def validate(env: Mapping[str, str]) -> Fleet:
     template = devconfig.from_env(env, board.device_name, board.sensors)
     # Every board's name differs only in the MAC's 12 hex digits: one check stands for them all.
     devconfig.firmware_check(template.for_uid("000000000000"))
-    return Fleet(board, template, flasher)
+    return Fleet(board, template, flasher, deploy.app_files(devconfig.env_value(env, "APP")))
 
 
 def run_fleet(fleet: Fleet, ports: list[str] | None, console: Console, wait: float, jobs: int,
               discover: Callable[[], set[str]] = usb_ports) -> list[Row]:
     """Deploy `ports` (or every port `discover` shows within `wait` seconds) in parallel; one row per board."""
     progress = Progress(console)
-    with FirmwareBuild() as firmware, ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="fleet") as pool:
+    with FirmwareBuild(app=fleet.app) as firmware, \
+            ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="fleet") as pool:
         futures = []
 
         def submit(port: str) -> None:

@@ -102,6 +102,13 @@ def _ca_garbage(tmp_path: Path) -> str:
     return str(path)
 
 
+def _file(folder: Path, name: str, text: str) -> str:
+    """Write folder/name and return the path that APP or APP_CONFIG names (the folder, or the file for a .json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    return str(folder / name if name.endswith(".json") and folder.name != "app" else folder)
+
+
 def _c3_image(tmp_path: Path) -> str:
     build_image("esp32c3", tmp_path / "c3.bin")
     return str(tmp_path / "c3.bin")
@@ -136,6 +143,10 @@ BAD_INPUTS = [
      "is an image for ESP32-C3, but board esp32 has an ESP32: refusing to flash it"),
     ({"BOARD": "esp32", "WIFI_SSID": "lab", "PORT": "/dev/ttyNOSUCH0", "FLASH": "0", "ERASE": "1"},
      "FLASH=0, but ERASE=1 only acts while flashing"),
+    ({"APP": "/nonexistent/app"}, "APP=/nonexistent/app: no such file or folder"),
+    ({"APP": lambda tmp: _file(tmp / "app", "config.json", "{}")}, "config.json would replace the firmware's own"),
+    ({"APP": lambda tmp: _file(tmp / "lib", "helpers.py", "")}, "the folder has no main.py"),
+    ({"APP_CONFIG": lambda tmp: _file(tmp, "app.json", "[1, 2]")}, "app.json: not a JSON object"),
 ]
 
 
@@ -156,6 +167,36 @@ def test_bad_input_gets_one_message_and_leaves_the_board_untouched(vboard: Virtu
     assert "s3cret-value" not in proc.stderr + proc.stdout
     assert snapshot(vboard.flash_dir) == before
     assert vboard.restarts == 0, "nothing may have talked to the board"
+
+
+APP_MAIN = """\
+import sys
+if "/lib" not in sys.path:
+    sys.path.append("lib")
+import tbfleet
+import greenhouse
+
+dev = tbfleet.Device()
+dev.telemetry(greenhouse.reading(dev.app["base"]))
+print("greenhouse app, base", dev.app["base"])
+dev.run()
+"""
+
+
+def test_unix_board_runs_the_users_application_folder_with_its_settings(tmp_path: Path) -> None:
+    app = tmp_path / "myapp"
+    _file(app, "main.py", APP_MAIN)
+    _file(app, "greenhouse.py", "def reading(base):\n    return lambda: {'temperature': base + 0.5}\n")
+    _file(app / ".git", "HEAD", "not for the board")
+    settings = _file(tmp_path, "app.json", '{"base": 20}')
+    proc = run_tool(["deploy"], {"COUNT": "2", "INTERVAL": "0.3", "APP": str(app), "APP_CONFIG": settings},
+                    timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "greenhouse app, base 20" in out and "telemetry 2 sent" in out
+    files = deploy.app_files(str(app))
+    assert sorted(files) == ["greenhouse.py", "main.py"]  # .git left out
+    assert deploy.app_files(str(app / "main.py")) == {"main.py": app / "main.py"}
 
 
 def test_board_that_cannot_load_our_mpy_gets_sources() -> None:
