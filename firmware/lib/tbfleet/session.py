@@ -44,10 +44,10 @@ def serve(dev, max_messages):
     log.info("telemetry %d sent", dev.sent)
     dispatch(dev)
     while max_messages is None or dev.sent < max_messages:
-        left = time.ticks_diff(dev.next_at, time.ticks_ms())
-        if left > 0:
-            link.listen(min(left, _LISTEN_MS))
-            dispatch(dev)
+        # Between messages, and at least once per message (an interval of 0 leaves no time between them).
+        link.listen(max(0, min(time.ticks_diff(dev.next_at, time.ticks_ms()), _LISTEN_MS)))
+        dispatch(dev)
+        if time.ticks_diff(dev.next_at, time.ticks_ms()) > 0:
             continue
         # Behind schedule, the next message goes now, without catching up.
         dev.next_at = time.ticks_add(time.ticks_ms(), int(dev.interval * 1000))
