@@ -155,3 +155,28 @@ def test_every_request_reads_through_the_links_one_buffer():
     link.reply(7, b"{}")
     eq(len(seen), 6)
     assert isinstance(seen[0], bytearray) and all(buf is seen[0] for buf in seen), seen
+
+
+def test_listen_keeps_a_long_poll_of_rpc_and_one_of_attribute_updates_open():
+    # Both polls are open side by side; an answer (200: an event; 408: nothing came) opens that poll again.
+    rpc = b'{"id":7,"method":"setRelay","params":{"on":true}}'
+    link, sent = opened("T", b"HTTP/1.1 200 \r\nContent-Length: %d\r\n\r\n" % len(rpc) + rpc,
+                        b"HTTP/1.1 408 \r\nContent-Length: 0\r\n\r\n",
+                        b"HTTP/1.1 408 \r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 408 \r\nContent-Length: 0\r\n\r\n")
+    link.events.clear()
+    link.listen(50)
+    eq(sent, [b"GET /api/v1/T/rpc?timeout=20000 HTTP/1.1\r\nHost: tb.local:8080\r\nConnection: close\r\n\r\n",
+              b"GET /api/v1/T/attributes/updates?timeout=20000 HTTP/1.1\r\nHost: tb.local:8080\r\nConnection: close"
+              b"\r\n\r\n",
+              b"GET /api/v1/T/rpc?timeout=20000 HTTP/1.1\r\nHost: tb.local:8080\r\nConnection: close\r\n\r\n",
+              b"GET /api/v1/T/attributes/updates?timeout=20000 HTTP/1.1\r\nHost: tb.local:8080\r\nConnection: close"
+              b"\r\n\r\n"])
+    eq(link.events, [("rpc", None, rpc)])
+    eq([feature for _, feature, _ in link.polls], ["/rpc", "/attributes/updates"])
+    link.close()
+    eq(link.polls, [])
+
+
+def test_a_poll_refused_as_unauthorized_is_refused():
+    link, _ = opened("T", b"HTTP/1.1 401 \r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 408 \r\nContent-Length: 0\r\n\r\n")
+    eq(raises(Refused, link.listen, 50).args, (401, "unauthorized"))
