@@ -52,36 +52,40 @@ for n in sys.argv[1:]:
 print(took)
 """
 
-# The full application lifecycle: a user's telemetry function, RPC and attribute handlers registered on
-# tbfleet.Device. The first boot provisions and sends one message; the second sends 100 and goes on (one message
-# per connection) until it has answered an RPC and handled a pushed attribute, which the bench sends meanwhile.
+# The full application lifecycle, one boot per process as on a board: a user's telemetry function, RPC and
+# attribute handlers registered on tbfleet.Device. The first boot (argument 1) provisions and sends one message; the
+# second (100) sends 100 and goes on (one message per connection) until it has answered an RPC and handled a pushed
+# attribute, which the bench sends meanwhile.
 APP_SCRIPT = """\
 import sys
 sys.path.append("lib")
 import tbfleet
 
-handled = []
-for n in sys.argv[1:]:
-    dev = tbfleet.Device()
+dev = tbfleet.Device()
+handled = set()
 
-    @dev.telemetry
-    def reading():
-        return {"reading": 21.5}
 
-    @dev.rpc("ping")
-    def ping(params):
-        handled.append("rpc")
-        return {"pong": params}
+@dev.telemetry
+def reading():
+    return {"reading": 21.5}
 
-    @dev.attributes
-    def changed(values):
-        if "target" in values:
-            handled.append("attributes")
 
-    dev.run(int(n))
-    while int(n) > 1 and len(set(handled)) < 2:
-        dev.run(dev.sent + 1)
-    del dev
+@dev.rpc("ping")
+def ping(params):
+    handled.add("rpc")
+    return {"pong": params}
+
+
+@dev.attributes
+def changed(values):
+    if "target" in values:
+        handled.add("attributes")
+
+
+n = int(sys.argv[1])
+dev.run(n)
+while n > 1 and len(handled) < 2:
+    dev.run(dev.sent + 1)
 """
 
 
@@ -262,7 +266,7 @@ class Bench:
         helper = threading.Thread(target=server_side, daemon=True)
         helper.start()
         try:
-            ok, _, _ = self.boots(board, [1, MESSAGES], heapsize, timeout=30, script="app.py")
+            ok = all(self.boots(board, [n], heapsize, timeout=30, script="app.py")[0] for n in (1, MESSAGES))
         finally:
             stop.set()
             helper.join(10)
