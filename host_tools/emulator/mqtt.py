@@ -170,8 +170,8 @@ class _Reader:
                 return value
         raise Malformed("variable byte integer longer than 4 bytes")
 
-    def properties(self) -> int:
-        """Skip an MQTT 5 property list (ThingsBoard acts on none of a device's properties); how many there were.
+    def properties(self) -> None:
+        """Skip an MQTT 5 property list: ThingsBoard acts on none of a device's properties.
 
         As netty's decoder, properties are read while the list's declared length is not used up, so a last property
         running past it is read whole; an unknown identifier or a property running past the packet is Malformed.
@@ -180,7 +180,6 @@ class _Reader:
         end = self.pos + length
         if end > len(self.data):
             raise Malformed("property list longer than the packet")
-        count = 0
         while self.pos < end:
             identifier = self.varint()
             kind = _PROPERTY_TYPES.get(identifier)
@@ -195,8 +194,6 @@ class _Reader:
                 self.binary()
             else:
                 self.take(_PROPERTY_SIZES[kind])
-            count += 1
-        return count
 
 
 def _topic_id(topic: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
@@ -551,6 +548,8 @@ class Session:
         if qos == 3:
             raise Malformed("PUBLISH with QoS 3")
         topic = r.text()
+        if "+" in topic or "#" in topic:
+            raise Malformed("PUBLISH to a topic with a wildcard")  # netty's isValidPublishTopicName
         packet_id = r.u16() if qos else 0
         if qos and not packet_id:
             raise Malformed("PUBLISH with packet id 0")

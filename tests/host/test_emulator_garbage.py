@@ -1,7 +1,8 @@
 """The emulator process under garbage keeps serving well-behaved MQTT clients at the same time, in bounded memory.
 
 Garbage clients (malformed MQTT 3.1.1 and 5 packets, random bytes, remaining lengths far over the limit, packets
-stalled just under it, a slow drip, TLS garbage) run on threads until the good clients (paho 3.1.1 and paho 5) are
+stalled just under it, a slow drip, TLS garbage; HTTP bodies over the 50 MiB limit and garbage requests; random
+CoAP datagrams) run on threads until the good clients (paho 3.1.1 and paho 5) are
 done, each having done a minimum of rounds; the good clients' every message must be acknowledged and stored. The
 emulator's peak resident memory (VmHWM of the process this test started) must stay under its resident memory at
 the start plus MEMORY_BOUND_MB, while the garbage announces far more than that (the oversized clients alone claim
@@ -16,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -130,6 +132,31 @@ def tls_then_garbage(port: int, rng: random.Random) -> None:
         _drain(s)
 
 
+def http_oversized(port: int, rng: random.Random) -> None:
+    head = (f"POST /api/v1/{TOKEN}/telemetry HTTP/1.1\r\nHost: emulator\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {60 << 20}\r\n\r\n").encode()  # over ThingsBoard's 50 MiB
+    with _connect(port) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(head)
+            block = rng.randbytes(65536)
+            for _ in range(64):
+                s.sendall(block)
+        _drain(s)
+
+
+def http_garbage(port: int, rng: random.Random) -> None:
+    with _connect(port) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(rng.choice([b"", b"GET /api/v1/"]) + rng.randbytes(rng.randrange(1, 4096)) + b"\r\n\r\n")
+        _drain(s)
+
+
+def coap_random(port: int, rng: random.Random) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(20):
+            s.sendto(rng.randbytes(rng.randrange(1, 1500)), ("127.0.0.1", port))
+
+
 class Garbage(threading.Thread):
     """Runs `attack` over and over until told to stop, and at least MIN_ROUNDS times."""
 
@@ -169,6 +196,9 @@ def test_garbage_does_not_stop_good_clients_and_memory_stays_bounded(tmp_path):
         garbage = [Garbage(attack, port, seed, stop) for seed, attack in enumerate(attacks)]
         garbage += [Garbage(attack, tls_port, 100 + seed, stop) for seed, attack in
                     enumerate([tls_garbage, tls_then_garbage])]
+        garbage += [Garbage(attack, emu.ports["http"], 200 + seed, stop) for seed, attack in
+                    enumerate([http_oversized, http_garbage])]
+        garbage.append(Garbage(coap_random, emu.ports["coap"], 300, stop))
         for thread in garbage:
             thread.start()
         acks: list = []
@@ -194,3 +224,7 @@ def test_garbage_does_not_stop_good_clients_and_memory_stays_bounded(tmp_path):
         # limit the peak passes 90 MB.
         assert peak < start_rss + MEMORY_BOUND_MB * 1024, f"peak {peak} kB from {start_rss} kB at the start"
         assert emu.proc.poll() is None
+        request = urllib.request.Request(f"http://127.0.0.1:{emu.ports['http']}/api/v1/{TOKEN}/telemetry",
+                                         data=b'{"after":1}', headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200

@@ -11,7 +11,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from emulator_fixtures import ALLOW_KEY, ALLOW_SECRET, Paho, RawMqtt, mqtt_emulator, mqtt_packet, mqtt_string
+from emulator_fixtures import ALLOW_KEY, ALLOW_SECRET, Paho, RawMqtt, connect_packet, mqtt_emulator, mqtt_packet, \
+    mqtt_string, publish_packet
 
 TOKEN = "preTokenValue0000001"
 CONNACK_OK_5 = (0x20, b"\x00\x00\x00")
@@ -208,6 +209,18 @@ def test_a_bad_property_in_connect_closes_without_an_answer():
         c.send(connect5(properties=b"\x02\x7f\x00"))
         with pytest.raises(ConnectionError):
             c.read_packet()
+
+
+def test_a_publish_topic_with_a_wildcard_is_a_malformed_packet():
+    with mqtt_emulator() as emu:
+        with session5(emu.port) as c:
+            c.send(publish5("v1/devices/me/+", b"{}", 1))
+            assert c.read_packet() == (0xE0, b"\x81\x00")
+            assert c.closed_by_server()
+        with RawMqtt(emu.port) as c:
+            c.send(connect_packet("d", TOKEN) + publish_packet("v1/devices/#", b"{}"))
+            assert c.read_packet() == (0x20, b"\x00\x00")
+            assert c.closed_by_server()
 
 
 def test_subscription_options_as_netty_reads_them():
