@@ -30,7 +30,7 @@ from typing import Any
 
 from host_tools.emulator import ota
 from host_tools.emulator.blockwise import BLOCK1, BLOCK2, MAX_RESOURCE_BODY_SIZE, Answer, Blockwise
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RateLimited, RequestError, json_bytes, \
     parse_keys
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,11 @@ class CoapServer(asyncio.DatagramProtocol):
         if isinstance(request, Answer):  # the block-wise layer answers by itself, always piggybacked
             reply, separate = Reply(request.code, request.payload, list(request.options)), False
         else:
-            reply = self._blockwise.respond(request, addr, self._handle(request, addr))
+            try:
+                handled = self._handle(request, addr)
+            except RateLimited:
+                handled = Reply(INTERNAL_SERVER_ERROR)  # a device's message over its rate limits: 5.00 (reference §8)
+            reply = self._blockwise.respond(request, addr, handled)
             separate = (self.separate or reply.separate) and msg.mtype == CON
         if msg.mtype == CON and not separate:
             answer = Message(ACK, reply.code, msg.mid, msg.token, reply.options, reply.payload)

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from host_tools.emulator import ota
 from host_tools.emulator.ota import OtaError
-from host_tools.emulator.state import Device, EmulatorState, PayloadError, RequestError, json_bytes, \
+from host_tools.emulator.state import Device, EmulatorState, PayloadError, RateLimited, RequestError, json_bytes, \
     parse_keys
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,8 @@ class HttpApi:
                 result = await result
         except PayloadError as e:
             return Response(500, str(e).encode(), _TEXT)  # the parser's message, as DeviceAuthCallback.onError
+        except RateLimited:
+            return Response(500)  # over the device's rate limits: 500 with an empty body (reference §8)
         return result
 
     def _post_telemetry(self, request: Request, device: Device, _feature: list[str]) -> Response:

@@ -24,13 +24,18 @@ from typing import Iterable
 from OpenSSL import SSL
 
 from host_tools.emulator import certs, ota, tls
-from host_tools.emulator.state import CONNACK_NOT_AUTHORIZED, Device, EmulatorState, PayloadError, RequestError, \
-    json_bytes, parse_keys
+from host_tools.emulator.state import CONNACK_NOT_AUTHORIZED, Device, EmulatorState, PayloadError, RateLimited, \
+    RequestError, json_bytes, parse_keys
 
 log = logging.getLogger(__name__)
 
 MAX_PACKET = 65536
 """`transport.mqtt.netty.max_payload_size`: a longer packet is a decode failure and closes the connection."""
+MAX_INFLIGHT = 100
+"""`transport.mqtt.msg_queue_size_per_device_limit`, which getSessionLimits reports as maxInflightMessages."""
+SESSION_LIMITS = "getSessionLimits"
+"""The client-side RPC the transport answers itself (MqttTransportHandler.onGetSessionLimitsRpc; v1 topic only)."""
+SESSION_LIMITS_PREFIX = "v1/devices/me/rpc/request/"
 
 PROVISION = "provision"
 PROVISION_REQUEST = "/provision/request"
@@ -80,6 +85,7 @@ RC_TOPIC_FILTER_INVALID = 0x8F
 RC_TOPIC_NAME_INVALID = 0x90
 RC_ADMINISTRATIVE_ACTION = 0x98
 RC_PAYLOAD_FORMAT_INVALID = 0x99
+RC_CONNECTION_RATE_EXCEEDED = 0x9F
 RC_MAXIMUM_CONNECT_TIME = 0xA0
 
 # ReturnCodeResolver: an MQTT 5 CONNACK reason as a 3.1/3.1.1 return code.
@@ -205,6 +211,15 @@ def _topic_id(topic: str, prefixes: Iterable[str]) -> tuple[str, int] | None:
             except ValueError:
                 raise PayloadError(f"request id is not an integer in {topic!r}") from None
     return None
+
+
+def _rpc_method(payload: bytes) -> object:
+    """The "method" of a client-side RPC request body; None when the body is not a JSON object."""
+    try:
+        request = json.loads(payload)
+    except ValueError:
+        return None
+    return request.get("method") if isinstance(request, dict) else None
 
 
 def _matches(topic_filter: str, topic: str) -> bool:
@@ -413,6 +428,12 @@ class Session:
             self._connack(False, reason)
             await self.close_with(reason)  # MQTT 5 (3.7+): a DISCONNECT with the same reason follows
             return False
+        try:
+            self.state.limit(device)  # the session's OPEN event is a message
+        except RateLimited:
+            self._connack(False, RC_CONNECTION_RATE_EXCEEDED)  # 0x03 on 3.x
+            await self.close_with(RC_CONNECTION_RATE_EXCEEDED)
+            return False
         self.device = device
         self._listen_handle = self.state.listen(device.name, self._on_push)
         self.state.event(f"mqtt: device {device.name!r} connected from {self.peer} ({how}"
@@ -491,7 +512,10 @@ class Session:
             r.properties()
         codes = bytearray()
         while r.pos < len(r.data):
-            existed = self.granted.pop(r.text(), None) is not None
+            topic = r.text()
+            existed = self.granted.pop(topic, None) is not None
+            if existed:
+                self._count_push_subscription(topic)
             codes.append(RC_SUCCESS if existed else RC_NO_SUBSCRIPTION_EXISTED)
         if not self.provisioning or self.state.at_least(3, 9):
             # 3.x UNSUBACK has no codes; MQTT 5 has one per filter.
@@ -519,9 +543,11 @@ class Session:
             known = topic == PROVISION_RESPONSE if self.provisioning else topic in SUBSCRIPTIONS
             if known:
                 qos = min(options & 0x03, 1)
+                codes.append(qos)
+                if not self._count_push_subscription(topic):
+                    continue  # granted all the same, but the device's pushes do not come
                 self.granted.pop(topic, None)  # re-granted: now the latest subscription
                 self.granted[topic] = qos
-                codes.append(qos)
             else:
                 codes.append(failure)
         if self.device is not None:
@@ -530,6 +556,17 @@ class Session:
         self.send(packet(_SUBACK << 4, self._acks(packet_id, bytes(codes))))
         if self.device is not None and self._push_topic("rpc") is not None:
             self.state.rpc_subscribed(self.device.name)  # RPC requests that waited for a subscription go now
+
+    def _count_push_subscription(self, topic: str) -> bool:
+        """(Un)subscribing to pushes is a message (processAttributesSubscribe, processRpcSubscribe); whether it
+        passed the rate limits. ThingsBoard passes it no callback: a refused one changes nothing and is not told."""
+        if self.device is None or SUBSCRIPTIONS.get(topic) is None:
+            return True
+        try:
+            self.state.limit(self.device)
+        except RateLimited:
+            return False
+        return True
 
     def _qos(self, topic: str) -> int:
         """Granted QoS of the subscription matching the outgoing `topic`; 1 when none does (the server's default)."""
@@ -616,7 +653,15 @@ class Session:
                 self.puback(packet_id)
             elif self.state.at_least(3, 3) and (request := OTA_REQUEST.search(topic)) is not None:
                 await self._ota_chunk(device, request, payload, packet_id)
+            elif topic.startswith(SESSION_LIMITS_PREFIX) and _rpc_method(payload) == SESSION_LIMITS:
+                # Answered by the transport itself, with no rate limit counted (onGetSessionLimitsRpc).
+                request_id = _topic_id(topic, (SESSION_LIMITS_PREFIX,))[1]
+                answer = self.state.rate_limits.session_limits(MAX_PACKET, MAX_INFLIGHT)
+                self.puback(packet_id)
+                response_topic = f"v1/devices/me/rpc/response/{request_id}"
+                self.publish(response_topic, json_bytes(answer), self._qos(response_topic))
             elif topic.startswith(NOT_EMULATED_PREFIXES):
+                self.state.limit(device)
                 self.puback(packet_id)
             else:
                 # An unknown topic: PUBACK (0x90 on MQTT 5), not processed, session kept.
@@ -624,6 +669,10 @@ class Session:
         except PayloadError as e:
             self.state.event(f"mqtt: invalid payload from {device.name!r} on {topic!r} ({e})")
             await self._payload_refused(packet_id)
+        except RateLimited:
+            # getPubAckCallback.onError: no PUBACK, the session is closed (MQTT 5: DISCONNECT 0x83).
+            await self.close_with(RC_IMPLEMENTATION_SPECIFIC_ERROR)
+            raise _Closed() from None
 
     async def _ota_chunk(self, device: Device, request: re.Match, payload: bytes, packet_id: int) -> None:
         """One chunk of the device's package (MqttTransportHandler.getOtaPackageCallback, reference §6.5).

@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from host_tools.emulator import certs, coap, http, rest
+from host_tools.emulator import certs, coap, http, limits, rest
 from host_tools.emulator.mqtt import MqttServer
 from host_tools.emulator.state import ConfigError, EmulatorState, load_config, parse_version
 
@@ -52,6 +52,22 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _rate_limit(text: str) -> str:
+    try:
+        limits.parse(text)
+    except limits.LimitSyntaxError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+# Options setting the tenant profile's per-device rate limits: option -> tenantProfile field of the config file.
+RATE_LIMIT_OPTIONS = {
+    "--msg-rate-limit": "transportDeviceMsgRateLimit",
+    "--telemetry-msg-rate-limit": "transportDeviceTelemetryMsgRateLimit",
+    "--telemetry-data-points-rate-limit": "transportDeviceTelemetryDataPointsRateLimit",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The emulator's options (port 0 picks a free port)."""
     parser.add_argument("--config", required=True, metavar="FILE",
@@ -73,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CoAP answers with an empty ACK first and the response separately")
     parser.add_argument("--provision-close-after", type=_seconds, default=60.0, metavar="S",
                         help="seconds after a provisioning answer until the MQTT session is closed (60)")
+    for option, field in RATE_LIMIT_OPTIONS.items():
+        parser.add_argument(option, type=_rate_limit, default=None, metavar="CAP:SECONDS,...", dest=field,
+                            help=f"each device's {limits.FIELDS[field]} rate limit, e.g. 200:1,6000:60 (the config's "
+                                 f"tenantProfile.{field}; default: none, as on a self-hosted ThingsBoard)")
 
 
 async def _serve(args: argparse.Namespace, state: EmulatorState) -> None:
@@ -107,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"emulator: bad config file: {e}", file=sys.stderr)
         return 2
+    for field in RATE_LIMIT_OPTIONS.values():
+        if getattr(args, field) is not None:
+            config.setdefault("tenantProfile", {})[field] = getattr(args, field)
     try:
         state = EmulatorState(config, args.db, args.server_version)
     except ConfigError as e:

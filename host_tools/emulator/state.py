@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from host_tools.emulator import ota
+from host_tools.emulator import limits, ota
 from host_tools.emulator.ota import OtaError, OtaPackage
 
 ACCESS_TOKEN = "ACCESS_TOKEN"
@@ -130,6 +130,10 @@ class PayloadError(Exception):
     """A telemetry, attributes or RPC body the server refuses; str() is a parser-like message."""
 
 
+class RateLimited(Exception):
+    """A device's message over one of its tenant profile's rate limits; str() names the limit (limits.FIELDS)."""
+
+
 class DataError(ValueError):
     """An entity the REST API refuses to save (DataValidationException: 400); str() is ThingsBoard's message."""
 
@@ -196,10 +200,11 @@ def validate_config(config: Any) -> None:
     """Check the config's shape and consistency; raise ConfigError naming the field that is wrong."""
     if not isinstance(config, dict):
         raise ConfigError("config: must be a JSON object with 'profiles' and 'devices'")
-    unknown = set(config) - {"profiles", "devices", "otaPackages", "users", "jwt"}
+    unknown = set(config) - {"profiles", "devices", "otaPackages", "users", "jwt", "tenantProfile"}
     if unknown:
         raise ConfigError(f"config: unknown field {sorted(unknown)[0]!r}")
     _validate_users(config.get("users", []))
+    _validate_tenant_profile(config.get("tenantProfile", {}))
     _validate_jwt(config.get("jwt", {}))
     profiles = config.get("profiles", [])
     devices = config.get("devices", [])
@@ -338,6 +343,21 @@ def _config_package_data(entry: dict, where: str) -> bytes:
     if not data:
         raise ConfigError(f"{where}: the package data is empty (OtaPackage data should be specified!)")
     return data
+
+
+def _validate_tenant_profile(profile: Any) -> None:
+    if not isinstance(profile, dict):
+        raise ConfigError("tenantProfile: must be an object")
+    for field, value in profile.items():
+        if field not in limits.FIELDS:
+            raise ConfigError(f"tenantProfile: unknown field {field!r} (known: {', '.join(limits.FIELDS)})")
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"tenantProfile.{field}: must be a string such as \"200:1,6000:60\" or null")
+        if value:
+            try:
+                limits.parse(value)
+            except limits.LimitSyntaxError as e:
+                raise ConfigError(f"tenantProfile.{field}: {e}") from None
 
 
 def _validate_users(users: Any) -> None:
@@ -548,6 +568,7 @@ class EmulatorState:
         self.users: dict[str, dict] = {u["email"].lower(): u for u in config.get("users", [])}
         self.jwt_settings: dict[str, int] = {**JWT_DEFAULTS, **config.get("jwt", {})}
         self.tenant_id = self._meta("tenantId", _new_id)
+        self.rate_limits = limits.RateLimits(config.get("tenantProfile", {}))
         self._load(config)
 
     # ------------------------------------------------------------------ setup and helpers
@@ -923,6 +944,16 @@ class EmulatorState:
 
     # ------------------------------------------------------------------ device data (§6)
 
+    def limit(self, device: Device, data_points: int = 0) -> None:
+        """Count one message of `device` against its rate limits (the telemetry ones when it carries data points).
+
+        RateLimited when over one; the transport then refuses the message as ThingsBoard does (reference §8).
+        """
+        hit = self.rate_limits.allow(device.name, data_points)
+        if hit is not None:
+            self.event(f"rate limit: a message from {device.name!r} refused ({hit} limit reached)")
+            raise RateLimited(hit)
+
     def post_telemetry(self, device: Device, body: bytes) -> int:
         """Store a telemetry body (object, {"ts","values"} or an array of those); return the records stored."""
         data = _parse_json(body)
@@ -945,6 +976,7 @@ class EmulatorState:
                 records.append((ts, _kv(values)))
             else:
                 records.append((now, _kv(item)))
+        self.limit(device, sum(len(kv) for _, kv in records))
         with self._tx():
             self._db.executemany("INSERT INTO telemetry (device, ts, kv) VALUES (?, ?, ?)",
                                  [(device.name, ts, _json_text(kv)) for ts, kv in records])
@@ -957,6 +989,7 @@ class EmulatorState:
         data = _parse_json(body)
         if not isinstance(data, dict):
             raise PayloadError(f"Expected JSON object, got {_json_text(data)[:80]}")
+        self.limit(device, len(data))  # data points: attributes count as telemetry does (PostAttributeMsg)
         with self._tx():
             self._set_attributes(device.name, "client", _kv(data))
         self.event(f"attributes from {device.name!r}: {', '.join(sorted(data)) or 'none'}")
@@ -967,6 +1000,7 @@ class EmulatorState:
 
         Empty sections are omitted. A section whose key list is None is not asked for, unless both are None.
         """
+        self.limit(device)
         result = {}
         everything = client_keys is None and shared_keys is None
         for section, keys in (("client", client_keys), ("shared", shared_keys)):
@@ -979,6 +1013,7 @@ class EmulatorState:
     def record_rpc_reply(self, device: Device, request_id: int, body: bytes) -> None:
         """Store a device's reply to server-side RPC `request_id` (any JSON); a waiting REST call gets it too."""
         reply = _parse_json(body)
+        self.limit(device)
         self._db.execute("UPDATE rpc SET reply = ? WHERE id = ? AND device = ?",
                          (_json_text(reply), request_id, device.name))
         self.event(f"rpc reply from {device.name!r} to request {request_id}")
@@ -1088,6 +1123,7 @@ class EmulatorState:
             return False
         self.event(f"device {name!r} deleted")
         self._pending_rpc.pop(name, None)
+        self.rate_limits.forget(name)
         self._notify(name, "deleted", None)
         return True
 
