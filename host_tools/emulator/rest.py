@@ -5,8 +5,10 @@ docs/thingsboard-notes.md in this repository for what was read beyond them):
 - login with a tenant administrator from the config file (`users`), JWT access and refresh tokens (HS512) sent as
   `X-Authorization: Bearer <token>`;
 - device profiles with their provisioning configuration; devices with their credentials;
-- latest telemetry, attributes, attribute writes (shared ones pushed to the device's sessions);
-- server-side RPC, one-way and two-way, answered with the device's reply or the status ThingsBoard gives;
+- latest telemetry and ranges of it, attributes, attribute writes and deletions (shared ones pushed to the device's
+  sessions);
+- server-side RPC, one-way and two-way, answered with the device's reply or the status ThingsBoard gives (a request
+  waits for the device's RPC subscription until it expires);
 - OTA packages: create, upload with a checksum, list, read, download, delete; assigning one is saving a device or
   a profile with its `firmwareId`/`softwareId` (the effects are the state's, host_tools/emulator/ota.py).
 Errors are ThingsBoard's `{"status", "message", "errorCode", "timestamp"}` JSON, except where ThingsBoard itself
@@ -21,7 +23,6 @@ import decimal
 import hmac
 import io
 import json
-import logging
 import re
 import time
 import uuid
@@ -35,8 +36,6 @@ from host_tools.emulator import ota
 from host_tools.emulator.http import Request, Response, error_json
 from host_tools.emulator.ota import OtaError, OtaPackage
 from host_tools.emulator.state import NULL_UUID, DataError, EmulatorState, VersionConflict, entity_uuid, json_bytes
-
-log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _TEXT = "text/plain;charset=UTF-8"
