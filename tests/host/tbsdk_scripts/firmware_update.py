@@ -26,10 +26,11 @@ received = Inbox()
 
 
 def on_firmware(sdk, data, version):
-    # Only called once the SDK has verified the checksum (TBDeviceMqttClient.__process_firmware).
-    received.put((data, version))
+    # Only called once the SDK has verified the checksum (TBDeviceMqttClient.__process_firmware). The UPDATED report
+    # is queued before the main thread hears of the firmware, so that its disconnect goes out after it.
     sdk.update_firmware_info(title=sdk.firmware_info.get("fw_title"), version=version,
                              state=TBFirmwareState.UPDATED)
+    received.put((data, version))
 
 
 client.set_on_firmware_received_callback(on_firmware)
