@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,13 +106,21 @@ def read_boards(boards_dir: Path, pins: dict[str, str]) -> list[Board]:
 def install(requirement: str, cache: Path) -> Path:
     """The folder holding `requirement` (package==version, no dependencies), installed there by pip on first use."""
     folder = cache / requirement.replace("==", "-")
-    if not (folder / ".complete").exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
-                               "--target", str(folder), requirement], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckError(f"pip could not install {requirement}: {proc.stderr.strip()}")
-        (folder / ".complete").touch()
+    if folder.is_dir():
+        return folder
+    # Into a folder of this process's own, then renamed into place: checks running side by side (the tests run two)
+    # never see a half-installed folder, and the one that comes second drops its copy.
+    partial = cache / f"{folder.name}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                           "--target", str(partial), requirement], capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckError(f"pip could not install {requirement}: {proc.stderr.strip()}")
+    try:
+        partial.rename(folder)
+    except OSError:  # another check installed it meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
