@@ -279,3 +279,41 @@ def test_wifi_is_brought_up_only_when_configured():
         eq(calls, ["greenhouse"])
     finally:
         sys.modules.pop("tbfleet.net", None)
+
+
+def test_the_interval_saved_from_thingsboard_outlives_a_reboot_and_a_bad_one_is_ignored():
+    link = Link(provisions=[OK], pushes=[("attributes", None, b'{"telemetry_interval":0.01}')])
+    device = app.Device(cfg_with(), link)
+    device.run(3)
+    eq(device.interval, 0.01)
+    eq(app.Device(cfg_with(), Link()).interval, 0.01)
+    for text in ('{"telemetry_interval":"5"}', '{"telemetry_interval":-1}', "not json"):
+        with open(app.SETTINGS, "w") as f:
+            f.write(text)
+        eq(app.Device(cfg_with(telemetry_interval=7), Link()).interval, 7)
+
+
+def test_rpc_replies_and_errors_and_attribute_callbacks_over_a_scripted_link():
+    link = Link(provisions=[OK], pushes=[
+        ("rpc", 3, b'{"method":"double","params":21}'), ("rpc", None, b'{"id":4,"method":"boom","params":null}'),
+        ("rpc", 5, b'{"method":"nobody","params":{}}'), ("current", None, b'{"client":{"a":1},"shared":{"b":2}}'),
+        ("attributes", None, b'{"deleted":["b"]}'), ("rpc", 6, b"not json")])
+    device = app.Device(cfg_with(), link)
+    seen = []
+    device.rpc("double")(lambda params: params * 2)
+
+    @device.rpc("boom")
+    def boom(params):
+        raise RuntimeError("relay stuck")
+
+    @device.attributes
+    def watch(changed):
+        seen.append(changed)
+        raise ValueError("a callback that raises is logged")
+
+    device.run(8)
+    eq(link.replies, [(3, 42), (4, {"error": "RuntimeError: relay stuck"}),
+                      (5, {"error": "no handler for method nobody"})])
+    eq(seen, [{"b": 2}, {"deleted": ["b"]}])
+    assert any("attributes watch: ValueError" in line for line in LINES), LINES
+    assert any(line.startswith("W bad rpc") for line in LINES), LINES

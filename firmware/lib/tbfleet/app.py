@@ -63,7 +63,9 @@ class Device:
         self.interval = cfg.telemetry_interval
         try:
             with open(SETTINGS) as f:
-                self.interval = json.load(f)["telemetry_interval"]
+                saved = json.load(f)["telemetry_interval"]
+            if type(saved) in (int, float) and 0 <= saved <= 604800:  # config.json's range
+                self.interval = saved
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none saved (or unreadable): config.json's
         self.next_at = time.ticks_ms()  # when the next telemetry message is due
