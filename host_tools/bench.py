@@ -406,8 +406,8 @@ def print_table(results: dict) -> None:
     print(f"firmware .mpy footprint: {results['firmware_mpy_bytes']} bytes (target <= {TARGET_FOOTPRINT})")
     cols = ("min_heap_bytes", "min_heap_bytes_app", "round_trips_to_first_ack", "lifecycle_ms", "first_telemetry_ms",
             "wire_bytes_per_message", "us_per_message")
-    print(f"{'transport':<10}" + "".join(f"{c:>24}" for c in cols))
+    print(f"{'transport':<10}" + "".join(f"{c:>26}" for c in cols))
     for name, figures in results["transports"].items():
-        print(f"{name:<10}" + "".join(f"{figures[c]:>24}" for c in cols))
+        print(f"{name:<10}" + "".join(f"{figures[c]!s:>26}" for c in cols))
     print(f"targets: min_heap_bytes <= {TARGET_HEAP}, min_heap_bytes_app <= {TARGET_HEAP_APP}, "
           "round_trips_to_first_ack 1 (mqtt), lifecycle_ms < 300 (mqtt)")
