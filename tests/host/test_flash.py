@@ -147,9 +147,10 @@ def test_esptool_that_never_finishes_is_stopped_at_the_deadline(silent_port: str
     build_image("esp32", tmp_path / "fw.bin")
     forever = ("--no-stub", "--before", "no-reset", "--connect-attempts", "0")  # 0: retry without end
     start = time.monotonic()
-    with pytest.raises(fl.FlashError, match=r"esptool did not finish within 1.5 s: .*Connecting"):
-        fl.flash(boards.load("esp32"), silent_port, tmp_path / "fw.bin", esptool_args=forever, timeout=1.5)
-    assert time.monotonic() - start < 5
+    # 4 s: enough for esptool to reach "Connecting" on a busy machine too (1.5 s once saw only its banner).
+    with pytest.raises(fl.FlashError, match=r"esptool did not finish within 4 s: .*Connecting"):
+        fl.flash(boards.load("esp32"), silent_port, tmp_path / "fw.bin", esptool_args=forever, timeout=4)
+    assert time.monotonic() - start < 10
 
 
 # -- choosing the image ---------------------------------------------------------------------------------------
