@@ -23,7 +23,8 @@ def _imported_since(loaded):
 
 def unload_onboarding():
     # The one place the onboarding modules go, as a group: while onboarding they are loaded step by step, and
-    # the transport's exchange and the telemetry loop need their RAM.
+    # the transport's exchange and the telemetry loop need their RAM (bench: without it every lifecycle needs
+    # about 6 KB more heap).
     unload("onboard", "store", "provision")
 
 
@@ -239,7 +240,8 @@ class Device:
         return self.on_provisioning_failed(status, message)
 
     def drop_link(self):
-        # Closes the link; one this device made goes, with the modules it imported (made again to connect). A link
+        # Closes the link; one this device made goes, with the modules it imported (made again to connect), so that
+        # parsing and saving a provisioning answer get the transport's RAM (bench: 1.3-2.3 KB less heap). A link
         # passed in is not the device's to drop.
         if self.link is not None:
             self.link.close()
