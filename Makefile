@@ -38,7 +38,7 @@ $(SDK_STAMP): $(SDK_REQUIREMENTS)
 	cp $(SDK_REQUIREMENTS) $@
 
 system-packages:
-	@sh dev/system_packages.sh $(SYSTEM_PACKAGES)
+	@PYTHON=$(PYTHON) sh dev/system_packages.sh $(SYSTEM_PACKAGES)
 
 # ruff over the Python code, then firmware/ against each board's MicroPython API (dev/firmware_api.py).
 lint: $(STAMP)

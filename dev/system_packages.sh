@@ -2,7 +2,8 @@
 # Usage: system_packages.sh PACKAGE...  (make test passes the Makefile's SYSTEM_PACKAGES)
 # Installs the Debian packages named that are missing, with apt-get, when run as root; otherwise prints one message
 # naming the missing packages and the command that installs them, and exits 1, so that make stops before any test.
-# APT_GET replaces the apt-get command (the tests of this script use a fake one).
+# PYTHON (make's, default python3) must be able to make a virtual environment: Debian's own Python can only with
+# python3-venv, which is then added. APT_GET replaces the apt-get command (the tests of this script use a fake one).
 set -eu
 apt_get=${APT_GET:-apt-get}
 
@@ -12,6 +13,9 @@ for pkg in "$@"; do
     status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
     [ "$status" = "install ok installed" ] || missing="$missing $pkg"
 done
+if ! "${PYTHON:-python3}" -c "import ensurepip, venv" >/dev/null 2>&1; then
+    missing="$missing python3-venv"
+fi
 missing=${missing# }
 [ -n "$missing" ] || exit 0
 

@@ -50,6 +50,17 @@ def test_without_root_the_missing_packages_and_the_command_are_named(fake_apt):
     assert not calls.exists()
 
 
+def test_a_python_that_cannot_make_a_venv_brings_python3_venv(fake_apt, tmp_path):
+    apt, calls = fake_apt
+    no_ensurepip = tmp_path / "python3"
+    no_ensurepip.write_text("#!/bin/sh\nexit 1\n")  # as Debian's python3 without python3-venv fails the import
+    no_ensurepip.chmod(0o755)
+    proc = subprocess.run([*UNPRIVILEGED, "sh", str(SCRIPT), "dpkg"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "APT_GET": str(apt), "PYTHON": str(no_ensurepip)})
+    assert proc.returncode == 1
+    assert "sudo apt-get update && sudo apt-get install -y python3-venv\n" in proc.stderr
+
+
 def test_make_test_without_root_stops_before_any_set_up_or_test(fake_apt):
     apt, calls = fake_apt
     proc = run(["make", "--no-print-directory", "test", f"SYSTEM_PACKAGES=mosquitto {MISSING}"], apt, UNPRIVILEGED)
