@@ -1,7 +1,7 @@
 # ThingsBoard's device API over CoAP (UDP 5683): provisioning and telemetry as confirmable POSTs of JSON, with the
 # firmware's own compact RFC 7252 client: exponential retransmission, piggybacked and separate responses, duplicate
-# detection, a select.poll deadline on every wait. Client and adapter are one class, and one method does the whole
-# exchange: on a board every module, class and function costs heap, a long function does not.
+# detection, a select.poll deadline on every wait; observations (RFC 7641) of shared attributes and RPC. Client and
+# adapter are one class; a request's message is built by _message and each datagram read by _parse.
 import os
 import select
 import socket
@@ -37,6 +37,41 @@ def _why(code, body):
     except UnicodeError:
         text = "%d bytes" % len(body)
     return (code >> 5) * 100 + (code & 31), text or "%d.%02d" % (code >> 5, code & 31)
+
+
+def _message(code, mid, token, path, payload, fmt, query, observe):
+    # A confirmable request as bytes to send: version 1, CON, the 4-byte token; the options in ascending number
+    # order (Observe 0 when observe, the Uri-Path segments, Content-Format fmt unless None, the Uri-Query strings);
+    # the payload after its marker.
+    msg = bytearray((0x44, code, mid >> 8, mid & 255))
+    msg += token
+    opts = [(11, seg.encode()) for seg in path]  # Uri-Path
+    if observe:
+        opts.insert(0, (6, b""))  # Observe: 0, register
+    if fmt is not None:
+        opts.append((12, fmt.to_bytes((fmt > 0) + (fmt > 255), "big")))  # Content-Format: a minimal uint
+    for q in query:
+        opts.append((15, q.encode()))  # Uri-Query
+    last = 0
+    for num, val in opts:
+        # Deltas between these option numbers stay below 13; a length of 13 or more takes one or two extension
+        # bytes (RFC 7252 3.1).
+        n = len(val)
+        head = num - last << 4
+        if n < 13:
+            msg.append(head | n)
+        elif n < 269:
+            msg.append(head | 13)
+            msg.append(n - 13)
+        else:
+            msg.append(head | 14)
+            msg += (n - 269).to_bytes(2, "big")
+        msg += val
+        last = num
+    if payload:
+        msg.append(0xFF)
+        msg = msg + payload  # one block of the final size: growing msg in place leaves holes behind
+    return msg
 
 
 def _parse(data):
@@ -199,35 +234,9 @@ class Link:
             sock = self.sock
             self.mid = mid = (self.mid + 1) & 0xFFFF
             token = os.urandom(4)
-            msg = bytearray((0x44, code, mid >> 8, mid & 255))  # version 1, CON, 4-byte token
-            msg += token
-            opts = [(11, seg.encode()) for seg in path]  # Uri-Path
             if observe:
-                opts.insert(0, (6, b""))  # Observe: 0, register
                 self.observing[bytes(token)] = observe
-            if fmt is not None:
-                opts.append((12, fmt.to_bytes((fmt > 0) + (fmt > 255), "big")))  # Content-Format: a minimal uint
-            for q in query:
-                opts.append((15, q.encode()))  # Uri-Query
-            last = 0
-            for num, val in opts:
-                # Deltas between these option numbers stay below 13; a length of 13 or more takes one or two
-                # extension bytes (RFC 7252 3.1).
-                n = len(val)
-                head = num - last << 4
-                if n < 13:
-                    msg.append(head | n)
-                elif n < 269:
-                    msg.append(head | 13)
-                    msg.append(n - 13)
-                else:
-                    msg.append(head | 14)
-                    msg += (n - 269).to_bytes(2, "big")
-                msg += val
-                last = num
-            if payload:
-                msg.append(0xFF)
-                msg = msg + payload  # one block of the final size: growing msg in place leaves holes behind
+            msg = _message(code, mid, token, path, payload, fmt, query, observe)
             wait = self.ack_ms + self.ack_ms * os.urandom(1)[0] // 510
             sent = 1
             acked = False
