@@ -41,12 +41,14 @@ PROVISION = "provision"
 PROVISION_REQUEST = "/provision/request"
 PROVISION_RESPONSE = "/provision/response"
 
-TELEMETRY_TOPICS = ("v1/devices/me/telemetry", "v2/t")
-ATTRIBUTES_TOPICS = ("v1/devices/me/attributes", "v2/a")
-# Attribute request prefix -> prefix of its response: the answer comes in the style (v1 or v2 short) asked in.
+# MqttTopics: v1, the v2 short forms, and their JSON forms (".../j", for JSON whatever the profile's payload type;
+# the protobuf forms ".../p" are not emulated). A JSON prefix comes before its short form, which it starts with.
+TELEMETRY_TOPICS = ("v1/devices/me/telemetry", "v2/t", "v2/t/j")
+ATTRIBUTES_TOPICS = ("v1/devices/me/attributes", "v2/a", "v2/a/j")
+# Attribute request prefix -> prefix of its response: the answer comes in the style (v1, v2 or v2 JSON) asked in.
 ATTRIBUTE_REQUEST_PREFIXES = {"v1/devices/me/attributes/request/": "v1/devices/me/attributes/response/",
-                              "v2/a/req/": "v2/a/res/"}
-RPC_RESPONSE_PREFIXES = ("v1/devices/me/rpc/response/", "v2/r/res/")
+                              "v2/a/req/j/": "v2/a/res/j/", "v2/a/req/": "v2/a/res/"}
+RPC_RESPONSE_PREFIXES = ("v1/devices/me/rpc/response/", "v2/r/res/j/", "v2/r/res/")
 # MqttTopics.DEVICE_FIRMWARE/SOFTWARE_REQUEST_TOPIC_PATTERN, searched (Matcher.find) rather than matched whole.
 OTA_REQUEST = re.compile(r"v2/(fw|sw)/request/(\d+)/chunk/(\d+)")
 OTA_TYPES = {"fw": ota.FIRMWARE, "sw": ota.SOFTWARE}
@@ -60,9 +62,11 @@ NOT_EMULATED_PREFIXES = ("v1/devices/me/claim", "v1/devices/me/rpc/request/", "v
 # pushed, the topic it goes to): ThingsBoard pushes in the style (v1 or v2 short) of the latest such subscription.
 SUBSCRIPTIONS: dict[str, tuple[str, str] | None] = {
     "v1/devices/me/attributes": ("attributes", "v1/devices/me/attributes"), "v2/a": ("attributes", "v2/a"),
+    "v2/a/j": ("attributes", "v2/a/j"),
     "v1/devices/me/rpc/request/+": ("rpc", "v1/devices/me/rpc/request/{}"), "v2/r/req/+": ("rpc", "v2/r/req/{}"),
-    "v1/devices/me/attributes/response/+": None, "v2/a/res/+": None,
-    "v1/devices/me/rpc/response/+": None, "v2/r/res/+": None,
+    "v2/r/req/j/+": ("rpc", "v2/r/req/j/{}"),
+    "v1/devices/me/attributes/response/+": None, "v2/a/res/+": None, "v2/a/res/j/+": None,
+    "v1/devices/me/rpc/response/+": None, "v2/r/res/+": None, "v2/r/res/j/+": None,
     "v2/fw/response/+/chunk/+": None, "v2/fw/error": None,
     "v2/sw/response/+/chunk/+": None, "v2/sw/error": None,
 }
@@ -394,9 +398,9 @@ class Session:
             await self._end()
             return False
         if (protocol, level) not in (("MQTT", 5), ("MQTT", 4), ("MQIsdp", 3)):
-            self.send(packet(_CONNACK << 4, b"\x00\x01"))
-            await self._end()
-            return False
+            # Netty's MqttDecoder fails the CONNECT (MqttUnacceptableProtocolVersionException) and
+            # MqttTransportHandler.channelRead closes the channel: no CONNACK 0x01.
+            raise Malformed(f"unknown protocol {protocol!r} level {level}")
         self.v5 = level == 5
         flags = r.u8()
         if flags & 0x01:
@@ -425,13 +429,13 @@ class Session:
         if device is None:
             code = f"{reason:#04x}" if self.v5 else str(CONNACK_V3[reason])
             self.state.event(f"mqtt: connection from {self.peer} refused with CONNACK {code} ({how})")
-            self._connack(False, reason)
+            self._connack(present, reason)  # createMqttConnAckMsg: !cleanSession on refusals too
             await self.close_with(reason)  # MQTT 5 (3.7+): a DISCONNECT with the same reason follows
             return False
         try:
             self.state.limit(device)  # the session's OPEN event is a message
         except RateLimited:
-            self._connack(False, RC_CONNECTION_RATE_EXCEEDED)  # 0x03 on 3.x
+            self._connack(present, RC_CONNECTION_RATE_EXCEEDED)  # 0x03 on 3.x
             await self.close_with(RC_CONNECTION_RATE_EXCEEDED)
             return False
         self.device = device

@@ -266,9 +266,20 @@ def test_mqtt_31_accepted_and_mqtt_5_refused_before_3_5():
         with RawMqtt(emu.port) as c:
             c.send(mqtt_packet(0x10, body))
             assert c.read_packet() == (0x20, b"\x00\x00\x00")
-        with RawMqtt(emu.port) as c:
-            c.send(connect_packet("c", protocol="MQTT", level=7))
-            assert c.read_packet() == (0x20, b"\x00\x01")
+        # Netty's decoder refuses an unknown protocol name or level and ThingsBoard closes: no CONNACK 0x01.
+        for protocol, level in (("MQTT", 7), ("MQTT", 3), ("MQIsdp", 4), ("MQTX", 4)):
+            with RawMqtt(emu.port) as c:
+                c.send(connect_packet("c", "preTokenValue0000001", protocol=protocol, level=level))
+                with pytest.raises(ConnectionError):
+                    c.read_packet()
+
+
+def test_a_refused_connack_carries_session_present_as_not_clean_session():
+    with mqtt_emulator() as emu:
+        for level, refused in ((4, b"\x01\x05"), (5, b"\x01\x86\x00")):
+            with RawMqtt(emu.port) as c:
+                c.send(connect_packet("c", "wrongToken", clean=False, level=level))
+                assert c.read_packet() == (0x20, refused)
 
 
 def device_session(emu, client_id: str = "d") -> RawMqtt:

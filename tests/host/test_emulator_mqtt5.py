@@ -265,3 +265,23 @@ def test_provisioning_session_refusals():
         with session5(emu.port, client_id="provision", username=None) as c:
             c.send(publish5("v1/devices/me/telemetry", b"{}", 3))
             assert c.closed_by_server()
+
+
+def test_v2_json_topics_are_served_as_thingsboard_forces_json_on_them():
+    with mqtt_emulator() as emu, Paho(emu.port, "d", "preTokenValue0000001", protocol=mqtt.MQTTv5) as c:
+        assert c.subscribe("v2/a/j") == [1] and c.subscribe("v2/r/req/j/+") == [1]
+        assert c.subscribe("v2/a/res/j/+") == [1] and c.subscribe("v2/r/res/j/+") == [1]
+        assert c.publish("v2/t/j", b'{"jt":1}') == 0 and c.publish("v2/a/j", b'{"ja":2}') == 0
+        assert c.publish("v2/t/j", b"not json") == 0x99
+        assert c.publish("v2/tj", b'{"x":1}') == 0x90, "not a ThingsBoard topic"
+        assert emu.call(lambda s: s.latest_telemetry("pre-token"))["jt"][1] == 1
+        c.publish("v2/a/req/j/3", b'{"clientKeys":"ja"}')
+        msg = c.message()
+        assert (msg.topic, json.loads(msg.payload)) == ("v2/a/res/j/3", {"client": {"ja": 2}})
+        emu.call(lambda s: s.set_shared_attributes("pre-token", {"k": 1}))
+        msg = c.message()
+        assert (msg.topic, json.loads(msg.payload)) == ("v2/a/j", {"k": 1})
+        rpc_id = emu.call(lambda s: s.send_rpc("pre-token", "m", {}))
+        assert c.message().topic == f"v2/r/req/j/{rpc_id}"
+        assert c.publish(f"v2/r/res/j/{rpc_id}", b'{"ok":1}') == 0
+        assert emu.call(lambda s: s.rpc_replies("pre-token")) == {rpc_id: {"ok": 1}}
