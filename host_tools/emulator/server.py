@@ -21,7 +21,9 @@ from host_tools.emulator.state import ConfigError, EmulatorState, load_config, p
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VERSION = "4.3"
+DEFAULT_VERSION = "4.3.1.3"
+"""The newest release the model describes (the REST reference is read at v4.3.1.3); the pinned tb-rest-client 4.4
+reads a device by name with /api/tenant/device, which came in 4.3.1.2."""
 DEFAULT_TLS_DIR = ".cache/emulator-tls"
 
 

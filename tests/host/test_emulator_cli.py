@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tb_rest_client.rest_client import RestClient
 
 from emulator_fixtures import ALLOW_KEY, ALLOW_SECRET, CONFIG, Paho, RawMqtt, connect_packet, emulator_process, \
     publish_packet, subscribe_packet
@@ -32,6 +33,14 @@ def inspect(emu, path: str, body: dict | None = None) -> object:
 def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "host_tools", "emulator", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_the_default_version_serves_the_pinned_rest_client_as_the_readme_starts_it():
+    with emulator_process(DEMO) as emu:
+        rest = RestClient(f"http://127.0.0.1:{emu.ports['http']}")
+        rest.login("tenant@thingsboard.org", "tenant")
+        device = rest.get_tenant_device("demo-device-1")  # /api/tenant/device, ThingsBoard 4.3.1.2+
+        assert rest.get_device_credentials_by_device_id(device.id).credentials_id == "demoDeviceToken00001"
 
 
 def test_ready_line_events_and_clean_sigterm():
