@@ -487,6 +487,10 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+CANT_PARSE_VALUE = "Can't parse value: "
+"""JsonConverter's message for a body of the wrong shape, followed by the element as Gson prints it."""
+
+
 def _json_text(value: Any) -> str:
     """Compact JSON as Gson writes it: no spaces, non-ASCII characters kept."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -800,7 +804,7 @@ class EmulatorState:
         except (UnicodeDecodeError, json.JSONDecodeError):
             obj = None
         if not isinstance(obj, dict):
-            raise RequestError("Can't parse value: " + body.decode("utf-8", "replace"), False)
+            raise RequestError(CANT_PARSE_VALUE + body.decode("utf-8", "replace"), False)
         for field in ("provisionDeviceKey", "provisionDeviceSecret"):
             if field not in obj:
                 raise RequestError(f"Failed to find the field {field} in JSON body {_json_text(obj)}!", True)
@@ -962,7 +966,7 @@ class EmulatorState:
         records: list[tuple[int, dict]] = []
         for item in items:
             if not isinstance(item, dict):
-                raise PayloadError(f"Expected JSON object or array of objects, got {_json_text(item)[:80]}")
+                raise PayloadError(CANT_PARSE_VALUE + _json_text(item))
             if "ts" in item and "values" in item:
                 ts, values = item["ts"], item["values"]
                 if isinstance(ts, bool) or not isinstance(ts, (int, float, str)):
@@ -988,7 +992,7 @@ class EmulatorState:
         """Store client-scope attributes from a JSON object body."""
         data = _parse_json(body)
         if not isinstance(data, dict):
-            raise PayloadError(f"Expected JSON object, got {_json_text(data)[:80]}")
+            raise PayloadError(CANT_PARSE_VALUE + _json_text(data))
         self.limit(device, len(data))  # data points: attributes count as telemetry does (PostAttributeMsg)
         with self._tx():
             self._set_attributes(device.name, "client", _kv(data))

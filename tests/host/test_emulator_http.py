@@ -312,6 +312,15 @@ def test_bad_json_is_500_with_the_parser_message(emu: Emulator, path: str, body:
     assert emu.inspect("/pre-token/telemetry") == []
 
 
+@pytest.mark.parametrize("path, body, message", [
+    ("telemetry", b"42", "Can't parse value: 42"), ("telemetry", b'[{"a":1}, "x"]', 'Can\'t parse value: "x"'),
+    ("attributes", b'[{"a": 1}]', 'Can\'t parse value: [{"a":1}]'),
+])
+def test_a_body_of_the_wrong_shape_is_500_with_json_converters_message(emu: Emulator, path: str, body: bytes,
+                                                                         message: str) -> None:
+    assert emu.request("POST", f"/api/v1/{TOKEN}/{path}", body)[::2] == (500, message.encode())
+
+
 def test_empty_telemetry_body_is_400(emu: Emulator) -> None:
     assert emu.request("POST", f"/api/v1/{TOKEN}/telemetry", b"")[0] == 400
 
