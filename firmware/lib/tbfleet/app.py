@@ -71,7 +71,7 @@ class Device:
             pass  # none saved (or unreadable): config.json's
         self.next_at = time.ticks_ms()  # when the next telemetry message is due
         self.readers = []
-        self.handlers = {"status": self.status}
+        self.handlers = {}  # besides the built-in "status" RPC (tbfleet.builtin)
         self.watchers = []
         self.rssi = None
 
@@ -116,13 +116,6 @@ class Device:
                 time.sleep_ms(wait_ms)
         except Exception as e:  # noqa: BLE001 - a board must come back by itself, whatever went wrong
             self.on_error(e)
-
-    def status(self, params=None):
-        # The built-in RPC "status": firmware, MicroPython and board, uptime, free heap, RSSI, reset cause, last
-        # error.
-        from tbfleet import session
-
-        return session.status(self)
 
     def uptime_ms(self):
         # Summed from tick differences: ticks_ms wraps (about 12.4 days on ESP32), so no single reading is trusted.

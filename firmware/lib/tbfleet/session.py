@@ -1,7 +1,7 @@
 # The connected part of a tbfleet.Device's life: connect, send telemetry every interval, and hand what the server
 # sends in between (RPC requests, shared attribute changes) to the user's handlers, with the built-in ones (the
-# status RPC, the telemetry_interval attribute). app imports this module only once the board has credentials.
-import gc
+# status RPC, the telemetry_interval attribute: tbfleet.builtin). app imports this module only once the board has
+# credentials.
 import json
 import sys
 import time
@@ -11,7 +11,6 @@ from micropython import const
 from tbfleet import __version__, log, telemetry, unload
 
 _LISTEN_MS = const(1000)  # the longest single wait for the server between messages
-_MAX_INTERVAL = const(604800)  # the telemetry_interval range config.json allows, for the shared attribute too
 
 
 def about():
@@ -97,15 +96,26 @@ def dispatch(dev):
 
 
 def answer(dev, rid, request):
-    # Replies to RPC rid with its handler's return value; {"error": ...} when there is no handler or it raised.
+    # Replies to RPC rid with its handler's return value (the built-in "status" unless the user has a handler of
+    # that name); {"error": ...} when there is no handler or it raised.
     method = request.get("method")
     handler = dev.handlers.get(method)
     reply = error = None
-    if handler is None:
+    if handler is None and method != "status":
         error = "no handler for method %s" % method
     else:
         try:
-            reply = json.dumps(handler(request.get("params")))
+            if handler is None:
+                from tbfleet import builtin
+
+                try:
+                    reply = builtin.status(dev)
+                finally:
+                    del builtin
+                    unload("builtin")
+            else:
+                reply = handler(request.get("params"))
+            reply = json.dumps(reply)
         except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
             log.error("rpc %s: %s", method, log.describe(e))
             error = log.describe(e)
@@ -116,47 +126,16 @@ def answer(dev, rid, request):
 
 def changed(dev, values):
     # Shared attributes changed (or arrived after a connect): the built-in interval first, then the callbacks.
-    if "telemetry_interval" in values:
-        set_interval(dev, values["telemetry_interval"])
-    elif "telemetry_interval" in values.get("deleted", ()):
-        set_interval(dev, None)
+    if "telemetry_interval" in values or "telemetry_interval" in values.get("deleted", ()):
+        from tbfleet import builtin
+
+        try:
+            builtin.set_interval(dev, values.get("telemetry_interval"))  # None when deleted
+        finally:
+            del builtin
+            unload("builtin")
     for fn in dev.watchers:
         try:
             fn(values)
         except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
             log.error("attributes %s: %s", fn.__name__, log.describe(e))
-
-
-def set_interval(dev, seconds):
-    # The shared attribute telemetry_interval: takes effect at once and is saved for the next boot; deleted (None),
-    # config.json's interval again.
-    if seconds is None:
-        seconds = dev.cfg.telemetry_interval
-    elif type(seconds) not in (int, float) or not 0 <= seconds <= _MAX_INTERVAL:
-        log.warn("telemetry_interval %r ignored: not a number in 0..%d", seconds, _MAX_INTERVAL)
-        return
-    if seconds == dev.interval:
-        return
-    # Due counted from the last message, as if the new interval had been there all along.
-    dev.next_at = time.ticks_add(dev.next_at, int((seconds - dev.interval) * 1000))
-    dev.interval = seconds
-    log.info("telemetry interval %s s", seconds)
-    from tbfleet import app
-
-    with open(app.SETTINGS, "w") as f:
-        json.dump({"telemetry_interval": seconds}, f)
-
-
-def status(dev):
-    # The built-in RPC "status": what a person diagnosing the board asks first.
-    import machine
-
-    reply = about()
-    reply["uptime"] = dev.uptime_ms() // 1000
-    reply["free_heap"] = gc.mem_free()
-    reply["rssi"] = dev.rssi() if dev.rssi else None
-    reply["reset_cause"] = None  # the Unix port has none
-    if hasattr(machine, "reset_cause"):
-        reply["reset_cause"] = machine.reset_cause()  # its number: machine.PWRON_RESET ...
-    reply["last_error"] = dev.last_error
-    return reply
