@@ -285,34 +285,6 @@ def test_one_buffer_for_every_packet_grows_only_when_needed():
     assert c.buf is not buf and len(c.buf) == 3 + 200 + 5
 
 
-def test_subscribe_bytes_and_granted_codes():
-    c, s = connected(b"\x90\x04\x00\x01\x01\x00")
-    granted = c.subscribe([("v1/devices/me/attributes", 1), ("v1/devices/me/rpc/request/+", 0)])
-    eq(granted, [1, 0])
-    eq(s.writes[1], b"\x82\x3b\x00\x01\x00\x18v1/devices/me/attributes\x01"
-                    b"\x00\x1bv1/devices/me/rpc/request/+\x00")
-
-
-def test_subscribe_refused_filter_is_rejected():
-    c, s = connected(b"\x90\x04\x00\x01\x01\x80")
-    e = raises(Rejected, c.subscribe, [("ok/#", 1), ("nope/#", 1)])
-    eq(e.args, (0x80, "nope/#"))
-    assert c.sock is not None
-
-
-def test_suback_with_the_wrong_count_is_bad_answer():
-    c, s = connected(b"\x90\x03\x00\x01\x01")
-    eq(str(raises(BadAnswer, c.subscribe, [("a", 1), ("b", 1)])), "bad packet 0x90")
-    assert s.closed and c.sock is None
-
-
-def test_subscribe_without_suback_is_no_answer():
-    # Pre-3.9 ThingsBoard ignores a SUBSCRIBE in a provisioning session: the wait must end.
-    c, s = connected(b"\xd0\x00", timeout=0.06)
-    e, took = elapsed_ms(c.subscribe, [("/provision/response", 1)])
-    assert 50 <= took < 1000, took
-
-
 def test_poll_acknowledges_incoming_qos1_publish():
     got = []
     c, s = connected(on_message=lambda t, p: got.append((t, p)))
@@ -442,27 +414,24 @@ def test_stray_connack_unsuback_and_pingresp_are_dropped():
 
 
 def test_every_packet_is_one_write():
-    c, s = connected(b"\x40\x02\x00\x01", b"\x90\x03\x00\x02\x01", b"\xd0\x00", keepalive=1)
+    c, s = connected(b"\x40\x02\x00\x01", b"\xd0\x00", keepalive=1)
     c.publish("v1/devices/me/telemetry", b'{"ts":1732300000000,"values":{"uptime":5}}', 1)
-    c.subscribe([("v1/devices/me/attributes", 1)])
     time.sleep_ms(510)
     c.poll()
     c.close()
-    eq([w[0] for w in s.writes], [0x10, 0x32, 0x82, 0xC0, 0xE0])
-    eq([len(w) for w in s.writes], [19, 71, 31, 2, 2])
+    eq([w[0] for w in s.writes], [0x10, 0x32, 0xC0, 0xE0])
+    eq([len(w) for w in s.writes], [19, 71, 2, 2])
 
 
 def test_operations_after_close_are_no_answer():
     c, s = connected()
     c.close()
-    for fn, args in ((c.publish, ("t", b"x", 0)), (c.poll, ()), (c.subscribe, ([("t", 0)],)), (c.wait, (0,))):
+    for fn, args in ((c.publish, ("t", b"x", 0)), (c.poll, ()), (c.wait, (0,))):
         eq(str(raises(NoAnswer, fn, *args)), "not connected")
 
 
 def test_bad_arguments_are_value_errors():
     c, s = connected()
     raises(ValueError, c.publish, "t", b"x", 2)
-    raises(ValueError, c.subscribe, [("t", 2)])
-    raises(ValueError, c.subscribe, [])
     raises(ValueError, c.publish, "t" * 65536, b"x", 0)
     eq(len(s.writes), 1)

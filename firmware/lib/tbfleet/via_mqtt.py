@@ -25,7 +25,6 @@ _DISCONNECT = const(0xE0)
 _T_CONNACK = const(2)
 _T_PUBLISH = const(3)
 _T_PUBACK = const(4)
-_T_SUBACK = const(9)
 _T_PINGRESP = const(13)
 # Bit t set for each of them (CONNACK, PUBLISH, PUBACK, SUBACK, UNSUBACK, PINGRESP): one test instead of a tuple.
 _FROM_SERVER = const(0x2A1C)
@@ -36,9 +35,10 @@ _MAX_EVENTS = const(8)  # pushes and RPCs held for the device at most; more are 
 
 
 class Link:
-    # First the MQTT client: connect, publish, subscribe, poll, close; wait and send are the packet-level steps they
-    # are made of. Every PUBLISH the server sends goes to on_message(topic, payload); a QoS 1 PUBLISH is
-    # acknowledged after it returns. Then ThingsBoard's Link API on top: provision, open, send_telemetry.
+    # First the MQTT client: connect, publish, poll, close; wait and send are the packet-level steps they are made
+    # of (the one SUBSCRIBE, ThingsBoard's, leaves with the CONNECT: open). Every PUBLISH the server sends goes to
+    # on_message(topic, payload); a QoS 1 PUBLISH is acknowledged after it returns. Then ThingsBoard's Link API on
+    # top: provision, open, send_telemetry.
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -124,27 +124,6 @@ class Link:
             self.pid = pid = self.pid % 65535 + 1
             data.insert(2, pid.to_bytes(2, "big"))
         return data
-
-    def subscribe(self, filters):
-        # filters: a list of (topic filter, qos); returns the granted QoS codes. A refused filter (0x80) raises
-        # Rejected(0x80, the first refused filter).
-        if not filters:
-            raise ValueError("no filters")
-        self.pid = pid = self.pid % 65535 + 1
-        data = [_SUBSCRIBE, pid.to_bytes(2, "big")]
-        for f, q in filters:
-            if not 0 <= q <= 1:
-                raise ValueError("bad qos %r" % q)
-            data += (f, bytes((q,)))
-        at = tcp.deadline(self.ms)
-        self.send(data, at)
-        granted = list(self.buf[2 : self.wait(at, _T_SUBACK, pid)])
-        if len(granted) != len(filters):
-            self.close(False)
-            raise BadAnswer("bad packet 0x%02x" % 0x90)
-        if 0x80 in granted:
-            raise Rejected(0x80, filters[granted.index(0x80)][0])
-        return granted
 
     def listen(self, ms):
         # Waits up to ms for the server, then handles what came (as poll does).
