@@ -22,9 +22,9 @@ def _imported_since(loaded):
 
 
 def unload_onboarding():
-    # The one place the onboarding modules go, as a group: while onboarding they are loaded step by step, and
-    # the transport's exchange and the telemetry loop need their RAM (bench: without it every lifecycle needs
-    # about 6 KB more heap).
+    # The one place the onboarding modules go, as a group (onboard.credentials lets store and provision go before
+    # the provisioning exchange too): the transport's exchange and the telemetry loop need their RAM (bench:
+    # without it every lifecycle needs about 6 KB more heap).
     unload("onboard", "store", "provision")
 
 
@@ -189,58 +189,15 @@ class Device:
         return self.link
 
     def onboard(self):
-        # Sets self.creds: the saved ones, else from one provisioning exchange over the device's link. Returns None,
-        # or the ms to wait when there are none. The link is dropped (with its modules) after the exchange, so that
-        # the transport shares RAM with none of the onboarding modules.
-        cfg = self.cfg
+        # Sets self.creds: the saved ones, else provisioned (tbfleet.onboard). Returns None, or the ms to wait when
+        # there are none.
         from tbfleet import onboard
 
         try:
-            creds = onboard.saved(cfg)
-            request = None if creds else onboard.request(cfg)
+            return onboard.credentials(self)
         finally:
             del onboard
             unload_onboarding()
-        if creds:
-            self.creds = creds
-            return None
-        body = error = None
-        try:
-            body = self.get_link().provision(request)
-        except (NoAnswer, BadAnswer) as e:
-            error = e
-        finally:
-            self.drop_link()
-        from tbfleet import onboard
-
-        try:
-            status, creds, message = onboard.outcome(body, error, cfg)
-            if status == "SUCCESS":
-                log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
-                creds = onboard.keep(creds, cfg)
-        finally:
-            del onboard
-            unload_onboarding()
-        if status == "SUCCESS":
-            self.creds = creds
-            return None
-        if status == "FAILURE" and creds:
-            # The device exists already: the credentials config.json gives may be the ones it has.
-            log.warn("provisioning answered FAILURE (%s): trying config.json's credentials", message)
-            self.creds = creds
-            self.unsaved = True
-            return None
-        return self.on_provisioning_failed(status, message)
-
-    def drop_link(self):
-        # Closes the link; one this device made goes, with the modules it imported (made again to connect), so that
-        # parsing and saving a provisioning answer get the transport's RAM (bench: 1.3-2.3 KB less heap). A link
-        # passed in is not the device's to drop.
-        if self.link is not None:
-            self.link.close()
-            if self.link_modules is not None:
-                self.link = None
-                unload(*self.link_modules)
 
     def accepted(self):
         # Called once a connection's first telemetry went through: the proof that the credentials work (HTTP and
