@@ -170,12 +170,20 @@ def sha3_hex(text: str) -> str:
     return hashlib.sha3_256(cert_trim_newlines(text).encode()).hexdigest()
 
 
+OLDEST_VERSION = (3, 2)
+"""The first release with device provisioning, the oldest whose behaviour the model describes."""
+
+
 def parse_version(text: str) -> tuple[int, ...]:
     """'4.2.1.1' -> (4, 2, 1, 1); raises ValueError unless it is X.Y[.Z[.W]]."""
     parts = text.split(".")
     if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
         raise ValueError(f"server version must look like X.Y[.Z[.W]], got {text!r}")
-    return tuple(int(p) for p in parts)
+    version = tuple(int(p) for p in parts)
+    if version < OLDEST_VERSION:
+        raise ValueError(f"the emulator models ThingsBoard 3.2 and later (device provisioning came in 3.2), "
+                         f"got {text!r}")
+    return version
 
 
 def load_config(path: str) -> dict:

@@ -476,6 +476,10 @@ def test_parse_version():
     for bad in ("4", "4.x", "1.2.3.4.5", ""):
         with pytest.raises(ValueError):
             parse_version(bad)
+    assert parse_version("3.2") == (3, 2)
+    for older in ("3.1.1", "2.5"):  # no device provisioning before 3.2
+        with pytest.raises(ValueError, match="3.2 and later"):
+            parse_version(older)
 
 
 def test_parse_keys_drops_empty_keys_and_empty_means_not_given():
