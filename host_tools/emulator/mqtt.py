@@ -58,6 +58,9 @@ OTA_ERROR_TOPIC = "v2/fw/error"
 # PUBACK success, where an unknown topic gets 0x90 on MQTT 5.
 NOT_EMULATED_PREFIXES = ("v1/devices/me/claim", "v1/devices/me/rpc/request/", "v2/r/req/")
 
+GATEWAY_PREFIX = "v1/gateway"
+"""MqttTopics.BASE_GATEWAY_API_TOPIC: the gateway API, not emulated (no device is a gateway)."""
+
 # SUBSCRIBE filters ThingsBoard grants, matched literally (§3.6). A filter that turns pushes on maps to (what is
 # pushed, the topic it goes to): ThingsBoard pushes in the style (v1 or v2 short) of the latest such subscription.
 SUBSCRIPTIONS: dict[str, tuple[str, str] | None] = {
@@ -69,6 +72,8 @@ SUBSCRIPTIONS: dict[str, tuple[str, str] | None] = {
     "v1/devices/me/rpc/response/+": None, "v2/r/res/+": None, "v2/r/res/j/+": None,
     "v2/fw/response/+/chunk/+": None, "v2/fw/error": None,
     "v2/sw/response/+/chunk/+": None, "v2/sw/error": None,
+    # Granted to any device session, though only a gateway's gets anything on them.
+    "v1/gateway/attributes": None, "v1/gateway/rpc": None, "v1/gateway/attributes/response": None,
 }
 
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
@@ -639,6 +644,10 @@ class Session:
     async def _device_publish(self, topic: str, payload: bytes, packet_id: int) -> None:
         device = self.device
         assert device is not None
+        if topic.startswith(GATEWAY_PREFIX):
+            # MqttTransportHandler.processPublish: a session without a gateway handler only logs it (no PUBACK).
+            self.state.event(f"mqtt: {device.name!r} published to {topic!r}, but it is no gateway; not acknowledged")
+            return
         try:
             if topic in TELEMETRY_TOPICS:
                 self.state.post_telemetry(device, payload)

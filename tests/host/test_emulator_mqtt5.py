@@ -285,3 +285,12 @@ def test_v2_json_topics_are_served_as_thingsboard_forces_json_on_them():
         assert c.message().topic == f"v2/r/req/j/{rpc_id}"
         assert c.publish(f"v2/r/res/j/{rpc_id}", b'{"ok":1}') == 0
         assert emu.call(lambda s: s.rpc_replies("pre-token")) == {rpc_id: {"ok": 1}}
+
+
+def test_the_gateway_api_of_a_device_that_is_no_gateway_gets_no_puback_and_the_session_goes_on():
+    with mqtt_emulator() as emu, Paho(emu.port, "d", "preTokenValue0000001", protocol=mqtt.MQTTv5) as c:
+        assert c.subscribe("v1/gateway/rpc") == [1] and c.subscribe("v1/gateway/attributes/response") == [1]
+        info = c.client.publish("v1/gateway/telemetry", b'{"dev":[{"a":1}]}', qos=1)
+        assert c.publish("v1/devices/me/telemetry", b'{"after":1}') == 0
+        assert not info.is_published(), "no PUBACK for the gateway topic"
+        assert "after" in emu.call(lambda s: s.latest_telemetry("pre-token"))
