@@ -377,6 +377,8 @@ class CoapServer(asyncio.DatagramProtocol):
         device = self.state.device_by_token(token)
         if device is None:
             return Reply(UNAUTHORIZED)
+        if not self.state.transport_allowed(device, "COAP"):
+            return Reply(INTERNAL_SERVER_ERROR)  # the credential check fails (DefaultTransportService.doProcess)
         method = msg.code
         if method == POST and feature in (["telemetry"], ["attributes"]):
             post = self.state.post_telemetry if feature == ["telemetry"] else self.state.post_attributes

@@ -94,6 +94,8 @@ RC_TOPIC_FILTER_INVALID = 0x8F
 RC_TOPIC_NAME_INVALID = 0x90
 RC_ADMINISTRATIVE_ACTION = 0x98
 RC_PAYLOAD_FORMAT_INVALID = 0x99
+RC_SERVER_UNAVAILABLE = 0x88
+RC_SERVER_BUSY = 0x89
 RC_CONNECTION_RATE_EXCEEDED = 0x9F
 RC_MAXIMUM_CONNECT_TIME = 0xA0
 
@@ -436,6 +438,14 @@ class Session:
             self.state.event(f"mqtt: connection from {self.peer} refused with CONNACK {code} ({how})")
             self._connack(present, reason)  # createMqttConnAckMsg: !cleanSession on refusals too
             await self.close_with(reason)  # MQTT 5 (3.7+): a DISCONNECT with the same reason follows
+            return False
+        if not self.state.transport_allowed(device, "MQTT"):
+            # The credential check fails (DefaultTransportService.doProcess): CONNACK "server unavailable" (3 on
+            # 3.x), then on MQTT 5 a DISCONNECT 0x89 (token or basic) or 0x83 (certificate), as the error callbacks
+            # of processAuthTokenConnect and processX509CertConnect close.
+            self.state.event(f"mqtt: {device.name!r} refused: its profile's transport type is not MQTT")
+            self._connack(present, RC_SERVER_UNAVAILABLE)
+            await self.close_with(RC_IMPLEMENTATION_SPECIFIC_ERROR if how.startswith("X.509") else RC_SERVER_BUSY)
             return False
         try:
             self.state.limit(device)  # the session's OPEN event is a message

@@ -1424,6 +1424,13 @@ class EmulatorState:
         row = self._db.execute(f"SELECT {_PROFILE_COLUMNS} FROM profiles WHERE id = ?", (profile_id,)).fetchone()
         return self._profile_json(row) if row else None
 
+    def transport_allowed(self, device: Device, transport: str) -> bool:
+        """Whether `device` may use `transport` ("MQTT" or "COAP"): its profile's transportType is DEFAULT or that
+        one (DefaultTransportService.doProcess refuses the credentials otherwise; HTTP never checks)."""
+        row = self._db.execute("SELECT data FROM profiles WHERE name = ?", (device.profile,)).fetchone()
+        kind = (json.loads(row[0]).get("transportType") if row and row[0] else None) or "DEFAULT"
+        return kind in ("DEFAULT", transport)
+
     def profile_id(self, name: str) -> str | None:
         """The id of the profile called `name`, or None."""
         row = self._db.execute("SELECT id FROM profiles WHERE name = ?", (name,)).fetchone()

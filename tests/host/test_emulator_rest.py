@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from tb_rest_client.models import AllowCreateNewDevicesDeviceProfileProvisionConfiguration, \
     DefaultDeviceProfileConfiguration, DefaultDeviceProfileTransportConfiguration, Device, DeviceProfile, \
@@ -623,3 +625,26 @@ def test_unknown_rest_paths_and_methods(emu: EmulatorProcess) -> None:
     status, _, body = call(emu, "PUT", "/api/device", {"name": "x"}, token=token)
     assert (status, error(body)) == (405, {"status": 405, "message": "Request method 'PUT' is not supported",
                                            "errorCode": 2})
+
+
+@pytest.mark.parametrize("transport, refused", [("COAP", "mqtt"), ("MQTT", "coap")])
+def test_a_profile_of_another_transport_refuses_the_device_there_and_http_never_checks(
+        emu: EmulatorProcess, client: RestClient, transport: str, refused: str) -> None:
+    profile = provisioning_profile(unique("transport"), unique("key"), "secret")
+    profile.transport_type = transport
+    profile = client.save_device_profile(profile)
+    token = unique("tok")
+    client.save_device(Device(name=unique("dev"), device_profile_id=profile.id), access_token=token)
+    assert device_api(emu, f"{token}/telemetry", {"t": 1})[0] == 200
+    mqtt5 = Paho(emu.ports["mqtt"], "c", token, protocol=mqtt.MQTTv5)
+    try:
+        refusal = int(mqtt5.rc.value)
+    finally:
+        mqtt5.client.loop_stop()
+    coap = subprocess.run(["coap-client-notls", "-B", "5", "-m", "post", "-e", '{"t":2}',
+                           f"coap://127.0.0.1:{emu.ports['coap']}/api/v1/{token}/telemetry"],
+                          capture_output=True, text=True, timeout=30)
+    if refused == "mqtt":  # CONNACK "server unavailable"
+        assert refusal == 0x88 and "5.00" not in coap.stdout + coap.stderr
+    else:
+        assert refusal == 0 and "5.00" in coap.stdout + coap.stderr
