@@ -43,11 +43,11 @@ EMULATOR_CONFIG = {"profiles": [{"name": "bench", "provisionDeviceKey": KEY, "pr
 BOOTS_SCRIPT = """\
 import sys, time
 sys.path.append("lib")
-from tbfleet import app
+from tbfleet import stock
 took = []
 for n in sys.argv[1:]:
     t0 = time.ticks_us()
-    app.main(max_messages=int(n))
+    stock.main(max_messages=int(n))
     took.append(time.ticks_diff(time.ticks_us(), t0))
 print(took)
 """

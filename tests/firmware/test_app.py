@@ -3,7 +3,7 @@ import json
 import sys
 
 from mptest import eq
-from tbfleet import NoAnswer, Refused, Rejected, app, config, log, store
+from tbfleet import NoAnswer, Refused, Rejected, app, config, log, stock, store
 
 SECRET = "z9x8c7v6b5n4"
 TOKEN = "Gh7TkN0aQ1bC2dE3fG4h"
@@ -206,7 +206,7 @@ def test_only_the_configured_transport_is_loaded():
 def test_main_stops_on_a_bad_config_with_one_message():
     with open("config.json", "w") as f:
         json.dump({"host": "127.0.0.1", "provision_key": "k", "provision_secret": SECRET, "port": "1883"}, f)
-    eq(app.main(), 2)
+    eq(stock.main(), 2)
     eq([line for line in LINES if line.startswith("E ")], ["E config.json: port: must be an integer"])
 
 
@@ -226,12 +226,12 @@ def test_main_gives_back_the_modules_its_run_loaded():
         json.dump({"host": "127.0.0.1", "transport": "coap", "provision_key": "u7i8k9l0p1o2",
                    "provision_secret": SECRET, "device_name": "greenhouse-7", "telemetry_interval": 0}, f)
     assert "tbfleet.telemetry" not in sys.modules
-    eq(app.main(max_messages=2), 0)
+    eq(stock.main(max_messages=2), 0)
     # The provisioning link is dropped once the answer is in; connecting makes a new one.
     eq((len(links), len(links[0].requests), len(links[1].payloads)), (2, 1, 2))
     assert "tbfleet.telemetry" not in sys.modules and "tbfleet.onboard" not in sys.modules
     assert sys.modules["tbfleet.via_coap"] is Transport  # there before main: not main's to unload
-    eq(app.main(max_messages=1), 0)  # saved credentials, telemetry imported again
+    eq(stock.main(max_messages=1), 0)  # saved credentials, telemetry imported again
     eq((len(links), len(links[2].payloads), links[2].requests), (3, 1, []))
 
 

@@ -6,7 +6,7 @@
     # leaving the block cuts the power (SIGKILL), as a user pulling the plug would
 
 The retry timings are the firmware's defaults; a test that needs them shorter passes `retry_ms`, which boots
-through a two-line wrapper that sets `app.RETRY_FIRST_MS` before calling `app.main()`.
+through a two-line wrapper that sets `app.RETRY_FIRST_MS` before calling `stock.main()`.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class FirmwareBoard:
             args = ["main.py"]
         else:
             (self.path / "fastretry.py").write_text(
-                "import sys\nsys.path.append('lib')\nfrom tbfleet import app\n"
-                f"app.RETRY_FIRST_MS = {retry_ms}\nsys.exit(app.main())\n")
+                "import sys\nsys.path.append('lib')\nfrom tbfleet import app, stock\n"
+                f"app.RETRY_FIRST_MS = {retry_ms}\nsys.exit(stock.main())\n")
             args = ["fastretry.py"]
         proc = subprocess.Popen([MICROPYTHON, *args], cwd=self.path, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

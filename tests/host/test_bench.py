@@ -21,11 +21,11 @@ class StandInEmulator:
 
 
 def firmware(tmp_path: Path, main: str) -> Path:
-    """A build tree whose tbfleet.app.main runs `main` (the real firmware is not needed to time the plumbing)."""
+    """A build tree whose tbfleet.stock.main runs `main` (the real firmware is not needed to time the plumbing)."""
     build = tmp_path / "build"
     (build / "lib" / "tbfleet").mkdir(parents=True)
     (build / "lib" / "tbfleet" / "__init__.py").write_text("")
-    (build / "lib" / "tbfleet" / "app.py").write_text(f"def main(max_messages):\n    {main}\n")
+    (build / "lib" / "tbfleet" / "stock.py").write_text(f"def main(max_messages):\n    {main}\n")
     return build
 
 

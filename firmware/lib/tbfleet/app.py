@@ -16,7 +16,7 @@ LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon,
 SETTINGS = "settings.json"  # what ThingsBoard set that outlives a reboot: the telemetry interval
 
 
-def _imported_since(loaded):
+def imported_since(loaded):
     # The tbfleet modules (short names) imported since sys.modules held the names in loaded.
     return [n[8:] for n in sys.modules if n.startswith("tbfleet.") and n not in loaded]
 
@@ -185,7 +185,7 @@ class Device:
             else:
                 from tbfleet import via_coap as via
             self.link = via.Link(self.cfg)
-            self.link_modules = _imported_since(loaded)
+            self.link_modules = imported_since(loaded)
         return self.link
 
     def onboard(self):
@@ -263,25 +263,3 @@ class Device:
             if self.link:
                 self.link.close()
         return self.retry_ms()
-
-def main(path="config.json", max_messages=None):
-    # The stock application (what firmware/main.py runs), and the benchmark's boots (max_messages: stop after that
-    # many). A bad config stops here with one message and exit code 2; it is not retried.
-    loaded = list(sys.modules)
-    from tbfleet import config
-
-    try:
-        device = Device(path)
-    except config.ConfigError as e:
-        log.error("%s", e)
-        return 2
-    finally:
-        del config
-        unload("config", "board")
-    try:
-        device.run(max_messages)
-    finally:
-        # What the run imported (transport, telemetry) goes when main returns, so that calling main again starts
-        # from the heap a reboot would give, not from one fragmented by the last run.
-        unload(*_imported_since(loaded))
-    return 0
