@@ -3,7 +3,7 @@ import json
 import sys
 
 from mptest import eq
-from tbfleet import NoAnswer, Refused, Rejected, app, config, log, stock, store
+from tbfleet import NoAnswer, Refused, Rejected, app, builtin, config, log, stock, store
 
 SECRET = "z9x8c7v6b5n4"
 TOKEN = "Gh7TkN0aQ1bC2dE3fG4h"
@@ -288,7 +288,7 @@ def test_the_interval_saved_from_thingsboard_outlives_a_reboot_and_a_bad_one_is_
     eq(device.interval, 0.01)
     eq(app.Device(cfg_with(), Link()).interval, 0.01)
     for text in ('{"telemetry_interval":"5"}', '{"telemetry_interval":-1}', "not json"):
-        with open(app.SETTINGS, "w") as f:
+        with open(builtin.SETTINGS, "w") as f:
             f.write(text)
         eq(app.Device(cfg_with(telemetry_interval=7), Link()).interval, 7)
 

@@ -3,7 +3,6 @@
 # server-side RPC and hands shared attributes to the user's callbacks. The failure policy is in its on_* methods and
 # retry_ms, which a subclass may override.
 import gc
-import json
 import sys
 import time
 
@@ -13,7 +12,6 @@ from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, log, unload
 RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with jitter
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
-SETTINGS = "settings.json"  # what ThingsBoard set that outlives a reboot: the telemetry interval
 
 
 def imported_since(loaded):
@@ -61,14 +59,13 @@ class Device:
         self.unsaved = False  # creds came from config.json: saved once the server accepts them
         self.last_error = None
         self.connected = False
-        self.interval = cfg.telemetry_interval
+        from tbfleet import builtin
+
         try:
-            with open(SETTINGS) as f:
-                saved = json.load(f)["telemetry_interval"]
-            if type(saved) in (int, float) and 0 <= saved <= 604800:  # config.json's range
-                self.interval = saved
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # none saved (or unreadable): config.json's
+            self.interval = builtin.saved_interval(cfg)  # the telemetry_interval ThingsBoard set, else config.json's
+        finally:
+            del builtin
+            unload("builtin")
         self.next_at = time.ticks_ms()  # when the next telemetry message is due
         self.readers = []
         self.handlers = {}  # besides the built-in "status" RPC (tbfleet.builtin)
