@@ -225,13 +225,13 @@ def test_main_gives_back_the_modules_its_run_loaded():
     with open("config.json", "w") as f:
         json.dump({"host": "127.0.0.1", "transport": "coap", "provision_key": "u7i8k9l0p1o2",
                    "provision_secret": SECRET, "device_name": "greenhouse-7", "telemetry_interval": 0}, f)
-    assert "tbfleet.telemetry" not in sys.modules
+    assert "tbfleet.session" not in sys.modules
     eq(stock.main(max_messages=2), 0)
     # The provisioning link is dropped once the answer is in; connecting makes a new one.
     eq((len(links), len(links[0].requests), len(links[1].payloads)), (2, 1, 2))
-    assert "tbfleet.telemetry" not in sys.modules and "tbfleet.onboard" not in sys.modules
+    assert "tbfleet.session" not in sys.modules and "tbfleet.onboard" not in sys.modules
     assert sys.modules["tbfleet.via_coap"] is Transport  # there before main: not main's to unload
-    eq(stock.main(max_messages=1), 0)  # saved credentials, telemetry imported again
+    eq(stock.main(max_messages=1), 0)  # saved credentials, session imported again
     eq((len(links), len(links[2].payloads), links[2].requests), (3, 1, []))
 
 

@@ -3,11 +3,11 @@ import json
 import time
 
 from mptest import eq
-from tbfleet import app, config, session, telemetry
+from tbfleet import app, config, session
 
 
 def test_now_ms_is_milliseconds_since_1970():
-    ms = telemetry.now_ms(time.gmtime(0)[0])
+    ms = session.now_ms(time.gmtime(0)[0])
     # The Unix port's epoch is 1970: now_ms must agree with time.time() there, and be after 2024.
     assert abs(ms - time.time() * 1000) < 2000, ms
     assert ms > 1704067200000
@@ -16,7 +16,7 @@ def test_now_ms_is_milliseconds_since_1970():
 def test_esp32_epoch_offset():
     eq(time.gmtime(0)[0], 1970)
     # The same clock reading counting from 2000 (ESP32) is 946684800 s later in Unix time.
-    offset = telemetry.now_ms(2000) - telemetry.now_ms(1970)
+    offset = session.now_ms(2000) - session.now_ms(1970)
     assert abs(offset - 946684800000) < 1000, offset
 
 
@@ -27,16 +27,18 @@ def test_no_timestamp_while_the_clock_is_unset():
         def time_ns():
             return 3600 * 10**9  # one hour after the port's epoch
 
-    telemetry.time = UnsetClock
+        gmtime = staticmethod(time.gmtime)
+
+    session.time = UnsetClock
     try:
-        eq(telemetry.now_ms(2000), None)
-        eq(telemetry.now_ms(1970), None)
+        eq(session.now_ms(2000), None)
+        eq(session.now_ms(1970), None)
     finally:
-        telemetry.time = time
+        session.time = time
 
 
 class Device:
-    # What telemetry asks of app.Device.
+    # What session.sensors asks of app.Device.
     def __init__(self, sensors=("heap_used",), ticked=None):
         self.cfg = type("Cfg", (), {"sensors": sensors, "telemetry_interval": 0, "wifi_ssid": None})
         self.ticked = time.ticks_ms() if ticked is None else ticked
@@ -62,30 +64,32 @@ def test_payload_shapes():
         def time_ns():
             return 3600 * 10**9
 
-    telemetry.time = UnsetClock
+        gmtime = staticmethod(time.gmtime)
+
+    session.time = UnsetClock
     try:
         eq(json.loads(session.payload({"heap_used": 5})), {"heap_used": 5})
     finally:
-        telemetry.time = time
+        session.time = time
 
 
 def test_sensors_on_the_unix_port():
-    values = telemetry.read(Device(["uptime", "free_heap", "heap_used", "rssi", "mcu_temp"]))
+    values = session.sensors(Device(["uptime", "free_heap", "heap_used", "rssi", "mcu_temp"]))
     eq(sorted(values), ["free_heap", "heap_used", "uptime"])  # no Wi-Fi and no temperature sensor here
     assert values["free_heap"] > 0 and values["heap_used"] > 0
 
 
 def test_rssi_when_there_is_wifi():
-    eq(telemetry.read(Device(["rssi"]), lambda: -61), {"rssi": -61})
+    eq(session.sensors(Device(["rssi"]), lambda: -61), {"rssi": -61})
 
 
 def test_uptime_survives_tick_wraparound():
     # Each reading adds the ticks since the last one, so a counter that wrapped in between still adds up.
     dev = Device(["uptime"])
     dev.ticked = time.ticks_add(time.ticks_ms(), -5500)
-    eq(telemetry.read(dev), {"uptime": 5})
+    eq(session.sensors(dev), {"uptime": 5})
     dev.ticked = time.ticks_add(time.ticks_ms(), -3000)
-    eq(telemetry.read(dev), {"uptime": 8})
+    eq(session.sensors(dev), {"uptime": 8})
 
 
 def test_uptime_counts_from_the_boot():

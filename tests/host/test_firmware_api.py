@@ -36,8 +36,8 @@ def test_a_call_a_port_lacks_fails_naming_it(tmp_path):
     app = firmware / "lib" / "tbfleet" / "app.py"
     app.write_text(app.read_text() + "\n\nimport machine\n\n\ndef probe():\n    machine.no_such_call()\n")
     # Inside a guard the firmware uses for port-only code, a name no ESP32 port has still fails.
-    telemetry = firmware / "lib" / "tbfleet" / "telemetry.py"
-    telemetry.write_text(telemetry.read_text() + "\n\ndef probe():\n    try:\n        import esp32\n\n"
+    session = firmware / "lib" / "tbfleet" / "session.py"
+    session.write_text(session.read_text() + "\n\ndef probe():\n    try:\n        import esp32\n\n"
                          "        esp32.raw_temprature()\n    except ImportError:\n        pass\n")
     dirty = run_check(firmware)
     assert dirty.returncode == 1, dirty.stdout + dirty.stderr

@@ -24,7 +24,7 @@ def main(path="config.json", max_messages=None):
     try:
         device.run(max_messages)
     finally:
-        # What the run imported (transport, telemetry) goes when main returns, so that calling main again starts
+        # What the run imported (transport, session) goes when main returns, so that calling main again starts
         # from the heap a reboot would give, not from one fragmented by the last run.
         unload(*imported_since(loaded))
     return 0
