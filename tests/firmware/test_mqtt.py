@@ -272,17 +272,18 @@ def test_incoming_publish_at_length_boundaries():
 def test_one_buffer_for_every_packet_grows_only_when_needed():
     c, s = connected(b"\x40\x02\x00\x01", b"\x40\x02\x00\x02")
     buf = c.buf
-    c.publish("t", b"a" * 20, 1)
-    c.publish("t", b"b" * 30, 1)
+    eq(len(buf), 512)
+    c.publish("t", b"a" * 200, 1)
+    c.publish("t", b"b" * 300, 1)
     assert c.buf is buf
-    s.feed(b"\x30\x80\x01\x00\x01t" + b"z" * 125)
+    s.feed(b"\x30\x84\x04\x00\x01t" + b"z" * 513)
     c.poll()
-    assert c.buf is not buf and len(c.buf) == 128
+    assert c.buf is not buf and len(c.buf) == 516
     buf = c.buf
-    c.publish("t", b"c" * 100, 0)
+    c.publish("t", b"c" * 500, 0)
     assert c.buf is buf
-    c.publish("t", b"c" * 200, 0)
-    assert c.buf is not buf and len(c.buf) == 3 + 200 + 5
+    c.publish("t", b"c" * 600, 0)
+    assert c.buf is not buf and len(c.buf) == 3 + 600 + 5
 
 
 def test_poll_acknowledges_incoming_qos1_publish():

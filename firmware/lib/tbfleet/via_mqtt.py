@@ -32,6 +32,10 @@ _FROM_SERVER = const(0x2A1C)
 _MAX_REMAINING = const(268435455)  # the largest remaining length four bytes can carry
 _MAX_IN = const(16384)  # incoming packets above this are refused rather than allocated
 _MAX_EVENTS = const(8)  # pushes and RPCs held for the device at most; more are acknowledged and dropped
+# The packet buffer's first size: the connect burst (CONNECT, SUBSCRIBE, client attributes, attribute request and
+# first telemetry, about 400 bytes) fits without regrowing packet by packet (bench: the application lifecycle needs
+# 0.5 KB less heap than when it starts at 64 bytes).
+_BUF_SIZE = const(512)
 
 
 class Link:
@@ -45,7 +49,7 @@ class Link:
         self.ms = cfg.timeout * 1000  # for tcp.deadline: the time each network wait may take
         self.sock = None
         self.pid = 0  # the last packet id used
-        self.buf = bytearray(64)  # every packet in and out; grows only when a bigger one comes
+        self.buf = bytearray(_BUF_SIZE)  # every packet in and out; grows only when a bigger one comes
         self.out = 0  # bytes of packets put in buf and not sent yet
         self.events = []  # (kind, RPC id, payload) of what the server sent, for tbfleet.Device: see on_message
 
