@@ -14,8 +14,8 @@ Server-side RPC: GET on `.../rpc` with Observe=0 subscribes; the request gets on
 then arrives as a 2.05 notification `{"id", "method", "params"}`; Observe=1 unsubscribes.
 
 Not emulated: DTLS, protobuf payloads, block-wise observe notifications (a notification goes out whole). GET on
-`.../rpc` without Observe or on `.../rpc/{id}`, POST on `.../rpc` (client-side RPC) and GET or POST on `.../claim`
-are answered 5.01 Not Implemented.
+`.../rpc` without Observe or on `.../rpc/{id}` and POST on `.../rpc` (client-side RPC) are answered 5.01 Not
+Implemented; a claiming request (POST on `.../claim`) is accepted (2.01) and only logged.
 """
 
 from __future__ import annotations
@@ -388,6 +388,12 @@ class CoapServer(asyncio.DatagramProtocol):
                 log.debug("CoAP: %s refused: %s", feature[0], e)
                 return Reply(BAD_REQUEST)
             return Reply(self._posted)
+        if method == POST and feature == ["claim"]:
+            try:
+                self.state.claim(device, msg.payload)
+            except PayloadError:
+                return Reply(BAD_REQUEST)
+            return Reply(self._posted)
         if method == POST and feature[0] == "rpc" and len(feature) == 2:
             try:
                 self.state.record_rpc_reply(device, int(feature[1]), msg.payload)
@@ -403,7 +409,7 @@ class CoapServer(asyncio.DatagramProtocol):
                 self._cancel_observation((addr, device.name, "rpc"))
                 return Reply(CONTENT)
             return Reply(EMPTY, observe=device, feature="rpc", separate=True)
-        if method in (GET, POST) and feature[0] in ("rpc", "claim"):
+        if method in (GET, POST) and feature[0] == "rpc":
             return Reply(NOT_IMPLEMENTED, f"{feature[0]} is not emulated over CoAP".encode(),
                          [(CONTENT_FORMAT, b"")])
         return self._wrong_method(msg)

@@ -4,10 +4,11 @@ A small asyncio HTTP/1.1 server of its own (stdlib only, no framework): keep-ali
 request bodies, pipelined requests answered in order. It answers as ThingsBoard's `DeviceApiController` behind
 Spring/Tomcat does (reference section 4): 200 for every provisioning outcome, 401 with an empty body for an unknown
 token, 500 with the parser message for bad JSON, 413 from the header alone over the payload limits, 408 when a long
-poll times out. Client-side RPC (`POST /{token}/rpc`) and claiming (`POST /{token}/claim`) are not emulated: 501, as
-CoAP answers 5.01. Every wait has a deadline so that garbage, slow or stuck clients cost one connection, never the
-server: the request head must arrive within `header_timeout` (slowloris, half-open and idle keep-alive connections
-are closed then), the body within `body_timeout`, and a client that stops reading is dropped after `write_timeout`.
+poll times out. Client-side RPC (`POST /{token}/rpc`) is not emulated: 501, as CoAP answers 5.01; a claiming request
+is accepted (200) and only logged. Every wait has a deadline so that garbage, slow or stuck clients cost one
+connection, never the server: the request head must arrive within `header_timeout` (slowloris, half-open and idle
+keep-alive connections are closed then), the body within `body_timeout`, and a client that stops reading is dropped
+after `write_timeout`.
 Request bodies share one byte budget (`BODY_BUDGET`): a body is read only once its size fits in what is left, and
 its bytes stay counted until its answer is written, so that concurrent large uploads wait their turn (in the
 kernel's socket buffers) instead of each taking its own 50 MB of memory.
@@ -184,7 +185,7 @@ class HttpApi:
             ("attributes", "updates"): {"GET": functools.partial(self._long_poll, "attributes")},
             ("rpc",): {"GET": functools.partial(self._long_poll, "rpc"), "POST": _not_emulated},
             ("rpc", "*"): {"POST": self._rpc_reply},
-            ("claim",): {"POST": _not_emulated},
+            ("claim",): {"POST": self._claim},
             ("firmware",): {"GET": functools.partial(self._ota_download, ota.FIRMWARE)},
             ("software",): {"GET": functools.partial(self._ota_download, ota.SOFTWARE)},
         }
@@ -363,6 +364,10 @@ class HttpApi:
         except RateLimited:
             return Response(500)  # over the device's rate limits: 500 with an empty body (reference §8)
         return result
+
+    def _claim(self, request: Request, device: Device, _feature: list[str]) -> Response:
+        self.state.claim(device, request.body)
+        return Response(200)
 
     def _post_telemetry(self, request: Request, device: Device, _feature: list[str]) -> Response:
         self.state.post_telemetry(device, request.body)

@@ -54,9 +54,10 @@ OTA_REQUEST = re.compile(r"v2/(fw|sw)/request/(\d+)/chunk/(\d+)")
 OTA_TYPES = {"fw": ota.FIRMWARE, "sw": ota.SOFTWARE}
 OTA_ERROR_TOPIC = "v2/fw/error"
 """Where OTA errors go, for software too (MqttTransportHandler.sendOtaPackageError)."""
-# Topics ThingsBoard processes that the emulator acknowledges without acting on (claiming, client-side RPC):
-# PUBACK success, where an unknown topic gets 0x90 on MQTT 5.
-NOT_EMULATED_PREFIXES = ("v1/devices/me/claim", "v1/devices/me/rpc/request/", "v2/r/req/")
+# Topics ThingsBoard processes that the emulator acknowledges without acting on (client-side RPC but
+# getSessionLimits): PUBACK success, where an unknown topic gets 0x90 on MQTT 5. A claim is checked, then acknowledged.
+NOT_EMULATED_PREFIXES = ("v1/devices/me/rpc/request/", "v2/r/req/")
+CLAIM_TOPIC = "v1/devices/me/claim"
 
 GATEWAY_PREFIX = "v1/gateway"
 """MqttTopics.BASE_GATEWAY_API_TOPIC: the gateway API, not emulated (no device is a gateway)."""
@@ -683,6 +684,9 @@ class Session:
                 self.puback(packet_id)
                 response_topic = f"v1/devices/me/rpc/response/{request_id}"
                 self.publish(response_topic, json_bytes(answer), self._qos(response_topic))
+            elif topic == CLAIM_TOPIC:
+                self.state.claim(device, payload)
+                self.puback(packet_id)
             elif topic.startswith(NOT_EMULATED_PREFIXES):
                 self.state.limit(device)
                 self.puback(packet_id)

@@ -1022,6 +1022,17 @@ class EmulatorState:
                     result[section] = values
         return result
 
+    def claim(self, device: Device, body: bytes) -> None:
+        """A device's claiming request (reference §6.4): an empty body or a JSON object
+        (`JsonConverter.convertToClaimDeviceProto`), counted as a message. Claiming itself is not emulated (there
+        are no customers to claim a device), so the request is accepted and only logged."""
+        if body.strip():
+            data = _parse_json(body)
+            if not isinstance(data, dict):
+                raise PayloadError(CANT_PARSE_VALUE + _json_text(data))
+        self.limit(device)
+        self.event(f"claim request from {device.name!r} accepted (claiming is not emulated)")
+
     def record_rpc_reply(self, device: Device, request_id: int, body: bytes) -> None:
         """Store a device's reply to server-side RPC `request_id` (any JSON); a waiting REST call gets it too."""
         reply = _parse_json(body)

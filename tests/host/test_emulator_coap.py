@@ -457,10 +457,17 @@ def test_observe_rpc_side_by_side_with_attributes_then_cancel(emu: Emulator, udp
     assert udp.recv(0.3) is None
 
 
-@pytest.mark.parametrize("code, feature", [(aiocoap.GET, "rpc"), (aiocoap.POST, "rpc"), (aiocoap.POST, "claim")])
+@pytest.mark.parametrize("code, feature", [(aiocoap.GET, "rpc"), (aiocoap.POST, "rpc")])
 def test_features_the_emulator_does_not_emulate_say_5_01(emu: Emulator, code: Any, feature: str) -> None:
     resp = request(f"{emu.uri}/{TOKEN}/{feature}", code=code, payload=b"{}" if code == aiocoap.POST else b"")
     assert resp.code == numbers.codes.Code.NOT_IMPLEMENTED and feature.encode() in resp.payload
+
+
+@pytest.mark.parametrize("payload, code", [(b'{"secretKey":"k","durationMs":60000}', "CREATED"), (b"", "CREATED"),
+                                           (b"[1]", "BAD_REQUEST"), (b"{bad", "BAD_REQUEST")])
+def test_a_claim_is_accepted_as_thingsboard_answers_it(emu: Emulator, payload: bytes, code: str) -> None:
+    resp = request(f"{emu.uri}/{TOKEN}/claim", code=aiocoap.POST, payload=payload)
+    assert resp.code == getattr(numbers.codes.Code, code) and resp.payload == b""
 
 
 @pytest.mark.parametrize("datagram", [

@@ -343,9 +343,15 @@ def test_attributes_get_is_empty_object_when_nothing_is_stored(emu: Emulator) ->
     assert emu.request("GET", f"/api/v1/{TOKEN}/attributes")[::2] == (200, b"{}")
 
 
-@pytest.mark.parametrize("path, body", [("claim", b'{"secretKey":"k","durationMs":60000}'), ("claim", b""),
-                                        ("rpc", b'{"method":"getTime","params":{}}')])
-def test_claim_and_client_side_rpc_are_501_not_emulated(emu: Emulator, path: str, body: bytes) -> None:
+@pytest.mark.parametrize("body, answer", [(b'{"secretKey":"k","durationMs":60000}', (200, b"")), (b"", (200, b"")),
+                                          (b"5", (500, b"Can't parse value: 5"))])
+def test_a_claim_is_accepted_as_thingsboard_answers_it(emu: Emulator, body: bytes, answer: tuple) -> None:
+    assert emu.request("POST", f"/api/v1/{TOKEN}/claim", body)[::2] == answer
+    assert emu.request("POST", "/api/v1/wrongToken/claim", body)[0] == 401
+
+
+@pytest.mark.parametrize("path, body", [("rpc", b'{"method":"getTime","params":{}}')])
+def test_client_side_rpc_is_501_not_emulated(emu: Emulator, path: str, body: bytes) -> None:
     status, headers, raw = emu.request("POST", f"/api/v1/{TOKEN}/{path}", body)
     assert (status, raw) == (501, f"{path} is not emulated over HTTP".encode())
     assert headers["content-type"].startswith("text/plain")

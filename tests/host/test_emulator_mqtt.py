@@ -325,6 +325,8 @@ def test_unknown_topic_is_acknowledged_not_processed_and_session_kept():
             assert c.read_packet() == (0x40, struct.pack("!H", i))
         c.send(publish_packet("v1/devices/me/telemetry", b'{"still":1}', packet_id=9))
         assert c.read_packet() == (0x40, b"\x00\x09")
+        c.send(publish_packet("v1/devices/me/claim", b"[1]", packet_id=10))  # JsonConverter refuses it
+        assert c.closed_by_server()
 
 
 def test_subscribe_filters_match_exactly():
