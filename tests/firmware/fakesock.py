@@ -2,6 +2,7 @@
 # It works with select.poll (MicroPython calls ioctl on stream objects derived from io.IOBase).
 import io
 import select
+import time
 
 from micropython import const
 
@@ -88,3 +89,35 @@ def scripted(*replies):
             sock.feed(replies[k])
 
     return FakeSocket(on_write)
+
+
+class Stream(FakeSocket):
+    # A peer that, once the first write arrived, keeps sending `chunk` (after `prefix`), a piece per read, for
+    # `for_ms` ms and then closes: a deadline that data keeps postponing ends with "connection closed" after for_ms
+    # instead of "no answer in time". `served` counts the pieces sent.
+    def __init__(self, chunk, prefix=b"", for_ms=5000):
+        super().__init__(self._start)
+        self.chunk = chunk
+        self.prefix = prefix
+        self.for_ms = for_ms
+        self.until = None
+        self.served = 0
+
+    def _start(self, sock, data):
+        if self.until is None:
+            self.feed(self.prefix)
+            self.until = time.ticks_add(time.ticks_ms(), self.for_ms)
+
+    def readinto(self, buf):
+        if self.until is not None and not self.inbox and not self.peer_closed:
+            if time.ticks_diff(self.until, time.ticks_ms()) > 0:
+                self.feed(self.chunk)
+                self.served += 1
+            else:
+                self.hang_up()
+        return super().readinto(buf)
+
+    def ioctl(self, req, arg):
+        if req == _POLL and self.until is not None and arg & select.POLLIN and not self.peer_closed:
+            return select.POLLIN | (arg & select.POLLOUT)
+        return super().ioctl(req, arg)

@@ -31,7 +31,7 @@ def test_message_ids_increment_and_tokens_differ():
 
 
 def test_retransmission_backoff_then_no_answer():
-    lk = link()  # nobody answers
+    lk = link(timeout=1)  # nobody answers; the 5 transmissions take 310 to 465 ms, within the timeout
     e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
     assert "5 transmissions" in str(e), e
     times = [t for t, _ in lk.sock.sent]
@@ -67,7 +67,7 @@ def test_random_factor_stretches_the_first_timeout_by_up_to_half():
     try:
         for byte in (0, 255):
             via_coap.os = FixedRandom(byte)
-            lk = link(answer_second)
+            lk = link(answer_second, timeout=1)
             lk.ack_ms = 200
             lk.request(POST, ("x",), b"1")
             firsts.append(lk.sock.sent[1][0] - lk.sock.sent[0][0])
@@ -125,6 +125,47 @@ def test_separate_response_never_comes():
     assert "separate" in str(e), e
     eq(len(lk.sock.sent), 1)
     assert 55 <= lk.sock.now() < 300, lk.sock.now()
+
+
+def test_the_whole_exchange_ends_by_the_timeout_retransmissions_included():
+    # ACK_TIMEOUT 50 ms: transmissions at 0, 50-75, 150-225 ms, and the exchange ends at the timeout (200 ms)
+    # before the fourth is due (350-525 ms); with timeout 3 s and ACK_TIMEOUT 2 s it ran 63 to 93 s.
+    lk = link(timeout=0.2)
+    lk.ack_ms = 50
+    e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
+    eq(str(e), "no answer in 0.2 s")
+    assert 2 <= len(lk.sock.sent) <= 3, lk.sock.sent
+    assert lk.sock.sent[-1][0] < 200, lk.sock.sent  # nothing sent past the timeout
+
+
+def test_duplicate_empty_acks_do_not_extend_the_wait_for_the_separate_response():
+    # The server ACKs every transmission and then keeps sending the same empty ACK every 10 ms, for 20 times the
+    # timeout: the exchange must end by the timeout, not when the duplicates stop.
+    def dripping_acks(sock, data):
+        if len(sock.sent) == 1:
+            mid = decode(data)[2]
+            for k in range(200):
+                sock.feed(encode(ACK, 0, mid), 10 * k)
+    lk = link(dripping_acks, timeout=0.1)
+    e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
+    eq(str(e), "no separate response in 0.1 s")
+    eq(len(lk.sock.sent), 1)
+    assert lk.sock.inbox, "waited until the duplicate ACKs stopped"
+
+
+def test_stray_datagrams_neither_extend_the_exchange_nor_hold_back_retransmission():
+    # Garbage every 5 ms keeps the socket readable; the retransmissions still go out on time and the exchange ends
+    # by the timeout.
+    def flood(sock, data):
+        if len(sock.sent) == 1:
+            for k in range(400):
+                sock.feed(b"\x00garbage", 5 * k)
+    lk = link(flood, timeout=0.3)
+    lk.ack_ms = 50
+    e = raises(NoAnswer, lk.request, POST, ("x",), b"1")
+    eq(str(e), "no answer in 0.3 s")
+    assert len(lk.sock.sent) >= 2, lk.sock.sent
+    assert lk.sock.inbox, "waited until the garbage stopped"
 
 
 def test_duplicate_separate_response_is_acked_again_not_processed():

@@ -1,6 +1,6 @@
 # The HTTP/1.1 client in via_http: exact request bytes and response parsing over a scripted TCP stream in place of
 # tcp.connect.
-from fakesock import FakeSocket
+from fakesock import FakeSocket, Stream
 from mptest import eq, raises
 from tbfleet import BadAnswer, NoAnswer, tcp, via_http
 
@@ -171,3 +171,13 @@ def test_silent_server_hits_the_deadline():
 
 def test_request_to_nobody_is_no_answer():
     raises(NoAnswer, via_http.request, "GET", "127.0.0.1", 1, "/", timeout_ms=300)
+
+
+def test_endless_header_lines_or_1xx_answers_end_at_the_deadline():
+    # A server that sends header lines, or 1xx answers, for 5 s: the exchange ends at its deadline (200 ms).
+    for prefix, chunk in ((b"HTTP/1.1 200 OK\r\n", b"X-More: yes\r\n"), (b"", b"HTTP/1.1 102 Processing\r\n\r\n")):
+        s = Stream(chunk, prefix)
+        tcp.connect = lambda host, port, timeout_ms, ssl_ctx=None: s
+        e = raises(NoAnswer, via_http.request, "POST", "tb", 80, "/p", b"{}", None, 200)
+        eq(str(e), "no answer in time")
+        assert s.served > 1 and s.closed, s.served

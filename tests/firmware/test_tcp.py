@@ -1,8 +1,8 @@
 # The deadline helpers in tbfleet.tcp, over a scripted socket.
 import time
 
-from fakesock import FakeSocket
-from mptest import raises
+from fakesock import FakeSocket, Stream
+from mptest import eq, raises
 from tbfleet import NoAnswer, tcp
 
 
@@ -68,3 +68,15 @@ def test_waits_on_one_socket_share_one_poll_object():
     other.feed(b"c")
     tcp.read_exact(other, buf, tcp.deadline(100))
     assert tcp._poller is not poller and buf[0] == ord("c")
+
+
+def test_data_that_keeps_arriving_does_not_extend_the_deadline():
+    # A peer that streams for 5 s: reading packet after packet must end at the deadline (100 ms), not when the
+    # stream stops.
+    s = Stream(b"\xd0\x00")
+    tcp.write_all(s, b"go", tcp.deadline(100))
+    at = tcp.deadline(100)
+    buf = memoryview(bytearray(2))
+    e = raises(NoAnswer, lambda: [tcp.read_exact(s, buf, at) for _ in range(10 ** 9)])
+    eq(str(e), "no answer in time")
+    assert s.served > 1, s.served

@@ -1,7 +1,7 @@
 # ThingsBoard over MQTT: the provisioning session and the telemetry session, against a scripted socket.
 import time
 
-from fakesock import FakeSocket, scripted
+from fakesock import FakeSocket, Stream, scripted
 from mptest import eq, raises
 from test_mqtt import CONNACK_OK, client
 from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, tls
@@ -305,3 +305,13 @@ def test_events_beyond_eight_are_acknowledged_and_dropped():
     lk.send_telemetry(TELEMETRY)
     eq(len(lk.events), 8)
     eq(len(s.writes), 2 + 10)
+
+
+def test_provision_ends_at_the_deadline_while_the_server_streams_packets():
+    # After the PUBACK the server streams PINGRESPs, or PUBLISHes on another topic, for 5 s: the provisioning
+    # exchange must end at its deadline (0.2 s), not when the stream stops (then it would be "connection closed").
+    for chunk in (b"\xd0\x00", publish(b"other/topic", b"x" * 40)):
+        s = Stream(chunk, CONNACK_OK + b"\x40\x02\x00\x01")
+        e = raises(NoAnswer, link(s).provision, b"{}")
+        eq(str(e), "no answer in time")
+        assert s.served > 1 and s.closed, s.served

@@ -6,7 +6,8 @@
     # leaving the block cuts the power (SIGKILL), as a user pulling the plug would
 
 The retry timings are the firmware's defaults; a test that needs them shorter passes `retry_ms`, which boots
-through a two-line wrapper that sets `app.RETRY_FIRST_MS` before calling `stock.main()`.
+through a two-line wrapper that sets `app.RETRY_FIRST_MS` before calling `stock.main()`; `heap` (bytes) runs it
+with `-X heapsize=`, as a board with that much RAM.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class FirmwareBoard:
         f = self.path / "creds.json"
         return json.loads(f.read_text()) if f.exists() else None
 
-    def boot(self, retry_ms: int | None = None) -> "_Boot":
+    def boot(self, retry_ms: int | None = None, heap: int | None = None) -> "_Boot":
         if retry_ms is None:
             args = ["main.py"]
         else:
@@ -88,6 +89,8 @@ class FirmwareBoard:
                 "import sys\nsys.path.append('lib')\nfrom tbfleet import app, stock\n"
                 f"app.RETRY_FIRST_MS = {retry_ms}\nsys.exit(stock.main())\n")
             args = ["fastretry.py"]
+        if heap is not None:
+            args = ["-X", f"heapsize={heap}", *args]
         proc = subprocess.Popen([MICROPYTHON, *args], cwd=self.path, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return _Boot(BoardRun(proc))

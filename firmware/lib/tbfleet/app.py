@@ -252,11 +252,14 @@ class Device:
                 if self.unsaved:
                     self.unsaved = False
                     return LONG_WAIT_MS  # config.json's own: a person has to act
-        except (OSError, BadAnswer, Rejected) as e:  # NoAnswer is an OSError
+        except (OSError, BadAnswer, Rejected, MemoryError) as e:  # NoAnswer is an OSError
+            # MemoryError: an answer too large for what the heap has left. What it held is garbage once the link
+            # is closed; the next attempt starts from a collected heap.
             self.last_error = log.describe(e)
             log.warn("%s", self.last_error)
         finally:
             self.connected = False
             if self.link:
                 self.link.close()
+            gc.collect()
         return self.retry_ms()

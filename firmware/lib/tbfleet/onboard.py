@@ -71,8 +71,12 @@ def credentials(dev):
     try:
         status, creds, message = outcome(body, error, cfg)
         if status == "SUCCESS":
-            log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
-            creds = keep(creds, cfg)
+            try:
+                creds = keep(creds, cfg)
+                log.info("provisioned %s with %s credentials", cfg.device_name, creds["type"])
+            except ValueError as e:
+                # Credentials the store cannot keep (too long, not text): a bad answer, retried with backoff.
+                status, message = "BAD_ANSWER", "credentials that cannot be saved (%s)" % e
     finally:
         unload("store", "provision")
     if status == "SUCCESS":

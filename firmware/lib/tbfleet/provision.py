@@ -56,7 +56,7 @@ def outcome(body, cfg, error=None):
         return "NO_ANSWER" if isinstance(error, NoAnswer) else "BAD_ANSWER", None, str(error)
     try:
         answer = json.loads(body)
-    except ValueError:  # invalid UTF-8 too
+    except (ValueError, MemoryError):  # invalid UTF-8 too; MemoryError: nested too deep for the heap
         answer = None
     status = answer.get("status", answer.get("provisionDeviceStatus")) if type(answer) is dict else None
     if status == "NOT_FOUND":

@@ -12,7 +12,9 @@ def deadline(ms):
 
 
 def connect(host, port, timeout_ms, ssl_ctx=None):
-    # Returns a connected (and, with ssl_ctx, handshaken) socket; NoAnswer when the server is not there.
+    # Returns a connected socket, non-blocking; NoAnswer when the server is not there. With ssl_ctx it is wrapped
+    # for TLS, and the handshake happens inside the first write_all, under that write's deadline: a blocking
+    # handshake would bound each read only, and a server that drips its handshake would hold the board for ever.
     try:
         addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
     except OSError as e:
@@ -21,18 +23,14 @@ def connect(host, port, timeout_ms, ssl_ctx=None):
     try:
         sock.settimeout(timeout_ms / 1000)
         sock.connect(addr[-1])
+        # From here every wait is a poll with a deadline. Non-blocking also makes readinto return what has arrived:
+        # a blocking MicroPython stream read waits until the whole buffer is full.
+        sock.setblocking(False)
         if ssl_ctx is not None:
-            sock = ssl_ctx.wrap_socket(sock, server_hostname=host)
+            sock = ssl_ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
     except OSError as e:
         sock.close()
         raise NoAnswer("cannot connect to %s:%d: %s" % (host, port, e))
-    except ValueError as e:
-        # MicroPython's TLS raises ValueError when the server's certificate fails verification.
-        sock.close()
-        raise BadAnswer("TLS handshake with %s:%d failed: %s" % (host, port, e))
-    # From here every wait is a poll with a deadline. Non-blocking also makes readinto return what has arrived:
-    # a blocking MicroPython stream read waits until the whole buffer is full.
-    sock.setblocking(False)
     return sock
 
 
@@ -40,7 +38,9 @@ _polled = _poller = None  # the socket whose waits _poller serves, and that poll
 
 
 def wait(sock, event, at):
-    # Block until sock is ready for event (select.POLLIN/POLLOUT) or the deadline passes (NoAnswer).
+    # Block until sock is ready for event (select.POLLIN/POLLOUT) or the deadline passes (NoAnswer). Past the
+    # deadline it is NoAnswer even when data is there: a server that keeps sending (packets, header lines, 1xx
+    # answers) must not extend the exchange.
     global _polled, _poller
     if sock is not _polled:
         # One poll object per socket, not per wait: there are several waits on every packet's path.
@@ -48,13 +48,13 @@ def wait(sock, event, at):
         _polled = sock
     _poller.register(sock, event)  # again for the same socket: only the events change
     while True:
-        left = max(0, time.ticks_diff(at, time.ticks_ms()))
+        left = time.ticks_diff(at, time.ticks_ms())
+        if left <= 0:
+            raise NoAnswer("no answer in time")
         for _, ev in _poller.poll(left):
             if ev & (select.POLLERR | select.POLLHUP) and not ev & event:
                 raise NoAnswer("connection closed")
             return
-        if left == 0:
-            raise NoAnswer("no answer in time")
 
 
 def read_some(sock, buf, at, eof_ok=False):
@@ -85,6 +85,8 @@ def read_exact(sock, buf, at):
 
 def write_all(sock, data, at):
     # Write all of data (one write call when the stack takes it whole, which keeps packets off Nagle's path).
+    # The first write on a TLS socket makes the handshake: until it is done writes take nothing, and poll waits
+    # for the direction the handshake needs.
     mv = memoryview(data)
     sent = 0
     while sent < len(mv):
@@ -95,5 +97,9 @@ def write_all(sock, data, at):
             if e.errno == 11:
                 continue
             raise NoAnswer("write failed: %s" % e)
+        except ValueError as e:
+            # MicroPython's TLS raises ValueError when the server's certificate fails verification (its text
+            # spread over lines: one line for the log).
+            raise BadAnswer("TLS handshake failed: %s" % " ".join(str(e).split()))
         if n:
             sent += n

@@ -1,7 +1,8 @@
 # ThingsBoard's device API over CoAP (UDP 5683): provisioning and telemetry as confirmable POSTs of JSON, with the
 # firmware's own compact RFC 7252 client: exponential retransmission, piggybacked and separate responses, duplicate
-# detection, a select.poll deadline on every wait; observations (RFC 7641) of shared attributes and RPC. Client and
-# adapter are one class; a request's message is built by _message and each datagram read by _parse.
+# detection, a select.poll deadline on every wait, the whole exchange bounded by cfg.timeout; observations (RFC 7641)
+# of shared attributes and RPC. Client and adapter are one class; a request's message is built by _message and each
+# datagram read by _parse.
 import os
 import select
 import socket
@@ -241,20 +242,26 @@ class Link:
             sent = 1
             acked = False
             sock.send(msg)
-            at = time.ticks_add(time.ticks_ms(), wait)
+            now = time.ticks_ms()
+            # The whole exchange, retransmissions and a separate response included, ends by cfg.timeout: whatever
+            # arrives (duplicate empty ACKs, stray datagrams) neither extends it nor holds retransmission back.
+            end = time.ticks_add(now, int(cfg.timeout * 1000))
+            at = time.ticks_add(now, wait)  # the next retransmission
             while True:
-                left = max(0, time.ticks_diff(at, time.ticks_ms()))
-                if not self.poller.poll(left):
-                    if left:
-                        continue
-                    if acked:
-                        raise NoAnswer("no separate response in %d s" % cfg.timeout)
+                now = time.ticks_ms()
+                if time.ticks_diff(end, now) <= 0:
+                    raise NoAnswer("no %s in %s s" % ("separate response" if acked else "answer", cfg.timeout))
+                if not acked and time.ticks_diff(at, now) <= 0:
                     if sent > _MAX_RETRANSMIT:
                         raise NoAnswer("no answer after %d transmissions" % sent)
                     sent += 1
                     wait *= 2
                     sock.send(msg)
-                    at = time.ticks_add(time.ticks_ms(), wait)
+                    at = time.ticks_add(now, wait)
+                left = time.ticks_diff(end, now)
+                if not acked:
+                    left = min(left, time.ticks_diff(at, now))
+                if not self.poller.poll(left):
                     continue
                 # recv, not readinto: a stream readinto joins the datagrams that are waiting into one buffer.
                 try:
@@ -278,7 +285,6 @@ class Link:
                             return 0, b""
                         # Empty ACK: the response follows separately, retransmission stops.
                         acked = True
-                        at = time.ticks_add(time.ticks_ms(), int(cfg.timeout * 1000))
                     elif tok == token:
                         return c, body
                     continue

@@ -25,8 +25,8 @@ _BODY = const(6)
 
 def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, buf=None, limit=_MAX_BODY):
     # Sends method path (body: JSON bytes, or None for none) to host:port and returns (status, body bytes) of the
-    # final answer. Connecting is bounded by timeout_ms, then one deadline of timeout_ms bounds sending and the
-    # whole answer. buf: a bytearray that the request is written and the answer read through; a caller making many
+    # final answer. One deadline of timeout_ms bounds the whole exchange: connecting, the TLS handshake, sending
+    # and the whole answer, however the server sends it. buf: a bytearray that the request is written and the answer read through; a caller making many
     # requests passes the same one, as a buffer per request splits the free heap.
     buf = buf or bytearray(256)
     sock = send(method, host, port, path, body, ssl_ctx, timeout_ms, buf)
@@ -46,9 +46,9 @@ def send(method, host, port, path, body, ssl_ctx, timeout_ms, buf):
     body = body or b""
     mv = memoryview(buf)
     n = len(head) + len(tail)
+    at = tcp.deadline(timeout_ms)
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
-        at = tcp.deadline(timeout_ms)
         # The request leaves in one write (Nagle's algorithm would hold back a second). It goes through buf when it
         # fits: a block as large as the whole request is the one a busy heap most often lacks.
         if n + len(body) <= len(mv):

@@ -7,6 +7,7 @@
 # keepalive, timeout), validated by tbfleet.config; keeping cfg instead of copies saves RAM.
 # Topics and the provisioning user name are literals where they are used: a module-level name for each would be
 # one more interned string for good.
+import gc
 import select
 import time
 
@@ -181,9 +182,13 @@ class Link:
                     b = buf[0]
                     n |= (b & 0x7F) << shift
                     shift += 7
-                if n > _MAX_IN:
-                    raise BadAnswer("too long: %d bytes" % n)
                 if n > len(buf):
+                    # A packet larger than the board can hold is refused before anything is allocated for it: a
+                    # quarter of the free heap, as its payload is copied for on_message and then parsed, and the
+                    # free heap is not one block.
+                    gc.collect()
+                    if n > _MAX_IN or n > gc.mem_free() // 4:
+                        raise BadAnswer("too long: %d bytes" % n)
                     buf = self.buf = bytearray(n)
                 if n:
                     tcp.read_exact(sock, memoryview(buf)[:n], at)
