@@ -244,24 +244,26 @@ class Link:
             sock.send(msg)
             now = time.ticks_ms()
             # The whole exchange, retransmissions and a separate response included, ends by cfg.timeout: whatever
-            # arrives (duplicate empty ACKs, stray datagrams) neither extends it nor holds retransmission back.
+            # arrives (duplicate empty ACKs, stray datagrams) does not extend it.
             end = time.ticks_add(now, int(cfg.timeout * 1000))
-            at = time.ticks_add(now, wait)  # the next retransmission
+            at = time.ticks_add(now, wait)  # the next retransmission, once nothing is waiting to be read
             while True:
                 now = time.ticks_ms()
-                if time.ticks_diff(end, now) <= 0:
+                left = time.ticks_diff(end, now)
+                if left <= 0:
                     raise NoAnswer("no %s in %s s" % ("separate response" if acked else "answer", cfg.timeout))
-                if not acked and time.ticks_diff(at, now) <= 0:
+                if not acked:
+                    left = max(0, min(left, time.ticks_diff(at, now)))
+                if not self.poller.poll(left):
+                    now = time.ticks_ms()
+                    if acked or time.ticks_diff(at, now) > 0 or time.ticks_diff(end, now) <= 0:
+                        continue  # not due yet, or the exchange is over (a poll that overslept)
                     if sent > _MAX_RETRANSMIT:
                         raise NoAnswer("no answer after %d transmissions" % sent)
                     sent += 1
                     wait *= 2
                     sock.send(msg)
                     at = time.ticks_add(now, wait)
-                left = time.ticks_diff(end, now)
-                if not acked:
-                    left = min(left, time.ticks_diff(at, now))
-                if not self.poller.poll(left):
                     continue
                 # recv, not readinto: a stream readinto joins the datagrams that are waiting into one buffer.
                 try:

@@ -25,9 +25,10 @@ _BODY = const(6)
 
 def request(method, host, port, path, body=None, ssl_ctx=None, timeout_ms=10000, buf=None, limit=_MAX_BODY):
     # Sends method path (body: JSON bytes, or None for none) to host:port and returns (status, body bytes) of the
-    # final answer. One deadline of timeout_ms bounds the whole exchange: connecting, the TLS handshake, sending
-    # and the whole answer, however the server sends it. buf: a bytearray that the request is written and the answer read through; a caller making many
-    # requests passes the same one, as a buffer per request splits the free heap.
+    # final answer. One deadline of timeout_ms bounds connecting, the TLS handshake and sending, and another the
+    # whole answer, however the server sends it. buf: a bytearray that the request is written and the
+    # answer read through; a caller making many requests passes the same one, as a buffer per request splits the
+    # free heap.
     buf = buf or bytearray(256)
     sock = send(method, host, port, path, body, ssl_ctx, timeout_ms, buf)
     return answer(sock, tcp.deadline(timeout_ms), buf, limit)
