@@ -42,7 +42,7 @@ class Link:
 
     def _next(self, answers):
         answer = answers.pop(0) if answers else None
-        if isinstance(answer, Exception):
+        if isinstance(answer, BaseException):
             raise answer
         return answer
 
@@ -115,9 +115,10 @@ def test_failure_falls_back_to_configured_credentials_and_saves_them():
 
 def test_failure_without_own_credentials_waits_long_and_retries():
     link = Link(provisions=[FAILURE, OK])
-    run(cfg_with(), 1, link)
+    run(cfg_with(credentials_type="SERVER_GENERATED"), 1, link)
     eq(len(link.requests), 2)
-    assert any(line.startswith("E ") and "already exists" in line for line in LINES), LINES
+    assert "credentialsType" not in link.requests[0] and "token" not in link.requests[0], link.requests[0]
+    assert any(line.startswith("E ") and "delete the device greenhouse-7" in line for line in LINES), LINES
 
 
 def test_no_answer_backs_off_and_retries():
@@ -317,3 +318,107 @@ def test_rpc_replies_and_errors_and_attribute_callbacks_over_a_scripted_link():
     eq(seen, [{"b": 2}, {"deleted": ["b"]}])
     assert any("attributes watch: ValueError" in line for line in LINES), LINES
     assert any(line.startswith("W bad rpc") for line in LINES), LINES
+
+
+def test_an_unexpected_exception_resets_after_a_wait_that_doubles_per_crash_in_a_row():
+    # A board with machine.reset (here a machine.py that stands in for it): each crash in a row is counted in
+    # flash, so the wait before the reset doubles across resets instead of being 10 s for ever.
+    with open("machine.py", "w") as f:
+        f.write("from umachine import *\n\n\nclass Reset(BaseException):\n    pass\n\n\n"
+                "def reset():\n    raise Reset()\n")
+
+    def crash():
+        # A new boot's Device meets an unexpected exception: on_error ends with the stand-in reset.
+        try:
+            app.Device(cfg_with(), Link()).on_error(KeyError("boom"))
+        except BaseException as e:
+            eq(type(e).__name__, "Reset")
+            return
+        raise AssertionError("on_error returned")
+
+    first = app.CRASH_FIRST_MS
+    app.CRASH_FIRST_MS, app.LONG_WAIT_MS = 1, 6
+    try:
+        for _ in range(5):
+            crash()
+        eq([line for line in LINES if "in a row" in line],
+           ["E crash %d in a row: resetting in %d ms" % (n, ms) for n, ms in ((1, 1), (2, 2), (3, 4), (4, 6), (5, 6))])
+        # A connection's first accepted message says the board runs well: the next crash is the first again.
+        app.Device(cfg_with(), Link()).accepted()
+        del LINES[:]
+        crash()
+        eq([line for line in LINES if "in a row" in line], ["E crash 1 in a row: resetting in 1 ms"])
+    finally:
+        app.CRASH_FIRST_MS, app.LONG_WAIT_MS = first, 5
+
+
+class PowerCut(BaseException):
+    pass
+
+
+def exists(path):
+    import os
+
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+def test_the_board_chooses_its_token_and_saves_it_before_the_request_leaves():
+    class Server(Link):
+        # Answers SUCCESS with the token the request registers, as ThingsBoard does.
+        def provision(self, request):
+            self.ahead = json.load(open("ahead.json"))  # by the time the request leaves, its token is in flash
+            self.requests.append(json.loads(request))
+            return ('{"credentialsValue":"%s","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'
+                    % self.requests[-1]["token"]).encode()
+    link = Server()
+    eq(run(cfg_with(), 1, link), 1)
+    req = link.requests[0]
+    eq(req["credentialsType"], "ACCESS_TOKEN")
+    token = req["token"]
+    assert len(token) == 20 and token == link.ahead["token"], (token, link.ahead)
+    eq(link.opened[0]["token"], token)
+    eq(store.load()["token"], token)
+    assert not exists("ahead.json")  # the saved record holds it now
+
+
+def test_a_power_cut_after_the_request_left_is_answered_with_the_saved_token():
+    # First boot: the request leaves, the server creates the device, the power goes before the answer is saved.
+    cut = Link(provisions=[PowerCut()])
+    try:
+        run(cfg_with(), 1, cut)
+        raise AssertionError("no power cut")
+    except PowerCut:
+        pass
+    token = cut.requests[0]["token"]
+    assert store.load() is None
+    # Next boot: the same token is sent again; the server has the device already (FAILURE); the board connects
+    # with the token it saved before the cut, and keeps it once the server took a message.
+    link = Link(provisions=[FAILURE])
+    eq(run(cfg_with(), 1, link), 1)
+    eq(link.requests[0]["token"], token)
+    eq(link.opened, [{"type": "ACCESS_TOKEN", "token": token}])
+    eq(store.load()["token"], token)
+    assert not exists("ahead.json")
+
+
+def test_the_board_chooses_a_whole_mqtt_basic_triple():
+    link = Link(provisions=[PowerCut()])
+    try:
+        run(cfg_with(credentials_type="MQTT_BASIC"), 1, link)
+    except PowerCut:
+        pass
+    req = link.requests[0]
+    eq(req["credentialsType"], "MQTT_BASIC")
+    ahead = json.load(open("ahead.json"))
+    eq((req["clientId"], req["username"], req["password"]),
+       (ahead["client_id"], ahead["username"], ahead["password"]))
+    assert len({req["clientId"], req["username"], req["password"]}) == 3
+    link = Link(provisions=[FAILURE])
+    run(cfg_with(credentials_type="MQTT_BASIC"), 1, link)
+    eq(link.opened[0]["client_id"], req["clientId"])
+
+

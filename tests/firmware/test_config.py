@@ -28,7 +28,7 @@ def test_defaults():
     eq(c.transport, "mqtt")
     eq(c.port, 1883)
     eq(c.tls, False)
-    eq(c.credentials_type, None)
+    eq(c.credentials_type, "ACCESS_TOKEN")  # with no token: the board chooses one (write-ahead)
     eq(c.telemetry_interval, 60)
     eq(c.qos, 1)
     eq(c.timeout, 10)
@@ -112,21 +112,27 @@ def test_types_and_ranges():
     eq(refused("device_name", device_name="provision").message, "'provision' is reserved")
 
 
-def test_access_token_needs_token():
-    e = refused("token", credentials_type="ACCESS_TOKEN")
-    eq(e.message, "required with ACCESS_TOKEN")
-    eq(cfg_with(credentials_type="ACCESS_TOKEN", token="A1b2C3d4E5f6G7h8I9j0").token, "A1b2C3d4E5f6G7h8I9j0")
+def test_access_token_is_the_default_and_its_token_optional():
+    eq(cfg_with(credentials_type="ACCESS_TOKEN").token, None)  # the board chooses one
+    eq(cfg_with(token="A1b2C3d4E5f6G7h8I9j0").token, "A1b2C3d4E5f6G7h8I9j0")
+
+
+def test_server_generated_sends_no_credentials_type():
+    for transport in ("mqtt", "http", "coap"):
+        eq(cfg_with(credentials_type="SERVER_GENERATED", transport=transport).credentials_type, None)
+    e = refused("token", credentials_type="SERVER_GENERATED", token="A1b2C3d4E5f6G7h8I9j0")
+    eq(e.message, "only with credentials_type ACCESS_TOKEN")
 
 
 def test_fields_of_another_credentials_type_are_refused():
-    e = refused("token", token="A1b2C3d4E5f6G7h8I9j0")
+    e = refused("token", credentials_type="MQTT_BASIC", token="A1b2C3d4E5f6G7h8I9j0")
     eq(e.message, "only with credentials_type ACCESS_TOKEN")
     refused("username", credentials_type="ACCESS_TOKEN", token="t", username="u")
     refused("cert_file", cert_file="cert.der")
 
 
 def test_mqtt_basic_rules_follow_the_server():
-    eq(refused("client_id", credentials_type="MQTT_BASIC").message, "required with MQTT_BASIC")
+    eq(cfg_with(credentials_type="MQTT_BASIC").client_id, None)  # the board chooses the whole triple
     eq(refused("password", credentials_type="MQTT_BASIC", client_id="pump-7", password="pw").message,
        "only with username")
     refused("client_id", credentials_type="MQTT_BASIC", client_id="provision")
@@ -186,7 +192,7 @@ def test_wifi_password_without_ssid():
 
 
 def test_secret_is_not_in_error_messages():
-    e = refused("token", provision_secret="z9x8c7v6b5n4", token="t")
+    e = refused("token", provision_secret="z9x8c7v6b5n4", credentials_type="X509_CERTIFICATE", token="t")
     assert "z9x8c7v6b5n4" not in str(e)
 
 

@@ -67,9 +67,20 @@ def assert_lifecycle(emu: EmulatorProcess, board: FirmwareBoard, name: str, ctyp
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_server_generated_token(emulator, tmp_path: Path, transport: str) -> None:
     name = f"e2e-{transport}-gen"
-    board = FirmwareBoard(tmp_path / "b", board_config(emulator.ports[transport], transport, name))
+    board = FirmwareBoard(tmp_path / "b", board_config(emulator.ports[transport], transport, name,
+                                                       credentials_type="SERVER_GENERATED"))
     assert_lifecycle(emulator, board, name, "ACCESS_TOKEN")
     assert len(board.credentials["token"]) == 20
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_token_chosen_by_the_board_by_default(emulator, tmp_path: Path, transport: str) -> None:
+    name = f"e2e-{transport}-own"
+    board = FirmwareBoard(tmp_path / "b", board_config(emulator.ports[transport], transport, name))
+    assert_lifecycle(emulator, board, name, "ACCESS_TOKEN")
+    token = board.credentials["token"]
+    assert len(token) == 20 and all(c in "0123456789abcdef" for c in token), token
+    assert not (board.path / "ahead.json").exists()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -132,9 +143,21 @@ def test_wrong_secret_saves_nothing(emulator, tmp_path: Path, transport: str) ->
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_device_already_exists(emulator, tmp_path: Path, transport: str) -> None:
+    # The board's own token is not the device's: the log tells the operator what to do.
     board = FirmwareBoard(tmp_path / "b", board_config(emulator.ports[transport], transport, "pre-token"))
     with board.boot() as run:
-        run.wait_for(r"E provisioning failed \(FAILURE: Failed to provision device!\): pre-token already exists")
+        run.wait_for("answered FAILURE .*trying the board's own credentials")
+        run.wait_for(r"E the server refused the credentials of pre-token too .*: on the server, delete the device "
+                     r"pre-token, or reset its provisionState")
+    assert board.credentials is None
+
+
+def test_device_already_exists_with_a_server_generated_token(emulator, tmp_path: Path) -> None:
+    board = FirmwareBoard(tmp_path / "b", board_config(emulator.ports["mqtt"], "mqtt", "pre-token",
+                                                       credentials_type="SERVER_GENERATED"))
+    with board.boot() as run:
+        run.wait_for(r"E provisioning failed \(FAILURE: Failed to provision device!\) and pre-token has no "
+                     r"credentials of its own: on the server, delete the device pre-token")
     assert board.credentials is None
 
 

@@ -20,7 +20,8 @@ TOKEN = "Pe3rT0kenA1b2C3d4E5f"
 
 def config(peer: MqttPeer, **fields) -> dict:
     data = {"host": "127.0.0.1", "port": peer.port, "provision_key": KEY, "provision_secret": SECRET,
-            "device_name": "orchard-17", "telemetry_interval": 0.1, "timeout": 2,
+            "device_name": "orchard-17", "credentials_type": "SERVER_GENERATED", "telemetry_interval": 0.1,
+            "timeout": 2,
             "sensors": ["uptime", "free_heap"]}
     data.update(fields)
     return data

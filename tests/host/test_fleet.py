@@ -94,7 +94,8 @@ def test_fleet_picks_up_ports_as_they_appear(tmp_path: Path, emulator: Server) -
     ({"TB_HOST": ""}, "TB_HOST is not set"),
     ({"BOARD": "esp32"}, "WIFI_SSID is not set"),
     ({"PROVISION_KEY": ""}, "PROVISION_KEY is not set"),
-    ({"CREDENTIALS_TYPE": "ACCESS_TOKEN"}, "TOKEN (config.json token): required"),
+    ({"CREDENTIALS_TYPE": "SERVER_GENERATED", "TOKEN": "t0k"},
+     "TOKEN (config.json token): only with credentials_type ACCESS_TOKEN"),
     ({"ESPTOOL_ARGS": "--before 'no-reset"}, "ESPTOOL_ARGS: No closing quotation"),
     ({"DEVICE_NAME": "sensor"}, "DEVICE_NAME='sensor' has neither {uid} nor {mac}"),
 ])

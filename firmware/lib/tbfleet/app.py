@@ -12,6 +12,10 @@ from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, log, unload
 RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with jitter
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
+CRASH_FIRST_MS = 10000  # before the reset after an unexpected exception; doubles per crash in a row
+# What an operator must do when the server has a device this board has no working credentials for.
+_OPERATOR = ("on the server, delete the device %s, or reset its provisionState if it is pre-provisioned (or "
+             "pre-provision it, if its profile checks pre-provisioned devices); the board tries again in 15 minutes")
 
 
 def imported_since(loaded):
@@ -141,8 +145,8 @@ class Device:
                       message)
             return LONG_WAIT_MS
         if status == "FAILURE":
-            log.error("provisioning failed (FAILURE: %s): %s already exists or is not pre-provisioned", message,
-                      self.cfg.device_name)
+            log.error("provisioning failed (FAILURE: %s) and %s has no credentials of its own: %s", message,
+                      self.cfg.device_name, _OPERATOR % self.cfg.device_name)
             return LONG_WAIT_MS
         log.warn("provisioning got %s: %s", status, message)
         return self.retry_ms()
@@ -153,19 +157,24 @@ class Device:
         # refusal may be the server's passing state.
         log.warn("server refused the credentials (%s %s), %d in a row", error.args[0], error.args[1], refusals)
         if self.unsaved:
-            log.error("the server refused the credentials in config.json too: fix them or delete %s on the server",
-                      self.cfg.device_name)
+            log.error("the server refused the credentials of %s too (the device exists with others): %s",
+                      self.cfg.device_name, _OPERATOR % self.cfg.device_name)
             return True
         return refusals >= 3
 
     def on_error(self, error):
         # What run does with an exception nothing else handled: log it; reset a board that can, raise elsewhere.
+        # A crash that comes back after every reset must not reset the board every few seconds for ever: the wait
+        # before the reset doubles with each crash in a row (counted in flash by board), up to LONG_WAIT_MS.
         log.error("unexpected %s", log.describe(error))
         from tbfleet import board
 
         if not board.can_reset():
             raise error
-        time.sleep_ms(RETRY_FIRST_MS * 10)
+        count = board.crashed()
+        wait_ms = min(CRASH_FIRST_MS << min(count - 1, 16), LONG_WAIT_MS)
+        log.error("crash %d in a row: resetting in %d ms", count, wait_ms)
+        time.sleep_ms(wait_ms)
         board.reset()
 
     # -- the core ----------------------------------------------------------------------------------------------------
@@ -208,6 +217,16 @@ class Device:
                 del onboard
                 unload_onboarding()
             self.unsaved = False
+        # The board runs well: a count of crashes in a row goes (board is loaded only when there is one).
+        try:
+            open("crashes.txt").close()
+            from tbfleet import board
+
+            board.recovered()
+            del board
+            unload("board")
+        except OSError:
+            pass
         self.delay_ms = RETRY_FIRST_MS
         self.refusals = 0
 

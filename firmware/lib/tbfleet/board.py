@@ -1,6 +1,10 @@
-# Facts about the board the firmware runs on, with the same answers on ESP32 and on the Unix port.
+# Facts about the board the firmware runs on, with the same answers on ESP32 and on the Unix port, and the count of
+# crashes in a row that Device.on_error keeps in flash.
 import binascii
 import machine
+import os
+
+_CRASHES = "crashes.txt"  # resets in a row after an unexpected exception; gone once the board runs well (app)
 
 
 def uid():
@@ -15,8 +19,6 @@ def uid():
             return value
     except OSError:
         pass
-    import os
-
     value = binascii.hexlify(os.urandom(6)).decode()
     with open("uid.txt", "w") as f:
         f.write(value)
@@ -32,3 +34,24 @@ def reset():
     # machine.reset (not on the Unix port).
     if hasattr(machine, "reset"):
         machine.reset()
+
+
+def crashed():
+    # Counts one more crash in a row in flash; returns the count, this one included.
+    try:
+        with open(_CRASHES) as f:
+            count = int(f.read())
+    except (OSError, ValueError):  # none yet, or a file a power cut left empty
+        count = 0
+    count += 1
+    with open(_CRASHES, "w") as f:
+        f.write(str(count))
+    return count
+
+
+def recovered():
+    # The board runs well again: the next crash is the first in a row.
+    try:
+        os.remove(_CRASHES)
+    except OSError:
+        pass

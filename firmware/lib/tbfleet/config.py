@@ -53,6 +53,7 @@ class Config:
     wifi_password: str | None
     log_level: str
     app: dict
+    chosen: bool  # not a field: set by onboard once token (or the MQTT_BASIC triple) holds what the board chose
 
 
 def validate(data):
@@ -72,7 +73,8 @@ def validate(data):
         ("provision_key", None, _REQUIRED),
         ("provision_secret", None, _REQUIRED),
         ("device_name", "esp32-{uid}", _REQUIRED),
-        ("credentials_type", None, _CHOICE, "ACCESS_TOKEN", "MQTT_BASIC", "X509_CERTIFICATE"),
+        ("credentials_type", "ACCESS_TOKEN", _CHOICE, "ACCESS_TOKEN", "MQTT_BASIC", "X509_CERTIFICATE",
+         "SERVER_GENERATED"),
         ("token", None, _TEXT),
         ("client_id", None, _TEXT),
         ("username", None, _TEXT),
@@ -90,6 +92,7 @@ def validate(data):
         ("app", {}, _OBJECT),
     )
     cfg = Config()
+    cfg.chosen = False
     rest = dict(data)
     for name, default, *_ in fields:
         value = rest.pop(name, None)
@@ -141,12 +144,13 @@ def validate(data):
     tls = cfg.tls
     if tls and transport == "coap":
         raise ConfigError("tls", "not with coap (no DTLS)")
-    if ctype and ctype != "ACCESS_TOKEN" and transport != "mqtt":
+    if (ctype == "MQTT_BASIC" or ctype == "X509_CERTIFICATE") and transport != "mqtt":
         raise ConfigError("credentials_type", "%s works only with transport mqtt: HTTP and CoAP take tokens" %
                           ctype)
-    # What each credentials type needs; MQTT_BASIC a client_id or a username.
-    needs = {"ACCESS_TOKEN": "token", "MQTT_BASIC": "" if cfg.username else "client_id",
-             "X509_CERTIFICATE": "tls cert_file key_file"}.get(ctype or "", "")
+    if ctype == "SERVER_GENERATED":
+        cfg.credentials_type = None  # what provisioning sends for a token the server generates: no type
+    # What X.509 needs. (A token or MQTT_BASIC triple that config.json does not give, the board chooses itself.)
+    needs = "tls cert_file key_file" if ctype == "X509_CERTIFICATE" else ""
     for name in needs.split():
         if not getattr(cfg, name):
             raise ConfigError(name, "required with %s" % ctype)

@@ -3,18 +3,58 @@
 # on_refused), where a user can override it. Device loads this module to onboard (credentials) and unloads it, with
 # store and provision, as a group afterwards (tbfleet.app.unload_onboarding). The steps here, rather than in Device,
 # leave that much less code loaded while connected (bench: every lifecycle needs 0.5-0.9 KB less heap).
+from micropython import const
+
 from tbfleet import BadAnswer, NoAnswer, log, unload
+
+# The credentials the board chose itself, saved before the request that registers them leaves (write-ahead): a
+# power cut between the server creating the device and the board saving its answer then loses nothing.
+_AHEAD = "ahead.json"
+_TOKEN_BYTES = const(10)  # random bytes of a token the board chooses: 20 hex digits, 80 bits
 
 
 def saved(cfg):
-    # The saved credentials when they fit this config, else None (and those that do not fit set aside).
+    # The saved credentials when they fit this config, else None (and those that do not fit set aside); with none,
+    # the credentials the board chooses itself are set on cfg (_choose).
     from tbfleet import store
 
     rec = store.load()
     if rec and not store.matches(rec, cfg):
         store.discard("issued for another device or server")
         rec = None
+    if rec is None:
+        _choose(store, cfg)
     return rec
+
+
+def _random(n):
+    import binascii
+    import os
+
+    return binascii.hexlify(os.urandom(n)).decode()
+
+
+def _choose(store, cfg):
+    # The credentials config.json leaves to the board (a token, or the whole MQTT_BASIC triple), set on cfg (and
+    # cfg.chosen set): those chosen before and saved in _AHEAD, else new ones, saved there now, before any request
+    # that registers them leaves (write-ahead). After a saved record was set aside, new ones are chosen.
+    ctype = cfg.credentials_type
+    if not (cfg.chosen or ctype == "ACCESS_TOKEN" and not cfg.token
+            or ctype == "MQTT_BASIC" and not cfg.client_id and not cfg.username):
+        return
+    rec = store.load(_AHEAD)
+    if rec is None or not store.matches(rec, cfg) or rec["type"] != ctype:
+        # None yet, or chosen for another device, server or type
+        if ctype == "ACCESS_TOKEN":
+            rec = {"type": ctype, "token": _random(_TOKEN_BYTES)}
+        else:
+            rec = {"type": ctype, "client_id": _random(8), "username": _random(8), "password": _random(_TOKEN_BYTES)}
+        rec = store.stamp(rec, cfg)
+        store.save(rec, _AHEAD)
+    for name in ("token", "client_id", "username", "password"):
+        if name in rec:
+            setattr(cfg, name, rec[name])
+    cfg.chosen = True
 
 
 def request(cfg):
@@ -38,6 +78,12 @@ def keep(creds, cfg):
 
     rec = store.stamp(creds, cfg)
     store.save(rec)
+    try:
+        import os
+
+        os.remove(_AHEAD)  # the saved record holds the credentials the board chose, if it chose them
+    except OSError:
+        pass
     return rec
 
 
@@ -83,8 +129,9 @@ def credentials(dev):
         dev.creds = creds
         return None
     if status == "FAILURE" and creds:
-        # The device exists already: the credentials config.json gives may be the ones it has.
-        log.warn("provisioning answered FAILURE (%s): trying config.json's credentials", message)
+        # The device exists already: the board's own credentials (config.json's, or chosen and saved before an
+        # earlier request that a power cut interrupted) may be the ones it has.
+        log.warn("provisioning answered FAILURE (%s): trying the board's own credentials", message)
         dev.creds = creds
         dev.unsaved = True
         return None
