@@ -215,7 +215,7 @@ class Bench:
         (path / "app.py").write_text(APP_SCRIPT)
         config = {"host": "127.0.0.1", "port": port or self.emulator.ports[transport], "transport": transport,
                   "provision_key": KEY, "provision_secret": SECRET, "device_name": name,
-                  "telemetry_interval": 0, "qos": 1, "timeout": 5, "log_level": "error",
+                  "telemetry_interval": 0, "qos": 1, "timeout": 5, "log_level": "warn",
                   "sensors": ["uptime", "free_heap", "heap_used"]}
         (path / "config.json").write_text(json.dumps(config))
         return path, name
@@ -225,17 +225,30 @@ class Bench:
         """Run the boots; (exited 0, µs per boot, wall seconds). script app.py: the application's boots (no µs)."""
         cmd = [MICROPYTHON] + (["-X", f"heapsize={heapsize}"] if heapsize else []) + [script]
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd + [str(c) for c in counts], cwd=board, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False, [], time.perf_counter() - t0
+        lines: list[str] = []
+        with subprocess.Popen(cmd + [str(c) for c in counts], cwd=board, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+            assert proc.stdout is not None
+            # A board that ran out of heap logs the MemoryError and retries after a backoff: at this heap size the
+            # lifecycle has failed, so the run ends there instead of waiting out the timeout.
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+            try:
+                for line in proc.stdout:
+                    lines.append(line)
+                    if "MemoryError" in line:
+                        proc.kill()
+                        break
+            finally:
+                timer.cancel()
+                proc.kill()
+            returncode = proc.wait()
         wall = time.perf_counter() - t0
-        if proc.returncode != 0:
+        if returncode != 0:
             return False, [], wall
         if script != "boots.py":
             return True, [], wall
-        return True, json.loads(proc.stdout.strip().splitlines()[-1]), wall
+        return True, json.loads(lines[-1]), wall
 
     def lifecycle_passes(self, transport: str, heapsize: int | None) -> tuple[bool, float]:
         """Provision, save and connect (the first message goes with the connect), then reconnect and send 100

@@ -45,3 +45,11 @@ def test_a_passing_run_gives_its_wall_time(tmp_path: Path) -> None:
     bench = Bench(StandInEmulator(MESSAGES + 1), firmware(tmp_path, "pass"), tmp_path)
     seconds = bench.lifecycle_seconds("mqtt")
     assert 0 < seconds < 10
+
+
+def test_a_board_that_logs_a_memory_error_fails_at_once(tmp_path: Path) -> None:
+    # The firmware catches a MemoryError and retries after a backoff: the bench must not wait that out.
+    main = 'print("W MemoryError: memory allocation failed"); import time; time.sleep(60)'
+    bench = Bench(StandInEmulator(MESSAGES + 1), firmware(tmp_path, main), tmp_path)
+    ok, wall = bench.lifecycle_passes("mqtt", None)
+    assert not ok and wall < 30
