@@ -60,7 +60,9 @@ def test_no_board_is_stranded_by_a_power_cut_during_its_first_provisioning(emula
         results = list(pool.map(lambda kd: cut_and_recover(emulator, tmp_path, transport, *kd), enumerate(delays)))
     assert len(results) == CUTS  # every board connected again (cut_and_recover raises otherwise)
     # The window the issue found: device created on the server, credentials not yet saved. The boards cut there
-    # connected with the token they had saved before the request left.
+    # connected with the token they had saved before the request left, or the store finished the save the cut
+    # interrupted (its temporary file was whole).
     window = [r for r in results if r["created"] and not r["saved"]]
+    recovered = ("trying the board's own credentials", "provisioned", "completed the cut save")
     for r in window:
-        assert "trying the board's own credentials" in r["log"] or "provisioned" in r["log"], r["log"]
+        assert any(line in r["log"] for line in recovered), r["log"]

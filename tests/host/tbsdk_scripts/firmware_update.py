@@ -38,6 +38,11 @@ emit("connected", subacks=connect(client))
 client.get_firmware_update()
 wait(lambda: len(received), 30, "the verified firmware")
 data, version = received.items[0]
+# A barrier before disconnecting: the SDK may hold the UPDATED report in its own send queue (its rate limits), and
+# sends in order; once this QoS 1 marker is acknowledged, the report before it was taken too.
+marker = client.send_telemetry({"sdk_script": "done"}, quality_of_service=1).message_info
+wait(lambda: all(info.is_published() for info in (marker if isinstance(marker, list) else [marker])), 30,
+     "the PUBACK of the marker sent after the UPDATED report")
 emit("firmware", version=version, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
      state=client.current_firmware_info)
 client.disconnect()
