@@ -115,10 +115,20 @@ def test_failure_falls_back_to_configured_credentials_and_saves_them():
 
 def test_failure_without_own_credentials_waits_long_and_retries():
     link = Link(provisions=[FAILURE, OK])
-    run(cfg_with(credentials_type="SERVER_GENERATED"), 1, link)
+    run(cfg_with(credentials_type="SERVER_GENERATED"), 2, link)
     eq(len(link.requests), 2)
     assert "credentialsType" not in link.requests[0] and "token" not in link.requests[0], link.requests[0]
     assert any(line.startswith("E ") and "delete the device greenhouse-7" in line for line in LINES), LINES
+    # Once connected again, the board puts what the operator was told on ThingsBoard, with its first telemetry only.
+    action = link.payloads[0]["values"]["operator_action"]
+    assert "operator_action" not in link.payloads[1]["values"], link.payloads
+    assert "FAILURE: Failed to provision device!" in action and "delete the device greenhouse-7" in action, action
+
+
+def test_no_operator_action_is_reported_when_nothing_was_asked():
+    link = Link(provisions=[OK])
+    run(cfg_with(), 2, link)
+    assert all("operator_action" not in p["values"] for p in link.payloads), link.payloads
 
 
 def test_no_answer_backs_off_and_retries():

@@ -62,6 +62,8 @@ class Device:
         self.creds = None  # kept in RAM once known, so reconnects touch neither flash nor provisioning
         self.unsaved = False  # creds came from config.json: saved once the server accepts them
         self.last_error = None
+        # What an operator was told to do (_OPERATOR), sent with the first telemetry once the board is connected again.
+        self.operator_action = None
         self.connected = False
         from tbfleet import builtin
 
@@ -145,8 +147,10 @@ class Device:
                       message)
             return LONG_WAIT_MS
         if status == "FAILURE":
-            log.error("provisioning failed (FAILURE: %s) and %s has no credentials of its own: %s", message,
-                      self.cfg.device_name, _OPERATOR % self.cfg.device_name)
+            name = self.cfg.device_name
+            self.operator_action = ("provisioning failed (FAILURE: %s) and %s has no credentials of its own: %s"
+                                    % (message, name, _OPERATOR % name))
+            log.error("%s", self.operator_action)
             return LONG_WAIT_MS
         log.warn("provisioning got %s: %s", status, message)
         return self.retry_ms()
@@ -157,8 +161,10 @@ class Device:
         # refusal may be the server's passing state.
         log.warn("server refused the credentials (%s %s), %d in a row", error.args[0], error.args[1], refusals)
         if self.unsaved:
-            log.error("the server refused the credentials of %s too (the device exists with others): %s",
-                      self.cfg.device_name, _OPERATOR % self.cfg.device_name)
+            name = self.cfg.device_name
+            self.operator_action = ("the server refused the credentials of %s too (the device exists with others): %s"
+                                    % (name, _OPERATOR % name))
+            log.error("%s", self.operator_action)
             return True
         return refusals >= 3
 

@@ -41,7 +41,11 @@ def serve(dev, max_messages):
         del net  # a local would keep the module alive for the whole loop
     link = dev.get_link()
     dev.next_at = time.ticks_add(time.ticks_ms(), int(dev.interval * 1000))
-    link.open(dev.creds, json.dumps(about()).encode(), payload(reading(dev)))
+    first = reading(dev)
+    if dev.operator_action:
+        first["operator_action"] = dev.operator_action  # what kept the board away: on ThingsBoard once it is back
+    link.open(dev.creds, json.dumps(about()).encode(), payload(first))
+    dev.operator_action = None
     dev.connected = True
     dev.sent += 1
     dev.accepted()  # credentials from config.json are saved now: they work
