@@ -20,7 +20,7 @@ from aiocoap import numbers
 from emulator_fixtures import CONFIG
 from host_tools.emulator import coap
 from host_tools.emulator.blockwise import Block
-from test_emulator_coap import TOKEN, Emulator, Udp, request, wire
+from test_emulator_coap import TOKEN, Emulator, Udp, request, udp, wire  # noqa: F401 - udp: a fixture
 
 Code = numbers.codes.Code
 IMAGE = bytes(range(256)) * 19 + b"end"  # 4867 bytes: five 1024-byte blocks, the last one short
@@ -46,15 +46,6 @@ def emu() -> Iterator[Emulator]:
         yield e
     finally:
         e.close()
-
-
-@pytest.fixture
-def udp(emu: Emulator) -> Iterator[Udp]:
-    u = Udp(emu.port)
-    try:
-        yield u
-    finally:
-        u.close()
 
 
 def root(emu: Emulator) -> str:
