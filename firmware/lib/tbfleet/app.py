@@ -13,9 +13,6 @@ RETRY_FIRST_MS = 1000  # first wait after a failure; doubles per failure, with j
 RETRY_CAP_MS = 300000
 LONG_WAIT_MS = 900000  # after NOT_FOUND or FAILURE: waiting will not help soon, a person has to act
 CRASH_FIRST_MS = 10000  # before the reset after an unexpected exception; doubles per crash in a row
-# What an operator must do when the server has a device this board has no working credentials for.
-_OPERATOR = ("on the server, delete the device %s, or reset its provisionState if it is pre-provisioned (or "
-             "pre-provision it, if its profile checks pre-provisioned devices); the board tries again in 15 minutes")
 
 
 def imported_since(loaded):
@@ -25,9 +22,9 @@ def imported_since(loaded):
 
 def unload_onboarding():
     # The one place the onboarding modules go, as a group (onboard.credentials lets store and provision go before
-    # the provisioning exchange too): the transport's exchange and the telemetry loop need their RAM (bench:
-    # without it every lifecycle needs about 6 KB more heap).
-    unload("onboard", "store", "provision")
+    # the provisioning exchange too), with the failure policy: the transport's exchange and the telemetry loop need
+    # their RAM (bench: without it every lifecycle needs about 6 KB more heap).
+    unload("onboard", "store", "provision", "policy")
 
 
 class Device:
@@ -127,7 +124,7 @@ class Device:
         self.ticked = now
         return self.up_ms
 
-    # -- the failure policy: override in a subclass to change it ------------------------------------------------------
+    # -- the failure policy: override in a subclass to change it (the defaults are in tbfleet.policy) -------------
 
     def retry_ms(self):
         # The wait before the next attempt: between half and all of the current delay, so that a fleet that lost
@@ -141,47 +138,26 @@ class Device:
 
     def on_provisioning_failed(self, status, message):
         # Provisioning gave no credentials. status: NOT_FOUND, FAILURE, NO_ANSWER, BAD_ANSWER (or another status
-        # the server sent); returns the ms to wait before provisioning again.
-        if status == "NOT_FOUND":
-            log.error("provisioning refused (NOT_FOUND: %s): check provision_key, provision_secret, the profile",
-                      message)
-            return LONG_WAIT_MS
-        if status == "FAILURE":
-            name = self.cfg.device_name
-            self.operator_action = ("provisioning failed (FAILURE: %s) and %s has no credentials of its own: %s"
-                                    % (message, name, _OPERATOR % name))
-            log.error("%s", self.operator_action)
-            return LONG_WAIT_MS
-        log.warn("provisioning got %s: %s", status, message)
-        return self.retry_ms()
+        # the server sent); returns the ms to wait before provisioning again. Default: LONG_WAIT_MS after NOT_FOUND
+        # and FAILURE (a person has to act: operator_action says what), retry_ms() after the others.
+        from tbfleet import policy
+
+        return policy.provisioning_failed(self, status, message)
 
     def on_refused(self, error, refusals):
-        # The server refused the credentials (error: Refused), `refusals` times in a row. True forgets them:
-        # config.json's at once, saved ones (set aside, so that the next attempt provisions again) after 3, as one
-        # refusal may be the server's passing state.
-        log.warn("server refused the credentials (%s %s), %d in a row", error.args[0], error.args[1], refusals)
-        if self.unsaved:
-            name = self.cfg.device_name
-            self.operator_action = ("the server refused the credentials of %s too (the device exists with others): %s"
-                                    % (name, _OPERATOR % name))
-            log.error("%s", self.operator_action)
-            return True
-        return refusals >= 3
+        # The server refused the credentials (error: Refused), `refusals` times in a row. True forgets them (saved
+        # ones are set aside, so that the next attempt provisions again). Default: config.json's at once (with
+        # operator_action), saved ones after 3, as one refusal may be the server's passing state.
+        from tbfleet import policy
+
+        return policy.refused(self, error, refusals)
 
     def on_error(self, error):
-        # What run does with an exception nothing else handled: log it; reset a board that can, raise elsewhere.
-        # A crash that comes back after every reset must not reset the board every few seconds for ever: the wait
-        # before the reset doubles with each crash in a row (counted in flash by board), up to LONG_WAIT_MS.
-        log.error("unexpected %s", log.describe(error))
-        from tbfleet import board
+        # What run does with an exception nothing else handled. Default: log it; reset a board that can (after a
+        # wait that doubles per crash in a row), raise elsewhere.
+        from tbfleet import policy
 
-        if not board.can_reset():
-            raise error
-        count = board.crashed()
-        wait_ms = min(CRASH_FIRST_MS << min(count - 1, 16), LONG_WAIT_MS)
-        log.error("crash %d in a row: resetting in %d ms", count, wait_ms)
-        time.sleep_ms(wait_ms)
-        board.reset()
+        policy.crashed(error)
 
     # -- the core ----------------------------------------------------------------------------------------------------
 
@@ -263,15 +239,16 @@ class Device:
         except Refused as e:
             self.refusals += 1
             self.last_error = log.describe(e)
-            if self.on_refused(e, self.refusals):
-                if not self.unsaved:
+            try:
+                forget = self.on_refused(e, self.refusals)
+                if forget and not self.unsaved:
                     from tbfleet import onboard
 
-                    try:
-                        onboard.discard("refused %d times in a row" % self.refusals)
-                    finally:
-                        del onboard
-                        unload_onboarding()
+                    onboard.discard("refused %d times in a row" % self.refusals)
+                    del onboard
+            finally:
+                unload_onboarding()  # the policy too, whatever it decided
+            if forget:
                 self.creds = None
                 self.refusals = 0
                 if self.unsaved:
