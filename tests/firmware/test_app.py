@@ -161,6 +161,23 @@ def test_two_refusals_then_success_keeps_credentials():
     eq(link.requests, [])
 
 
+def test_the_failure_policy_is_not_loaded_while_connected():
+    # tbfleet.policy (the on_* defaults) is loaded when a failure happens and goes before the next connect.
+    class Watching(Link):
+        def send_telemetry(self, payload):
+            self.loaded.append("tbfleet.policy" in sys.modules)
+            Link.send_telemetry(self, payload)
+
+    link = Watching(provisions=[NOT_FOUND, OK], opens=[Refused(5, "not authorized"), None])
+    link.loaded = []
+    eq(run(cfg_with(), 2, link), 2)
+    eq(len(link.requests), 2)
+    eq(link.loaded, [False, False])
+    assert "tbfleet.policy" not in sys.modules
+    assert any(line.startswith("E provisioning refused (NOT_FOUND") for line in LINES), LINES
+    assert any(line.startswith("W server refused the credentials (5 not authorized), 1 in a row") for line in LINES)
+
+
 def test_refused_on_send_counts_too():
     # HTTP and CoAP learn of revoked credentials only when telemetry is refused (401 / 4.01).
     cfg = cfg_with(transport="http")
