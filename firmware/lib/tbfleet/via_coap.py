@@ -1,8 +1,8 @@
 # ThingsBoard's device API over CoAP (UDP 5683): provisioning and telemetry as confirmable POSTs of JSON, with the
 # firmware's own compact RFC 7252 client: exponential retransmission, piggybacked and separate responses, duplicate
 # detection, a select.poll deadline on every wait, the whole exchange bounded by cfg.timeout; observations (RFC 7641)
-# of shared attributes and RPC. Client and adapter are one class; a request's message is built by _message and each
-# datagram read by _parse.
+# of shared attributes and RPC. Client and adapter are one class; a request's message is built by _message, each
+# datagram read by _parse, and what comes during a request is sorted out by Link._answer.
 import os
 import select
 import socket
@@ -210,6 +210,10 @@ class Link:
     def close(self):
         self._path = None
         self.observing = {}
+        self._drop_socket()
+
+    def _drop_socket(self):
+        # On close() and on a socket error: the next request makes a new socket and poller.
         if self.sock:
             self.sock.close()
             self.sock = self.poller = None
@@ -223,21 +227,13 @@ class Link:
         cfg = self.cfg
         try:
             if not self.sock:
-                addr = socket.getaddrinfo(cfg.host, cfg.port, 0, socket.SOCK_DGRAM)[0]
-                self.sock = socket.socket(addr[0], socket.SOCK_DGRAM)
-                self.sock.connect(addr[-1])
-                # Non-blocking: a readiness that turns out empty gives EAGAIN, never a wait without deadline.
-                self.sock.setblocking(False)
-                # One poller per socket, made before any message's buffers: a poller per wait is garbage for
-                # every message, and a long-lived object made among a message's buffers splits the free heap.
-                self.poller = select.poll()
-                self.poller.register(self.sock, select.POLLIN)
-            sock = self.sock
+                self._connect()
             self.mid = mid = (self.mid + 1) & 0xFFFF
             token = os.urandom(4)
             if observe:
                 self.observing[bytes(token)] = observe
             msg = _message(code, mid, token, path, payload, fmt, query, observe)
+            sock = self.sock
             wait = self.ack_ms + self.ack_ms * os.urandom(1)[0] // 510
             sent = 1
             acked = False
@@ -255,6 +251,7 @@ class Link:
                 if not acked:
                     left = max(0, min(left, time.ticks_diff(at, now)))
                 if not self.poller.poll(left):
+                    # Nothing came: retransmit when due, each time after twice the last wait (RFC 7252 4.2).
                     now = time.ticks_ms()
                     if acked or time.ticks_diff(at, now) > 0 or time.ticks_diff(end, now) <= 0:
                         continue  # not due yet, or the exchange is over (a poll that overslept)
@@ -272,46 +269,63 @@ class Link:
                     if e.errno == 11:
                         continue
                     raise
-                parsed = _parse(data)
-                if parsed is None:
+                answer = self._answer(data, mid, token)
+                if answer is None:
                     continue
-                kind, c, m, tok, body = parsed
-                if kind > 1:
-                    # ACK or RST, matched by message id: another id is a late answer to an earlier request.
-                    if m != mid:
-                        continue
-                    if kind == 3:
-                        raise NoAnswer("the server reset the request")
-                    if c == 0:
-                        if observe:
-                            return 0, b""
-                        # Empty ACK: the response follows separately, retransmission stops.
-                        acked = True
-                    elif tok == token:
-                        return c, body
-                    continue
-                # CON or NON: a separate response, matched by token, or a notification of an observation.
-                if kind == 0 and m in self.seen:
-                    sock.send(bytes((0x60, 0, data[2], data[3])))  # our ACK was lost: ACK again, do not process
-                    continue
-                if tok != token and self._notified(kind, c, m, tok, body):
-                    continue
-                if tok != token or c < 64:
-                    if kind == 0:
-                        sock.send(bytes((0x70, 0, data[2], data[3])))  # not ours, or a ping: reset
-                    continue
-                if kind == 0:
-                    sock.send(bytes((0x60, 0, data[2], data[3])))
-                self.seen.append(m)
-                if len(self.seen) > _SEEN:
-                    self.seen.pop(0)
-                return c, body
+                if answer[0] or observe:
+                    return answer
+                # The empty ACK: the response follows separately, retransmission stops.
+                acked = True
         except NoAnswer:
             raise
         except OSError as e:
             # 111: an ICMP port unreachable came back, nobody listens there. A new socket next time (the path
             # stays: the link is still open).
-            if self.sock:
-                self.sock.close()
-            self.sock = self.poller = None
+            self._drop_socket()
             raise NoAnswer("CoAP to %s:%d failed: %s" % (cfg.host, cfg.port, e))
+
+    def _connect(self):
+        # The socket to the server and its poller, both kept until _drop_socket.
+        addr = socket.getaddrinfo(self.cfg.host, self.cfg.port, 0, socket.SOCK_DGRAM)[0]
+        self.sock = socket.socket(addr[0], socket.SOCK_DGRAM)
+        self.sock.connect(addr[-1])
+        # Non-blocking: a readiness that turns out empty gives EAGAIN, never a wait without deadline.
+        self.sock.setblocking(False)
+        # One poller per socket, made before any message's buffers: a poller per wait is garbage for every
+        # message, and a long-lived object made among a message's buffers splits the free heap.
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
+
+    def _answer(self, data, mid, token):
+        # Takes one datagram read while message mid (with token) waits for its answer. Returns that answer (code,
+        # payload), (0, b"") for its empty ACK, or None for anything else: a late answer or garbage (ignored), a
+        # duplicate (acknowledged again), a notification (taken by _notified), a stranger's CON (reset).
+        parsed = _parse(data)
+        if parsed is None:
+            return None
+        kind, c, m, tok, body = parsed
+        if kind > 1:
+            # ACK or RST, matched by message id: another id is a late answer to an earlier request.
+            if m != mid:
+                return None
+            if kind == 3:
+                raise NoAnswer("the server reset the request")
+            if c == 0 or tok == token:  # the empty ACK, or the response piggybacked on the ACK
+                return c, body
+            return None
+        # CON or NON: a separate response, matched by token, or a notification of an observation.
+        if kind == 0 and m in self.seen:
+            self.sock.send(bytes((0x60, 0, data[2], data[3])))  # our ACK was lost: ACK again, do not process
+            return None
+        if tok != token and self._notified(kind, c, m, tok, body):
+            return None
+        if tok != token or c < 64:
+            if kind == 0:
+                self.sock.send(bytes((0x70, 0, data[2], data[3])))  # not ours, or a ping: reset
+            return None
+        if kind == 0:
+            self.sock.send(bytes((0x60, 0, data[2], data[3])))
+        self.seen.append(m)
+        if len(self.seen) > _SEEN:
+            self.seen.pop(0)
+        return c, body
