@@ -45,20 +45,17 @@ def send(method, host, port, path, body, ssl_ctx, timeout_ms, buf):
     tail = b"Connection: close\r\n\r\n" if body is None else (
         b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
     body = body or b""
-    mv = memoryview(buf)
     n = len(head) + len(tail)
+    # The request leaves in one write (Nagle's algorithm would hold back a second). It goes through buf when it
+    # fits: a block as large as the whole request is the one a busy heap most often lacks.
+    mv = memoryview(buf if n + len(body) <= len(buf) else bytearray(n + len(body)))
+    mv[:len(head)] = head
+    mv[len(head):n] = tail
+    mv[n:n + len(body)] = body
     at = tcp.deadline(timeout_ms)
     sock = tcp.connect(host, port, timeout_ms, ssl_ctx)
     try:
-        # The request leaves in one write (Nagle's algorithm would hold back a second). It goes through buf when it
-        # fits: a block as large as the whole request is the one a busy heap most often lacks.
-        if n + len(body) <= len(mv):
-            mv[:len(head)] = head
-            mv[len(head):n] = tail
-            mv[n:n + len(body)] = body
-            tcp.write_all(sock, mv[:n + len(body)], at)
-        else:
-            tcp.write_all(sock, head + tail + body, at)
+        tcp.write_all(sock, mv[:n + len(body)], at)
     except Exception:
         sock.close()
         raise
@@ -70,41 +67,58 @@ def answer(sock, at, buf, limit=_MAX_BODY):
     # at; the socket is closed.
     mv = memoryview(buf)
     try:
-        data = bytearray()  # received and not parsed yet; in state _BODY, the body from its first byte
-        out = bytearray()  # a chunked body, decoded
+        # The answer is parsed where it was read, in buf: each byte is copied out once, to the line or the body,
+        # where a copy of all that followed each line took blocks of up to 180 bytes (bench: the application
+        # lifecycle over HTTP needed 254 B less).
+        start = end = 0  # buf[start:end]: read and not parsed yet
+        raw = bytearray()  # the line being read, up to its LF
+        body = bytearray()  # the body as it arrives (a chunked one decoded)
         state = _STATUS
-        status = length = size = 0  # each set from the answer before its state reads it
+        # Each set from the answer before its state reads it. left: what is still to come of the body, or of the
+        # chunk being read; -1 for a body that ends with the stream.
+        status = left = 0
         while True:
             if state == _BODY:
-                if length > limit or length < 0 and len(data) > limit:
+                if left > limit or left < 0 and len(body) > limit:
                     raise BadAnswer("HTTP %s larger than %d bytes" % ("body", limit))
-                if 0 <= length <= len(data):
-                    return status, bytes(data[:length])  # bytes past Content-Length are not ours
-            elif state == _CHUNK:
-                n = min(size, len(data))
-                out += data[:n]
-                data = data[n:]
-                size -= n
-                if not size:
+                if not left:
+                    return status, bytes(body)  # bytes past Content-Length are not ours
+            if start == end:
+                # Only a body framed by the close may end with the stream.
+                end = tcp.read_some(sock, mv, at, state == _BODY and left < 0)
+                if not end:
+                    return status, bytes(body)
+                start = 0
+            if state == _BODY or state == _CHUNK:
+                n = end - start if left < 0 else min(left, end - start)
+                body += mv[start:start + n]
+                start += n
+                if left > 0:
+                    left -= n
+                if state == _CHUNK and not left:
                     state = _CRLF
-                    continue
             else:
-                j = data.find(10)  # LF
-                if j > _LINE_MAX or j < 0 and len(data) > _LINE_MAX:
+                j = buf.find(10, start, end)  # LF
+                n = end if j < 0 else j  # the end of what buf holds of the line
+                if len(raw) + n - start > _LINE_MAX:
                     raise BadAnswer("HTTP %s larger than %d bytes" % ("line", _LINE_MAX))
+                raw += mv[start:n]
+                start = n
                 if j >= 0:
+                    start = j + 1
+                    n = len(raw) - 1 if raw and raw[-1] == 13 else len(raw)  # CRLF, or a bare LF
                     try:
-                        line = str(data[:j - 1 if j and data[j - 1] == 13 else j], "utf-8")  # CRLF, or a bare LF
+                        line = str(memoryview(raw)[:n], "utf-8")
                     except UnicodeError:
-                        raise BadAnswer("bad HTTP %s: %r" % ("line", bytes(data[:j])))
-                    data = data[j + 1:]
+                        raise BadAnswer("bad HTTP %s: %r" % ("line", bytes(raw)))
+                    raw[:] = b""  # emptied in place, its room kept for the next line
                     if state == _STATUS:
                         # "HTTP/1.1 200 OK" or "HTTP/1.1 200": the code ends the line or a space follows it
                         if (len(line) < 12 or line[:7] != "HTTP/1." or line[8] != " " or line[12:13] not in " "
                                 or not line[9:12].isdigit()):
                             raise BadAnswer("bad HTTP %s: %r" % ("status", line))
                         status = int(line[9:12])
-                        length = -1  # no Content-Length
+                        left = -1  # no Content-Length: the body ends with the stream
                         chunked = False
                         state = _HEADER
                     elif state == _HEADER:
@@ -115,37 +129,31 @@ def answer(sock, at, buf, limit=_MAX_BODY):
                             if n <= 0 or name == "content-length" and not value.isdigit():
                                 raise BadAnswer("bad HTTP %s: %r" % ("header", line))
                             if name == "content-length":
-                                length = int(value)
+                                left = int(value)
                             elif name == "transfer-encoding":
                                 chunked = value.lower().endswith("chunked")
                         elif status < 200:
                             state = _STATUS  # 1xx: the answer's head follows
                         elif status == 204:
-                            return status, bytes(out)  # none
+                            return status, b""  # none
                         else:
                             state = _SIZE if chunked else _BODY
                     elif state == _SIZE:
                         try:
-                            size = int(line.split(";")[0], 16)  # chunk extensions are ignored
+                            left = int(line.split(";")[0], 16)  # chunk extensions are ignored
                         except ValueError:
-                            size = -1
-                        if size < 0:
+                            left = -1
+                        if left < 0:
                             raise BadAnswer("bad HTTP %s: %r" % ("chunk", line))
-                        if len(out) + size > limit:
+                        if len(body) + left > limit:
                             raise BadAnswer("HTTP %s larger than %d bytes" % ("body", limit))
-                        state = _CHUNK if size else _TRAILER
+                        state = _CHUNK if left else _TRAILER
                     elif state == _CRLF:
                         if line:
                             raise BadAnswer("bad HTTP %s: %r" % ("chunk", line))
                         state = _SIZE
                     elif not line:  # the empty line after the trailer fields
-                        return status, bytes(out)
-                    continue
-            # Only a body framed by the close may end with the stream.
-            n = tcp.read_some(sock, mv, at, state == _BODY and length < 0)
-            if not n:
-                return status, bytes(data)
-            data += mv[:n]
+                        return status, bytes(body)
     finally:
         sock.close()
 
@@ -187,19 +195,20 @@ class Link:
                 path += "%%%02X" % c
         self.path = path
         self.events = []
-        self.post("/attributes", hello)
-        status, body = self.exchange("GET", "/attributes", None)
-        self.check(status, body)
+        self.exchange("POST", "/attributes", hello)
+        body = self.exchange("GET", "/attributes", None)
         self.events.append(("current", None, body))
         self.send_telemetry(first)
 
     def exchange(self, method, feature, body):
-        # (status, body) of one request to this device's path + feature.
+        # The body of the answer to one request to this device's path + feature; Refused or Rejected unless the
+        # server answered 200.
         if self.path is None:
             raise ValueError("HTTP link not opened")
-        cfg = self.cfg
-        return request(method, cfg.host, cfg.port, self.path + feature, body, self.ctx, int(cfg.timeout * 1000),
-                       self.buf)
+        status, body = request(method, self.cfg.host, self.cfg.port, self.path + feature, body, self.ctx,
+                               int(self.cfg.timeout * 1000), self.buf)
+        self.check(status, body)
+        return body
 
     def check(self, status, body):
         if status == 401:
@@ -212,15 +221,12 @@ class Link:
                 text = ""
             raise Rejected(status, text or "HTTP %d" % status)
 
-    def post(self, feature, payload):
-        self.check(*self.exchange("POST", feature, payload))
-
     def send_telemetry(self, payload):
-        self.post("/telemetry", payload)
+        self.exchange("POST", "/telemetry", payload)
 
     def reply(self, rid, payload):
         # The reply to server-side RPC rid.
-        self.post("/rpc/%d" % rid, payload)
+        self.exchange("POST", "/rpc/%d" % rid, payload)
 
     def listen(self, ms):
         # Keeps a long poll open on rpc and one on attributes/updates (ThingsBoard answers each when something
@@ -233,7 +239,10 @@ class Link:
         for poll in list(self.polls):
             sock, feature, at = poll
             due = time.ticks_diff(time.ticks_ms(), at) > 0
-            if not due and not [1 for s, _ in ready if s is sock]:
+            readable = False
+            for s, _ in ready:
+                readable = readable or s is sock
+            if not (due or readable):
                 continue
             self.polls.remove(poll)
             self.poller.unregister(sock)
