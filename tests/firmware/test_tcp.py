@@ -1,4 +1,5 @@
 # The deadline helpers in tbfleet.tcp, over a scripted socket.
+import select
 import time
 
 from fakesock import FakeSocket, Stream
@@ -68,6 +69,17 @@ def test_waits_on_one_socket_share_one_poll_object():
     other.feed(b"c")
     tcp.read_exact(other, buf, tcp.deadline(100))
     assert tcp._poller is not poller and buf[0] == ord("c")
+
+
+def test_wait_without_deadline_gives_the_poll_object_for_the_callers_polls():
+    s = FakeSocket()
+    p = tcp.wait(s, select.POLLIN, None)
+    assert p is tcp._poller
+    eq(p.poll(0), [])
+    s.feed(b"x")
+    eq(len(p.poll(0)), 1)
+    tcp.write_all(s, b"y", tcp.deadline(100))  # its waits take the same object
+    assert tcp._poller is p
 
 
 def test_data_that_keeps_arriving_does_not_extend_the_deadline():
