@@ -156,6 +156,32 @@ def test_reconnecting_ends_the_old_session_cleanly():
     assert first.closed and c.sock is second
 
 
+def test_a_failed_connect_leaves_nothing_to_send():
+    # The CONNECT is put before the connection is made; when none can be made, it must not leave with the next packet.
+    c = client(None)
+
+    def refused(host, port, timeout_ms, ssl_ctx=None):
+        raise NoAnswer("cannot connect")
+
+    tcp.connect = refused
+    raises(NoAnswer, c.connect, "dev", None, None, False)
+    eq(c.out, 0)
+    s = scripted(CONNACK_OK)
+    client(s)
+    c.connect("dev", None, None, False)
+    eq(s.writes, [b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03dev"])
+
+
+def test_the_link_polls_with_the_poll_object_of_its_waits():
+    # One poll object per connection (tcp's), not one of the link's besides.
+    c, s = connected(b"\x40\x02\x00\x01")
+    poller = tcp._poller
+    c.listen(0)
+    c.publish("t", b"x", 1)
+    c.poll()
+    assert tcp._poller is poller and tcp._polled is s
+
+
 def test_publish_qos0_bytes_in_one_write():
     c, s = connected()
     c.publish("v1/devices/me/telemetry", b'{"t":21.5}', 0)
