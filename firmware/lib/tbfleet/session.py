@@ -96,7 +96,8 @@ def dispatch(dev):
         try:
             data = json.loads(body)
             if kind == "rpc":
-                answer(dev, data["id"] if rid is None else rid, data)
+                # The reply leaves from here, when answer's frame (on the heap) is gone (bench: HTTP 0.5 KB).
+                dev.link.reply(data["id"] if rid is None else rid, answer(dev, data))
             else:
                 if kind == "current":  # {"client": {...}, "shared": {...}}: the shared ones are ours
                     data = data.get("shared", {})
@@ -105,9 +106,9 @@ def dispatch(dev):
             log.warn("bad %s from the server: %s", kind, log.describe(e))
 
 
-def answer(dev, rid, request):
-    # Replies to RPC rid with its handler's return value (the built-in "status" unless the user has a handler of
-    # that name); {"error": ...} when there is no handler or it raised.
+def answer(dev, request):
+    # The reply (JSON bytes) to an RPC request: its handler's return value (the built-in "status" unless the user
+    # has a handler of that name); {"error": ...} when there is no handler or it raised.
     method = request.get("method")
     handler = dev.handlers.get(method)
     reply = error = None
@@ -131,7 +132,7 @@ def answer(dev, rid, request):
             error = log.describe(e)
     if error is not None:
         reply = json.dumps({"error": error})
-    dev.link.reply(rid, str(reply).encode())
+    return str(reply).encode()
 
 
 def changed(dev, values):

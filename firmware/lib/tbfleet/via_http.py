@@ -205,8 +205,10 @@ class Link:
         # server answered 200.
         if self.path is None:
             raise ValueError("HTTP link not opened")
-        status, body = request(method, self.cfg.host, self.cfg.port, self.path + feature, body, self.ctx,
-                               int(self.cfg.timeout * 1000), self.buf)
+        # send and answer, not request: one frame fewer on the heap under every exchange (bench: HTTP 0.5 KB).
+        ms = int(self.cfg.timeout * 1000)
+        sock = send(method, self.cfg.host, self.cfg.port, self.path + feature, body, self.ctx, ms, self.buf)
+        status, body = answer(sock, tcp.deadline(ms), self.buf)
         self.check(status, body)
         return body
 
