@@ -173,11 +173,12 @@ class Link:
             ctx = tls.context(cfg)
         # Where each request goes, as send takes it: in one argument, so that exchange keeps within 11 slots and
         # its frame off the heap (bench: HTTP application lifecycle 0.15-0.3 KB less).
-        self.to = (cfg.host, cfg.port, ctx, int(cfg.timeout * 1000), self.buf)
+        self.ms = int(cfg.timeout * 1000)  # the time each network wait may take
+        self.to = (cfg.host, cfg.port, ctx, self.ms, self.buf)
 
     def provision(self, payload):
         sock = send("POST", "/api/v1/provision", payload, self.to)
-        status, body = answer(sock, tcp.deadline(self.to[3]), self.buf)
+        status, body = answer(sock, tcp.deadline(self.ms), self.buf)
         # ThingsBoard answers 200 for SUCCESS, NOT_FOUND and FAILURE alike: the caller reads "status".
         if status != 200:
             raise BadAnswer("%s: %r" % ("HTTP %d" % status, body[:60]))  # "provisioning got BAD_ANSWER: HTTP 500: ..."
@@ -210,7 +211,7 @@ class Link:
             raise ValueError("HTTP link not opened")
         # send and answer, not request: one frame fewer on the heap under every exchange (bench: HTTP 0.5 KB). The
         # answer's deadline starts once send returned.
-        status, body = answer(send(method, self.path + feature, body, self.to), tcp.deadline(self.to[3]), self.buf)
+        status, body = answer(send(method, self.path + feature, body, self.to), tcp.deadline(self.ms), self.buf)
         self.check(status, body)
         return body
 
@@ -254,7 +255,7 @@ class Link:
             if due:
                 sock.close()  # the server never answered: a connection lost without a word
             else:
-                status, body = answer(sock, tcp.deadline(self.to[3]), self.buf)
+                status, body = answer(sock, tcp.deadline(self.ms), self.buf)
                 if status == 200:
                     self.events.append(("rpc" if feature == "/rpc" else "attributes", None, body))
                 elif status != 408:  # 408: nothing came in time
@@ -264,7 +265,7 @@ class Link:
     def poll(self, feature):
         # Opens a long poll of feature, answered within _POLL_MS by the server.
         sock = send("GET", "%s%s?timeout=%d" % (self.path, feature, _POLL_MS), None, self.to)
-        self.polls.append([sock, feature, tcp.deadline(_POLL_MS + self.to[3])])
+        self.polls.append([sock, feature, tcp.deadline(_POLL_MS + self.ms)])
         self.poller.register(sock, select.POLLIN)
 
     def close(self):
