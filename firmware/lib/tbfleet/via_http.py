@@ -181,7 +181,7 @@ class Link:
         status, body = answer(sock, tcp.deadline(self.ms), self.buf)
         # ThingsBoard answers 200 for SUCCESS, NOT_FOUND and FAILURE alike: the caller reads "status".
         if status != 200:
-            raise BadAnswer("%s: %r" % ("HTTP %d" % status, body[:60]))  # "provisioning got BAD_ANSWER: HTTP 500: ..."
+            raise BadAnswer("HTTP %d: %r" % (status, body[:60]))
         return body
 
     def open(self, creds, hello, first):
@@ -247,7 +247,8 @@ class Link:
             due = time.ticks_diff(time.ticks_ms(), at) > 0
             readable = False
             for s, _ in ready:
-                readable = readable or s is sock
+                if s is sock:
+                    readable = True
             if not (due or readable):
                 continue
             self.polls.remove(poll)
