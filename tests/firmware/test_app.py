@@ -379,6 +379,27 @@ def test_an_unexpected_exception_resets_after_a_wait_that_doubles_per_crash_in_a
         app.CRASH_FIRST_MS, app.LONG_WAIT_MS = first, 5
 
 
+def test_a_policy_override_that_fails_goes_to_on_error_and_one_that_returns_lets_the_board_go_on():
+    # on_refused raises: on_error gets that exception; this on_error returns instead of resetting, and the board
+    # goes on after retry_ms(): the next pass connects.
+    class Mine(app.Device):
+        def on_refused(self, error, refusals):
+            raise KeyError("policy bug")
+
+        def on_error(self, error):
+            self.errors.append(repr(error))
+
+    cfg = cfg_with()
+    run(cfg, 0, Link(provisions=[OK]))
+    link = Link(opens=[Refused(5, "not authorized"), NoAnswer("no answer in time")])
+    dev = Mine(cfg, link)
+    dev.errors = []
+    eq(dev.run(1), 1)
+    eq(dev.errors, ["KeyError('policy bug',)"])
+    eq(len(link.opened), 3)  # the refusal, the transient failure, the pass that sent
+    assert any(line.startswith("W NoAnswer: no answer in time") for line in LINES)
+
+
 class PowerCut(BaseException):
     pass
 

@@ -36,10 +36,16 @@ def client(sock, on_message=None, config=Cfg, **kw):
     return c
 
 
+def connect(c, client_id, username, password, client_cert):
+    # A session opened the client's way: the CONNECT put, then written with the connection's opening.
+    c.put_connect(client_id, username, password)
+    c.handshake(client_cert)
+
+
 def connected(*replies, **kw):
     s = scripted(CONNACK_OK, *replies)
     c = client(s, **kw)
-    c.connect("dev-1", None, None, False)
+    connect(c, "dev-1", None, None, False)
     return c, s
 
 
@@ -52,7 +58,7 @@ def elapsed_ms(fn, *args):
 def test_connect_with_username_and_password():
     s = scripted(CONNACK_OK)
     c = client(s, keepalive=60)
-    c.connect("dev-1", "alice", "s3cret", False)
+    connect(c, "dev-1", "alice", "s3cret", False)
     eq(c.seen, [("tb.example", 1883, 200, None)])
     eq(s.writes, [b"\x10\x20\x00\x04MQTT\x04\xc2\x00\x3c\x00\x05dev-1\x00\x05alice\x00\x06s3cret"])
     assert c.sock is not None
@@ -60,35 +66,35 @@ def test_connect_with_username_and_password():
 
 def test_connect_with_username_only():
     s = scripted(CONNACK_OK)
-    client(s, keepalive=30).connect("esp32-a1", "A1_TEST_TOKEN", None, False)
+    connect(client(s, keepalive=30), "esp32-a1", "A1_TEST_TOKEN", None, False)
     eq(s.writes, [b"\x10\x23\x00\x04MQTT\x04\x82\x00\x1e\x00\x08esp32-a1\x00\x0dA1_TEST_TOKEN"])
 
 
 def test_connect_without_username_or_password():
     s = scripted(CONNACK_OK)
-    client(s, keepalive=0).connect("dev-1", None, None, False)
+    connect(client(s, keepalive=0), "dev-1", None, None, False)
     eq(s.writes, [b"\x10\x11\x00\x04MQTT\x04\x02\x00\x00\x00\x05dev-1"])
 
 
 def test_connect_with_empty_client_id_and_empty_password_present():
     # None is absent; an empty string is sent as a present, zero-length field.
     s = scripted(CONNACK_OK)
-    client(s, keepalive=60).connect("", "user", "", False)
+    connect(client(s, keepalive=60), "", "user", "", False)
     eq(s.writes, [b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x04user\x00\x00"])
 
 
 def test_bad_connect_fields_are_refused_before_connecting():
     s = scripted(CONNACK_OK)
     c = client(s)
-    e = raises(ValueError, c.connect, "dev", None, "pw", False)
+    e = raises(ValueError, connect, c, "dev", None, "pw", False)
     assert "password" in str(e)
-    e = raises(ValueError, c.connect, "dev", "u" * 65536, None, False)
+    e = raises(ValueError, connect, c, "dev", "u" * 65536, None, False)
     eq(str(e), "too long: 65536 bytes")
     # The limit is on UTF-8 bytes, not characters: 32768 two-byte characters are one byte too many.
-    e = raises(ValueError, c.connect, "dev", "\u00e9" * 32768, None, False)
+    e = raises(ValueError, connect, c, "dev", "\u00e9" * 32768, None, False)
     eq(str(e), "too long: 65536 bytes")
     eq(s.writes, [])
-    c.connect("dev", "\u00e9" * 32767, None, False)
+    connect(c, "dev", "\u00e9" * 32767, None, False)
     eq(len(s.writes[0]), 1 + 3 + 10 + 5 + 2 + 65534)
 
 
@@ -103,7 +109,7 @@ def test_connack_refusals_have_names():
     for code, name in names.items():
         s = scripted(b"\x20\x02\x00" + bytes([code]))
         c = client(s)
-        e = raises(Refused, c.connect, "dev", "WRONG_TOKEN", None, False)
+        e = raises(Refused, connect, c, "dev", "WRONG_TOKEN", None, False)
         eq(e.args, (code, name))
         assert s.closed and c.sock is None
 
@@ -112,7 +118,7 @@ def test_connack_unknown_code_or_bad_length_is_bad_answer():
     for connack in (b"\x20\x02\x00\x06", b"\x20\x03\x00\x00\x00"):
         s = scripted(connack)
         c = client(s)
-        e = raises(BadAnswer, c.connect, "dev", None, None, False)
+        e = raises(BadAnswer, connect, c, "dev", None, None, False)
         eq(str(e), "bad packet 0x20")
         assert s.closed and c.sock is None
 
@@ -120,7 +126,7 @@ def test_connack_unknown_code_or_bad_length_is_bad_answer():
 def test_first_packet_not_connack_is_bad_answer():
     got = []
     s = scripted(b"\x32\x07\x00\x01ab\x00\x01x")
-    raises(BadAnswer, client(s, on_message=lambda t, p: got.append(t)).connect, "dev", None, None, False)
+    raises(BadAnswer, connect, client(s, on_message=lambda t, p: got.append(t)), "dev", None, None, False)
     assert s.closed
     eq(got, [])
     eq(len(s.writes), 1)  # not acknowledged either
@@ -129,7 +135,7 @@ def test_first_packet_not_connack_is_bad_answer():
 def test_silent_server_is_no_answer_at_the_deadline():
     s = scripted()
     c = client(s, timeout=0.06)
-    e, took = elapsed_ms(c.connect, "dev", None, None, False)
+    e, took = elapsed_ms(connect, c, "dev", None, None, False)
     eq(str(e), "no answer in time")
     assert 50 <= took < 1000, took
     assert s.closed and c.sock is None
@@ -139,7 +145,7 @@ def test_server_closing_before_connack_is_no_answer_at_once():
     s = scripted()
     s.hang_up()
     c = client(s, timeout=5)
-    e, took = elapsed_ms(c.connect, "dev", None, None, False)
+    e, took = elapsed_ms(connect, c, "dev", None, None, False)
     eq(str(e), "connection closed")
     assert took < 1000, took
     assert s.closed
@@ -148,10 +154,10 @@ def test_server_closing_before_connack_is_no_answer_at_once():
 def test_reconnecting_ends_the_old_session_cleanly():
     first = scripted(CONNACK_OK)
     c = client(first)
-    c.connect("dev", None, None, False)
+    connect(c, "dev", None, None, False)
     second = scripted(CONNACK_OK)
     client(second)  # the next tcp.connect returns the second socket
-    c.connect("dev", None, None, False)
+    connect(c, "dev", None, None, False)
     eq(first.writes[1:], [b"\xe0\x00"])
     assert first.closed and c.sock is second
 
@@ -164,11 +170,11 @@ def test_a_failed_connect_leaves_nothing_to_send():
         raise NoAnswer("cannot connect")
 
     tcp.connect = refused
-    raises(NoAnswer, c.connect, "dev", None, None, False)
+    raises(NoAnswer, connect, c, "dev", None, None, False)
     eq(c.out, 0)
     s = scripted(CONNACK_OK)
     client(s)
-    c.connect("dev", None, None, False)
+    connect(c, "dev", None, None, False)
     eq(s.writes, [b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03dev"])
 
 
@@ -178,7 +184,7 @@ def test_the_link_polls_with_the_poll_object_of_its_waits():
     poller = tcp._poller
     c.listen(0)
     c.publish("t", b"x", 1)
-    c.poll()
+    c.listen()
     assert tcp._poller is poller and tcp._polled is s
 
 
@@ -256,7 +262,7 @@ def test_a_close_seen_elsewhere_is_no_answer():
     c, s = connected(timeout=5)
     s.hang_up()
     c.publish("t", b"x", 0)  # QoS 0: the write still succeeds and nothing is awaited
-    e = raises(NoAnswer, c.poll)
+    e = raises(NoAnswer, c.listen)
     eq(str(e), "connection closed")
     assert s.closed and c.sock is None
 
@@ -291,7 +297,7 @@ def test_incoming_publish_at_length_boundaries():
     for size, head in ((127, b"\x30\x7f"), (128, b"\x30\x80\x01"), (16383, b"\x30\xff\x7f"),
                        (16384, b"\x30\x80\x80\x01")):
         s.feed(head + b"\x00\x01t" + b"q" * (size - 3))
-        c.poll()
+        c.listen()
     eq([len(p) for p in got], [124, 125, 16380, 16381])
 
 
@@ -303,7 +309,7 @@ def test_one_buffer_for_every_packet_grows_only_when_needed():
     c.publish("t", b"b" * 300, 1)
     assert c.buf is buf
     s.feed(b"\x30\x84\x04\x00\x01t" + b"z" * 513)
-    c.poll()
+    c.listen()
     assert c.buf is not buf and len(c.buf) == 516
     buf = c.buf
     c.publish("t", b"c" * 500, 0)
@@ -316,7 +322,7 @@ def test_poll_acknowledges_incoming_qos1_publish():
     got = []
     c, s = connected(on_message=lambda t, p: got.append((t, p)))
     s.feed(b"\x32\x2e\x00\x1cv1/devices/me/rpc/request/42\xbe\xef{\"method\":\"x\"}")
-    c.poll()
+    c.listen()
     eq(got, [(b"v1/devices/me/rpc/request/42", b'{"method":"x"}')])
     eq(s.writes[1:], [b"\x40\x02\xbe\xef"])
 
@@ -324,27 +330,27 @@ def test_poll_acknowledges_incoming_qos1_publish():
 def test_pushes_nobody_waits_for_are_acknowledged_and_dropped():
     c, s = connected()
     s.feed(b"\x32\x06\x00\x01t\x00\x09x" + b"\x30\x04\x00\x01ty")
-    c.poll()
+    c.listen()
     eq(s.writes[1:], [b"\x40\x02\x00\x09"])
     eq(s.inbox, b"")
 
 
 def test_poll_pings_when_half_the_keepalive_passed():
     c, s = connected(b"\xd0\x00", keepalive=1)
-    c.poll()
+    c.listen()
     eq(len(s.writes), 1)  # nothing due yet
     time.sleep_ms(520)
-    c.poll()  # PINGREQ, and its PINGRESP (fed after the PINGREQ) read in the same call
+    c.listen()  # PINGREQ, and its PINGRESP (fed after the PINGREQ) read in the same call
     eq(s.writes[1:], [b"\xc0\x00"])
     eq(s.inbox, b"")
-    c.poll()
+    c.listen()
     eq(len(s.writes), 2)  # the PINGREQ counts as a packet from us: the next is half a keep-alive away
 
 
 def test_keepalive_zero_never_pings():
     c, s = connected(keepalive=0)
     c._last_tx = time.ticks_add(time.ticks_ms(), -100000)
-    c.poll()
+    c.listen()
     eq(len(s.writes), 1)
 
 
@@ -352,7 +358,7 @@ def test_ping_handles_other_packets_until_the_pingresp():
     got = []
     c, s = connected(b"\x30\x04\x00\x01tx\xd0\x00", keepalive=1, on_message=lambda t, p: got.append(p))
     time.sleep_ms(510)
-    c.poll()
+    c.listen()
     eq(got, [b"x"])
     eq(s.inbox, b"")
 
@@ -360,7 +366,7 @@ def test_ping_handles_other_packets_until_the_pingresp():
 def test_poll_without_pingresp_is_no_answer_and_closes():
     c, s = connected(None, keepalive=1, timeout=0.05)
     time.sleep_ms(510)
-    e, took = elapsed_ms(c.poll)
+    e, took = elapsed_ms(c.listen)
     assert 40 <= took < 1000, took
     assert s.closed and c.sock is None
     eq(s.writes[1:], [b"\xc0\x00"])
@@ -369,7 +375,7 @@ def test_poll_without_pingresp_is_no_answer_and_closes():
 def test_poll_sees_a_closed_connection():
     c, s = connected()
     s.hang_up()
-    raises(NoAnswer, c.poll)
+    raises(NoAnswer, c.listen)
     assert s.closed and c.sock is None
 
 
@@ -393,7 +399,7 @@ def test_close_never_raises_on_a_dead_socket():
 def garbage_case(data, **kw):
     c, s = connected(**kw)
     s.feed(data)
-    e = raises(BadAnswer, c.poll)
+    e = raises(BadAnswer, c.listen)
     assert s.closed and c.sock is None
     return str(e)
 
@@ -434,7 +440,7 @@ def test_publish_shorter_than_its_topic_is_bad_answer():
 def test_stray_connack_unsuback_and_pingresp_are_dropped():
     c, s = connected()
     s.feed(b"\x20\x02\x00\x00\xb0\x02\x00\x09\xd0\x00")
-    c.poll()
+    c.listen()
     eq(s.inbox, b"")
     assert c.sock is not None
     eq(len(s.writes), 1)
@@ -444,7 +450,7 @@ def test_every_packet_is_one_write():
     c, s = connected(b"\x40\x02\x00\x01", b"\xd0\x00", keepalive=1)
     c.publish("v1/devices/me/telemetry", b'{"ts":1732300000000,"values":{"uptime":5}}', 1)
     time.sleep_ms(510)
-    c.poll()
+    c.listen()
     c.close()
     eq([w[0] for w in s.writes], [0x10, 0x32, 0xC0, 0xE0])
     eq([len(w) for w in s.writes], [19, 71, 2, 2])
@@ -453,7 +459,7 @@ def test_every_packet_is_one_write():
 def test_operations_after_close_are_no_answer():
     c, s = connected()
     c.close()
-    for fn, args in ((c.publish, ("t", b"x", 0)), (c.poll, ()), (c.wait, (0,))):
+    for fn, args in ((c.publish, ("t", b"x", 0)), (c.listen, ()), (c.wait, (0,))):
         eq(str(raises(NoAnswer, fn, *args)), "not connected")
 
 

@@ -249,10 +249,10 @@ def test_poll_acknowledges_pushes_and_keeps_alive():
     lk = link(s, keepalive=1)
     open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     s.feed(publish(b"v1/devices/me/attributes", b'{"interval":5}', 7))
-    lk.poll()
+    lk.listen()
     eq(s.writes[1:], [b"\x40\x02\x00\x07"])
     time.sleep_ms(520)
-    lk.poll()
+    lk.listen()
     eq(s.writes[2:], [b"\xc0\x00"])
     eq(s.inbox, b"")
 
@@ -270,7 +270,7 @@ def test_close_disconnects_once_and_never_raises():
     open_link(lk, {"type": "ACCESS_TOKEN", "token": "tok"})
     s2.closed = True  # the socket is already dead: writing raises OSError
     lk.close()
-    raises(NoAnswer, lk.poll)
+    raises(NoAnswer, lk.listen)
 
 
 def test_rpc_and_push_in_the_middle_of_a_qos1_exchange_wait_for_the_device():

@@ -61,9 +61,10 @@ creds = run["creds"]
 try:
     # The client alone (Link.open adds ThingsBoard's subscriptions and requests, which mosquitto does not answer).
     if creds["type"] == "MQTT_BASIC":
-        link.connect(creds["client_id"], creds["username"] or None, creds["password"] or None, False)
+        link.put_connect(creds["client_id"], creds["username"] or None, creds["password"] or None)
     else:
-        link.connect(cfg.device_name, None, None, True)
+        link.put_connect(cfg.device_name, None, None)
+    link.handshake(creds["type"] == "X509_CERTIFICATE")
 except Refused as e:
     out["refused"] = list(e.args)
 except Exception as e:

@@ -15,8 +15,9 @@ from tbfleet import __version__, log, unload
 _LISTEN_MS = const(1000)  # the longest single wait for the server between messages
 # ESP32 counts time from 2000, ThingsBoard from 1970.
 _EPOCH_2000_S = const(946684800)
-# Before this (2024-01-01) the clock has not been set: let the server stamp the data instead of sending 2000-01-01.
-_CLOCK_SET_AFTER_S = const(1704067200)
+# Before this (2024-01-01, in seconds since 2000) the clock has not been set: let the server stamp the data instead
+# of sending 2000-01-01.
+_CLOCK_SET_AFTER_S = const(757382400)
 
 
 def about():
@@ -26,9 +27,27 @@ def about():
 
 
 def serve(dev, max_messages):
-    # Connects (the client attributes, the request for the current shared attributes and the first telemetry go
-    # with it), then sends every dev.interval seconds and handles what the server sends in between, until dev.sent
-    # reaches max_messages (None: for ever).
+    # Connects, then sends every dev.interval seconds and handles what the server sends in between, until dev.sent
+    # reaches max_messages (None: for ever). connect is a function of its own, and this loop keeps to few locals,
+    # so that neither frame needs more than 11 slots: a larger one goes on the heap, under everything the connection
+    # does (bench: 0.2 KB less heap for every transport).
+    connect(dev)
+    while max_messages is None or dev.sent < max_messages:
+        # Between messages, and at least once per message (an interval of 0 leaves no time between them).
+        wait_ms = time.ticks_diff(dev.next_at, time.ticks_ms())
+        dev.link.listen(min(max(wait_ms, 0), _LISTEN_MS))
+        dispatch(dev)
+        if time.ticks_diff(dev.next_at, time.ticks_ms()) > 0:
+            continue
+        # Behind schedule, the next message goes now, without catching up.
+        dev.next_at = time.ticks_add(time.ticks_ms(), int(dev.interval * 1000))
+        send(dev, reading(dev))
+        log.info("telemetry %d sent", dev.sent)
+
+
+def connect(dev):
+    # Opens dev's link: the client attributes, the request for the current shared attributes and the first
+    # telemetry go with the connect.
     cfg = dev.cfg
     if "rssi" in cfg.sensors and cfg.wifi_ssid:
         from tbfleet import net
@@ -38,13 +57,13 @@ def serve(dev, max_messages):
             dev.rssi = net.rssi
         else:
             unload("net")
-        del net  # a local would keep the module alive for the whole loop
+        del net  # a local would keep the module alive while connected
     link = dev.get_link()
     dev.next_at = time.ticks_add(time.ticks_ms(), int(dev.interval * 1000))
-    first = reading(dev)
-    if dev.operator_action:
-        first["operator_action"] = dev.operator_action  # what kept the board away: on ThingsBoard once it is back
-    link.open(dev.creds, json.dumps(about()).encode(), payload(first))
+    # In a statement of its own, so that the values are garbage while open waits for the server: only their JSON
+    # goes on (bench: the MQTT application lifecycle needs 0.25 KB less heap).
+    first = payload(reading(dev))
+    link.open(dev.creds, json.dumps(about()).encode(), first)
     dev.operator_action = None
     dev.connected = True
     dev.sent += 1
@@ -52,16 +71,6 @@ def serve(dev, max_messages):
     log.info("connected to %s:%d as %s", cfg.host, cfg.port, cfg.device_name)
     log.info("telemetry %d sent", dev.sent)
     dispatch(dev)
-    while max_messages is None or dev.sent < max_messages:
-        # Between messages, and at least once per message (an interval of 0 leaves no time between them).
-        link.listen(max(0, min(time.ticks_diff(dev.next_at, time.ticks_ms()), _LISTEN_MS)))
-        dispatch(dev)
-        if time.ticks_diff(dev.next_at, time.ticks_ms()) > 0:
-            continue
-        # Behind schedule, the next message goes now, without catching up.
-        dev.next_at = time.ticks_add(time.ticks_ms(), int(dev.interval * 1000))
-        send(dev, reading(dev))
-        log.info("telemetry %d sent", dev.sent)
 
 
 def send(dev, values):
@@ -72,13 +81,16 @@ def send(dev, values):
 
 
 def reading(dev):
-    # The built-in sensors' values joined by every @telemetry function's; one that raises is logged and left out.
+    # The built-in sensors' values joined by every @telemetry function's (one that raises is logged and left out),
+    # and what an operator was told to do, until a connection took it.
     values = sensors(dev, dev.rssi)
     for fn in dev.readers:
         try:
             values.update(fn())
         except Exception as e:  # noqa: BLE001 - the user's code must not stop the board
             log.error("telemetry %s: %s", fn.__name__, log.describe(e))
+    if dev.operator_action:
+        values["operator_action"] = dev.operator_action  # what kept the board away: on ThingsBoard once it is back
     return values
 
 
@@ -154,13 +166,14 @@ def changed(dev, values):
 
 def now_ms(epoch_year):
     # Milliseconds since 1970, or None while the board's clock is unset. epoch_year: the year this port's
-    # clock counts from, time.gmtime(0)[0] (2000 on ESP32).
-    ms = time.time_ns() // 1000000
-    if epoch_year == 2000:
-        ms += _EPOCH_2000_S * 1000
-    if ms < _CLOCK_SET_AFTER_S * 1000:
+    # clock counts from, time.gmtime(0)[0] (2000 on ESP32). Compared in seconds since 2000: milliseconds since 1970
+    # are no small int, and each such constant would be an object in RAM.
+    s, ms = divmod(time.time_ns() // 1000000, 1000)
+    if epoch_year != 2000:
+        s -= _EPOCH_2000_S
+    if s < _CLOCK_SET_AFTER_S:
         return None
-    return ms
+    return (s + _EPOCH_2000_S) * 1000 + ms
 
 
 def sensors(dev, rssi=None):
@@ -182,7 +195,7 @@ def sensors(dev, rssi=None):
 
                 sensor = getattr(esp32, "mcu_temperature", None)
                 # The original ESP32 has only raw_temperature, in degrees Fahrenheit.
-                value = sensor() if sensor else round((esp32.raw_temperature() - 32) / 1.8, 1)
+                value = sensor() if sensor else round((esp32.raw_temperature() - 32) * 5 / 9, 1)
             except (ImportError, AttributeError):
                 value = None
         if value is not None:
