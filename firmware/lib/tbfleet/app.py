@@ -109,7 +109,7 @@ class Device:
         # Provision when needed, connect, send and listen for ever (max_messages: return once that many were sent,
         # with their count). What ends a pass goes to failed, which says how long to wait before the next. The
         # waits are inside the try, and run is the one frame with an exception handler under a pass: such a frame
-        # goes on the heap (bench: 0.3 KB less heap for every transport than with one in each pass).
+        # goes on the heap, as a pass's own did (288 bytes while every pass ran).
         wait_ms = 0
         while True:
             try:

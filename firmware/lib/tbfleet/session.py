@@ -30,7 +30,7 @@ def serve(dev, max_messages):
     # Connects, then sends every dev.interval seconds and handles what the server sends in between, until dev.sent
     # reaches max_messages (None: for ever). connect is a function of its own, and this loop keeps to few locals,
     # so that neither frame needs more than 11 slots: a larger one goes on the heap, under everything the connection
-    # does (bench: 0.2 KB less heap for every transport).
+    # does (serve's took 192 bytes).
     connect(dev)
     while max_messages is None or dev.sent < max_messages:
         # Between messages, and at least once per message (an interval of 0 leaves no time between them).
