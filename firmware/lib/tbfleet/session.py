@@ -15,9 +15,8 @@ from tbfleet import __version__, log, unload
 _LISTEN_MS = const(1000)  # the longest single wait for the server between messages
 # ESP32 counts time from 2000, ThingsBoard from 1970.
 _EPOCH_2000_S = const(946684800)
-# Before this (2024-01-01, in seconds since 2000) the clock has not been set: let the server stamp the data instead
-# of sending 2000-01-01.
-_CLOCK_SET_AFTER_S = const(757382400)
+# Before this (2024-01-01) the clock has not been set: let the server stamp the data instead of sending 2000-01-01.
+_CLOCK_SET_AFTER_S = const(1704067200)
 
 
 def about():
@@ -166,14 +165,13 @@ def changed(dev, values):
 
 def now_ms(epoch_year):
     # Milliseconds since 1970, or None while the board's clock is unset. epoch_year: the year this port's
-    # clock counts from, time.gmtime(0)[0] (2000 on ESP32). Compared in seconds since 2000: milliseconds since 1970
-    # are no small int, and each such constant would be an object in RAM.
-    s, ms = divmod(time.time_ns() // 1000000, 1000)
-    if epoch_year != 2000:
-        s -= _EPOCH_2000_S
-    if s < _CLOCK_SET_AFTER_S:
+    # clock counts from, time.gmtime(0)[0] (2000 on ESP32).
+    ms = time.time_ns() // 1000000
+    if epoch_year == 2000:
+        ms += _EPOCH_2000_S * 1000
+    if ms < _CLOCK_SET_AFTER_S * 1000:
         return None
-    return (s + _EPOCH_2000_S) * 1000 + ms
+    return ms
 
 
 def sensors(dev, rssi=None):

@@ -75,7 +75,7 @@ def read_some(sock, buf, at, eof_ok=False):
         except OSError as e:
             if e.errno == 11:  # EAGAIN: TLS record not complete yet
                 continue
-            raise NoAnswer("%s failed: %s" % ("read", e))
+            raise NoAnswer("read failed: %s" % e)
         if n is None:
             continue
         if n == 0 and not eof_ok:
@@ -104,7 +104,7 @@ def write_all(sock, data, at):
         except OSError as e:
             if e.errno == 11:
                 continue
-            raise NoAnswer("%s failed: %s" % ("write", e))
+            raise NoAnswer("write failed: %s" % e)
         except ValueError as e:
             # MicroPython's TLS raises ValueError when the server's certificate fails verification (its text
             # spread over lines: one line for the log).
