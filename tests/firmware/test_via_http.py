@@ -35,23 +35,23 @@ CURRENT = b'HTTP/1.1 200 \r\nContent-Length: 23\r\n\r\n{"shared":{"led":true}}'
 
 
 def opened(token, *answers):
-    # A Link opened with token (client attributes, the current shared ones and the first telemetry exchanged),
+    # A Link opened with token (client attributes, the first telemetry and the current shared ones exchanged),
     # whose next connections answer with answers; returns (link, list of the requests after open's three).
-    link, sent = link_answering(OK, CURRENT, OK, *answers)
+    link, sent = link_answering(OK, OK, CURRENT, *answers)
     link.open({"type": "ACCESS_TOKEN", "token": token}, b'{"fw":"1"}', b'{"t":0}')
     eq(len(sent), 3)
     del sent[:]
     return link, sent
 
 
-def test_open_sends_client_attributes_gets_shared_ones_and_sends_first_telemetry():
-    link, sent = link_answering(OK, CURRENT, OK)
+def test_open_sends_client_attributes_and_first_telemetry_then_gets_shared_ones():
+    link, sent = link_answering(OK, OK, CURRENT)
     link.open({"type": "ACCESS_TOKEN", "token": "A1b2_C3"}, b'{"fw":"1"}', b'{"t":0}')
     eq(sent, [b"POST /api/v1/A1b2_C3/attributes HTTP/1.1\r\nHost: tb.local:8080\r\nContent-Type: application/json\r\n"
               b"Content-Length: 10\r\nConnection: close\r\n\r\n" b'{"fw":"1"}',
-              b"GET /api/v1/A1b2_C3/attributes HTTP/1.1\r\nHost: tb.local:8080\r\nConnection: close\r\n\r\n",
               b"POST /api/v1/A1b2_C3/telemetry HTTP/1.1\r\nHost: tb.local:8080\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 7\r\nConnection: close\r\n\r\n" b'{"t":0}'])
+              b"Content-Length: 7\r\nConnection: close\r\n\r\n" b'{"t":0}',
+              b"GET /api/v1/A1b2_C3/attributes HTTP/1.1\r\nHost: tb.local:8080\r\nConnection: close\r\n\r\n"])
     eq(link.events, [("current", None, b'{"shared":{"led":true}}')])
 
 
