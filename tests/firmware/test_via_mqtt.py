@@ -39,12 +39,12 @@ def publish(topic, payload, pid=None):
 
 HELLO = b'{"fw":"1"}'
 # What open sends after the CONNECT, in the same write: SUBSCRIBE (packet id 1) to shared attribute pushes and RPC
-# requests at QoS 1, the client attributes at QoS 0, the first telemetry at QoS 1 (packet id 2), the request for the
-# current shared attributes at QoS 0.
+# requests at QoS 1, the client attributes and the request for the current ones at QoS 0, the first telemetry at
+# QoS 1 (packet id 2).
 AFTER_CONNECT = (b"\x82\x3b\x00\x01\x00\x18v1/devices/me/attributes\x01\x00\x1bv1/devices/me/rpc/request/+\x01"
                  b"\x30\x24\x00\x18v1/devices/me/attributes" + HELLO
-                 + b"\x32\x58\x00\x17v1/devices/me/telemetry\x00\x02" + TELEMETRY
-                 + b"\x30\x26\x00\x22v1/devices/me/attributes/request/1{}")
+                 + b"\x30\x26\x00\x22v1/devices/me/attributes/request/1{}"
+                 b"\x32\x58\x00\x17v1/devices/me/telemetry\x00\x02" + TELEMETRY)
 OPENED = CONNACK_OK + b"\x40\x02\x00\x02"  # the CONNACK and the first telemetry's PUBACK
 
 

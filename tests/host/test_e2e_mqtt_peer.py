@@ -48,7 +48,7 @@ def test_first_boot_provisions_second_boot_reuses(tmp_path: Path) -> None:
         session = [p for p in peer.packets if p.conn == first[1].conn]
         assert [(p.name, p.topic) for p in session[:5]] == [
             ("CONNECT", None), ("SUBSCRIBE", None), ("PUBLISH", "v1/devices/me/attributes"),
-            ("PUBLISH", "v1/devices/me/telemetry"), ("PUBLISH", "v1/devices/me/attributes/request/1")]
+            ("PUBLISH", "v1/devices/me/attributes/request/1"), ("PUBLISH", "v1/devices/me/telemetry")]
         assert session[1].filters == [("v1/devices/me/attributes", 1), ("v1/devices/me/rpc/request/+", 1)]
         assert set(json.loads(session[2].payload)) == {"firmware", "board", "micropython"}
         assert board.credentials["token"] == TOKEN

@@ -334,9 +334,9 @@ class Link:
 
     def open(self, creds, hello, first):
         # Connects with saved credentials; Refused when the server refuses them. The SUBSCRIBE to shared attribute
-        # pushes and RPC requests, hello (client attributes, JSON bytes), the first telemetry (JSON bytes) and the
-        # request for the current shared attributes leave with the CONNECT in one write: one round trip to the
-        # first PUBACK. (config refuses the device name "provision", which would open a provisioning session.)
+        # pushes and RPC requests, hello (client attributes, JSON bytes), the request for the current shared
+        # attributes and the first telemetry (JSON bytes) leave with the CONNECT in one write: one round trip to
+        # the first PUBACK. (config refuses the device name "provision", which would open a provisioning session.)
         kind = creds.get("type")
         self.events = []
         if kind == "MQTT_BASIC":
@@ -355,14 +355,11 @@ class Link:
         self.put(_SUBSCRIBE, self.pid.to_bytes(2, "big"),
                  "v1/devices/me/attributes", 1, "v1/devices/me/rpc/request/+", 1)  # each filter, then its QoS
         self.put_publish("v1/devices/me/attributes", hello, 0)
-        self.put_publish("v1/devices/me/telemetry", first, self.cfg.qos)
-        # After the telemetry: the server answers in order, so the PUBACK comes first and the attributes are read
-        # once open has returned, not copied out while its frames are on the heap (bench: the MQTT application
-        # lifecycle passes at every heap from 28368 bytes up, where heaps of 28496-28848 failed).
         self.put_publish("v1/devices/me/attributes/request/1", b"{}", 0)
+        self.put_publish("v1/devices/me/telemetry", first, self.cfg.qos)
         self.handshake(kind == "X509_CERTIFICATE")
         if self.cfg.qos:
-            # The SUBACK, and the attribute response should it come first, are taken in passing (ThingsBoard
+            # The SUBACK and the attribute response, when they come first, are taken in passing (ThingsBoard
             # grants both filters).
             self.wait(tcp.deadline(self.ms), _T_PUBACK, self.pid)
 
