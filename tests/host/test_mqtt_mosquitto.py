@@ -61,10 +61,9 @@ creds = run["creds"]
 try:
     # The client alone (Link.open adds ThingsBoard's subscriptions and requests, which mosquitto does not answer).
     if creds["type"] == "MQTT_BASIC":
-        link.put_connect(creds["client_id"], creds["username"] or None, creds["password"] or None)
+        link.connect(creds["client_id"], creds["username"] or None, creds["password"] or None, False)
     else:
-        link.put_connect(cfg.device_name, None, None)
-    link.handshake(creds["type"] == "X509_CERTIFICATE")
+        link.connect(cfg.device_name, None, None, True)
 except Refused as e:
     out["refused"] = list(e.args)
 except Exception as e:

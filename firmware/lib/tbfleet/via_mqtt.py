@@ -40,12 +40,10 @@ _BUF_SIZE = const(512)
 
 
 class Link:
-    # First the MQTT client: put_connect and handshake, publish, listen, close; put, flush and wait are the
-    # packet-level steps they are made of (the one SUBSCRIBE, ThingsBoard's, leaves with the CONNECT: open). Every
-    # PUBLISH the server sends goes to on_message(topic, payload); a QoS 1 PUBLISH is acknowledged after it returns.
-    # Then ThingsBoard's Link API on top: provision, open, send_telemetry. 15 methods at most: a class of up to 17
-    # names (with __module__ and __qualname__) takes a 272-byte table, one more a 368-byte one, made while the
-    # module loads (bench, with the attributes set in __init__: the MQTT application lifecycle needs 0.13 KB less).
+    # First the MQTT client: connect, publish, listen, close; put, flush and wait are the packet-level steps they are
+    # made of (the one SUBSCRIBE, ThingsBoard's, leaves with the CONNECT: open). Every PUBLISH the server sends goes to
+    # on_message(topic, payload); a QoS 1 PUBLISH is acknowledged after it returns. Then ThingsBoard's Link API on
+    # top: provision, open, send_telemetry.
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -54,10 +52,16 @@ class Link:
         self.pid = 0  # the last packet id used
         self.buf = bytearray(_BUF_SIZE)  # every packet in and out; grows only when a bigger one comes
         self.out = 0  # bytes of packets put in buf and not sent yet
-        # Set here, not where first used: an instance's attributes are one table, grown (a new block) when full.
+        # Set here, with the others: an instance's attributes are one table, grown (a new block) when full.
         self._answer = None  # the provisioning answer
         self._last_tx = 0  # ticks_ms of the last write, for the keep-alive
         self.events = []  # (kind, RPC id, payload) of what the server sent, for tbfleet.Device: see on_message
+
+    def connect(self, client_id, username, password, client_cert):
+        # Opens a session (TLS when cfg.tls, with the client certificate when client_cert); Refused on a CONNACK
+        # refusal. None leaves a user name or password out, "" is sent as an empty one.
+        self.put_connect(client_id, username, password)
+        self.handshake(client_cert)
 
     def put_connect(self, client_id, username, password):
         # Ends the session under way, if any, and puts a CONNECT (clean session) in self.buf: a string too long is
@@ -297,8 +301,7 @@ class Link:
         self._answer = None
         try:
             try:
-                self.put_connect(self.cfg.device_name, "provision", None)
-                self.handshake(False)
+                self.connect(self.cfg.device_name, "provision", None, False)
                 at = tcp.deadline(self.ms)
                 self.publish("/provision/request", request, 1)
             except (Refused, Rejected) as e:
