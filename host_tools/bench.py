@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import socket
@@ -42,7 +43,6 @@ EMULATOR_CONFIG = {"profiles": [{"name": "bench", "provisionDeviceKey": KEY, "pr
 # Prints the microseconds each boot took, as JSON. The first message of a boot goes with the connect.
 BOOTS_SCRIPT = """\
 import sys, time
-sys.path.append("lib")
 from tbfleet import stock
 took = []
 for n in sys.argv[1:]:
@@ -58,7 +58,6 @@ print(took)
 # attribute, which the bench sends meanwhile.
 APP_SCRIPT = """\
 import sys
-sys.path.append("lib")
 import tbfleet
 
 dev = tbfleet.Device()
@@ -87,6 +86,22 @@ dev.run(n)
 while n > 1 and len(handled) < 2:
     dev.run(dev.sent + 1)
 """
+
+
+def board_command(module: str, args: list[str], heapsize: int | None = None) -> list[str]:
+    """The command line that runs a bench board's module (boots or app) from its directory.
+
+    Run with -m from the board's directory and board_env(), the board's sys.path is a board's: ['', '.frozen', 'lib'].
+    A script path would put the script's absolute directory first in sys.path, and the Unix port interns every
+    entry of it (with MICROPYPATH's default, the home directory too): heap figures would then move with TMPDIR and
+    HOME by up to 0.5 KB.
+    """
+    return [MICROPYTHON] + (["-X", f"heapsize={heapsize}"] if heapsize else []) + ["-m", module] + args
+
+
+def board_env() -> dict[str, str]:
+    """The environment of a bench board: the firmware's lib folder in sys.path, as on a board."""
+    return {**os.environ, "MICROPYPATH": ".frozen:lib"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -221,13 +236,13 @@ class Bench:
         return path, name
 
     def boots(self, board: Path, counts: list[int], heapsize: int | None = None,
-              timeout: float = 60, script: str = "boots.py") -> tuple[bool, list[int], float]:
-        """Run the boots; (exited 0, µs per boot, wall seconds). script app.py: the application's boots (no µs)."""
-        cmd = [MICROPYTHON] + (["-X", f"heapsize={heapsize}"] if heapsize else []) + [script]
+              timeout: float = 60, module: str = "boots") -> tuple[bool, list[int], float]:
+        """Run the boots; (exited 0, µs per boot, wall seconds). module app: the application's boots (no µs)."""
+        cmd = board_command(module, [str(c) for c in counts], heapsize)
         t0 = time.perf_counter()
         lines: list[str] = []
-        with subprocess.Popen(cmd + [str(c) for c in counts], cwd=board, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) as proc:
+        with subprocess.Popen(cmd, cwd=board, env=board_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as proc:
             assert proc.stdout is not None
             # A board that ran out of heap logs the MemoryError and retries after a backoff: at this heap size the
             # lifecycle has failed, so the run ends there instead of waiting out the timeout.
@@ -246,7 +261,7 @@ class Bench:
         wall = time.perf_counter() - t0
         if returncode != 0:
             return False, [], wall
-        if script != "boots.py":
+        if module != "boots":
             return True, [], wall
         return True, json.loads(lines[-1]), wall
 
@@ -279,7 +294,7 @@ class Bench:
         helper = threading.Thread(target=server_side, daemon=True)
         helper.start()
         try:
-            ok = all(self.boots(board, [n], heapsize, timeout=30, script="app.py")[0] for n in (1, MESSAGES))
+            ok = all(self.boots(board, [n], heapsize, timeout=30, module="app")[0] for n in (1, MESSAGES))
         finally:
             stop.set()
             helper.join(10)
@@ -318,8 +333,8 @@ class Bench:
         """Start of a never-provisioned board to its first telemetry stored by the emulator."""
         board, name = self.board(transport)
         t0 = time.perf_counter()
-        proc = subprocess.Popen([MICROPYTHON, "boots.py", "0", "1"], cwd=board, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(board_command("boots", ["0", "1"]), cwd=board, env=board_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while not self.emulator.telemetry(name):
                 if time.perf_counter() - t0 > 30:

@@ -92,12 +92,12 @@ class Link:
     def __init__(self):
         self.payloads = []
 
-    def send_telemetry(self, payload):
+    def send(self, payload, rid=None):
         self.payloads.append(json.loads(payload))
 
-    def open(self, creds, hello, first):
+    def open(self, creds, burst):
         self.events = []
-        self.send_telemetry(first)
+        self.send(burst.pop())
 
 
 def device(sensors):

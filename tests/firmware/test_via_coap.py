@@ -26,7 +26,9 @@ def opened(code, body=b"", kind=ACK, sock=None, token="T"):
     script = lk.sock.on_send
 
     lk.sock.on_send = tb_server(lambda sock, data: sock.feed(encode(ACK, CREATED, decode(data)[2], decode(data)[3])))
-    lk.open({"type": "ACCESS_TOKEN", "token": token}, b'{"fw":"1"}', b'{"t":0}')
+    burst = [b'{"fw":"1"}', b'{"t":0}']
+    lk.open({"type": "ACCESS_TOKEN", "token": token}, burst)
+    eq(burst, [])  # both taken out of the list as they were sent
     lk.sock.on_send = script
     del lk.sock.sent[:]
     if isinstance(lk.sock, SizedUDP):
@@ -51,7 +53,7 @@ def tb_server(answer):
 def test_open_sends_client_attributes_observes_attributes_and_rpc_and_sends_first_telemetry():
     lk = link_answering(CREATED)
     lk.sock.on_send = tb_server(lk.sock.on_send)
-    lk.open({"type": "ACCESS_TOKEN", "token": "T"}, b'{"fw":"1"}', b'{"t":0}')
+    lk.open({"type": "ACCESS_TOKEN", "token": "T"}, [b'{"fw":"1"}', b'{"t":0}'])
     eq([(m[0], m[1], m[4], m[5]) for m in sent(lk)],
        [(CON, POST, [(11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes"), (12, b"\x32")], b'{"fw":"1"}'),
         (CON, 1, [(6, b""), (11, b"api"), (11, b"v1"), (11, b"T"), (11, b"attributes")], b""),
@@ -64,7 +66,7 @@ def test_notifications_while_listening_and_in_the_middle_of_a_request():
     lk = link_answering(CREATED)
     answer = lk.sock.on_send
     lk.sock.on_send = tb_server(answer)
-    lk.open({"type": "ACCESS_TOKEN", "token": "T"}, b"{}", b"{}")
+    lk.open({"type": "ACCESS_TOKEN", "token": "T"}, [b"{}", b"{}"])
     attrs_token, rpc_token = sent(lk)[1][3], sent(lk)[2][3]
     lk.events.clear()
     rpc = b'{"id":5,"method":"setRelay","params":{"on":true}}'
@@ -81,7 +83,7 @@ def test_notifications_while_listening_and_in_the_middle_of_a_request():
             sock.feed(encode(1, CONTENT, 0x7002, attrs_token, ((6, b"\x03"),), b'{"target":22}'))
         answer(sock, data)
     lk.sock.on_send = push_first
-    lk.send_telemetry(b"{}")
+    lk.send(b"{}")
     eq(lk.events[1:], [("attributes", None, b'{"target":22}')])
     lk.sock.feed(encode(CON, 0x84, 0x7003, rpc_token))  # 4.04: the observation ends
     lk.listen(20)
@@ -142,7 +144,7 @@ def test_provision_bad_answers():
 def test_telemetry_path_and_success_codes():
     for code in (CREATED, VALID, CHANGED):
         lk = opened(code, token="a/b")
-        lk.send_telemetry(b'{"t":1}')
+        lk.send(b'{"t":1}')
     eq(sent(lk)[0][4], [(11, b"api"), (11, b"v1"), (11, b"a/b"), (11, b"telemetry"), (12, b"\x32")])
     eq(sent(lk)[0][5], b'{"t":1}')
 
@@ -156,14 +158,14 @@ def test_telemetry_failures():
              (0x42, b"", Rejected, (202, "2.02")))
     for code, body, kind, args in cases:
         lk = opened(code, body)
-        eq(raises(kind, lk.send_telemetry, b"{}").args, args)
+        eq(raises(kind, lk.send, b"{}").args, args)
 
 
 def test_telemetry_takes_small_datagrams_and_cuts_long_error_bodies():
     # The answer is cut at 128 bytes by recv; the reason keeps the body's first 60 bytes either way.
     sock = SizedUDP()
     lk = opened(0xA0, b"x" * 59 + b"yzzzzzzz" * 40, sock=sock)
-    eq(raises(Rejected, lk.send_telemetry, b"{}").args, (500, "x" * 59 + "y"))
+    eq(raises(Rejected, lk.send, b"{}").args, (500, "x" * 59 + "y"))
     eq(sock.sizes, [128])
 
 
@@ -171,21 +173,21 @@ def test_silence_is_no_answer():
     lk = opened(CREATED)
     lk.sock.on_send = None
     lk.cfg.timeout = 1  # the 5 transmissions take 310 to 465 ms
-    raises(NoAnswer, lk.send_telemetry, b"{}")
+    raises(NoAnswer, lk.send, b"{}")
     eq(len(lk.sock.sent), 5)
 
 
 def test_open_refuses_other_credentials_and_dtls():
     lk = via_coap.Link(Cfg())
     e = raises(ValueError, lk.open, {"type": "MQTT_BASIC", "client_id": "c", "username": "u", "password": "p"},
-               b"{}", b"{}")
+               [b"{}", b"{}"])
     eq(str(e), "MQTT_BASIC credentials without a token")
-    e = raises(ValueError, lk.open, {"type": "X509_CERTIFICATE"}, b"{}", b"{}")
+    e = raises(ValueError, lk.open, {"type": "X509_CERTIFICATE"}, [b"{}", b"{}"])
     eq(str(e), "X509_CERTIFICATE credentials without a token")
-    e = raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": None}, b"{}", b"{}")
+    e = raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": None}, [b"{}", b"{}"])
     eq(str(e), "ACCESS_TOKEN credentials without a token")
-    raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": ""}, b"{}", b"{}")
-    e = raises(ValueError, lk.send_telemetry, b"{}")
+    raises(ValueError, lk.open, {"type": "ACCESS_TOKEN", "token": ""}, [b"{}", b"{}"])
+    e = raises(ValueError, lk.send, b"{}")
     assert "open" in str(e), e
     cfg = Cfg()
     cfg.tls = True
@@ -199,7 +201,7 @@ def test_close_releases_socket_and_is_idempotent():
     lk.close()
     lk.close()
     assert sock.closed
-    raises(ValueError, lk.send_telemetry, b"{}")
+    raises(ValueError, lk.send, b"{}")
 
 
 def test_real_socket_to_nobody_is_no_answer():

@@ -59,10 +59,10 @@ def connect(dev):
         del net  # a local would keep the module alive while connected
     link = dev.get_link()
     dev.next_at = time.ticks_add(time.ticks_ms(), int(dev.interval * 1000))
-    # In a statement of its own, so that the values are garbage while open waits for the server: only their JSON
-    # goes on (bench: the MQTT application lifecycle needs up to 0.13 KB less heap).
-    first = payload(reading(dev))
-    link.open(dev.creds, json.dumps(about()).encode(), first)
+    # The client attributes and the first telemetry, in a list that open empties as they leave: neither is held
+    # while it waits for the server (bench: the MQTT application lifecycle needs 0.4 KB less heap).
+    burst = [json.dumps(about()).encode(), payload(reading(dev))]
+    link.open(dev.creds, burst)
     dev.operator_action = None
     dev.connected = True
     dev.sent += 1
@@ -74,7 +74,7 @@ def connect(dev):
 
 def send(dev, values):
     # One telemetry message of values over dev's open link; then what arrived meanwhile goes to the handlers.
-    dev.link.send_telemetry(payload(values))
+    dev.link.send(payload(values))
     dev.sent += 1
     dispatch(dev)
 
@@ -100,18 +100,21 @@ def payload(values):
 
 
 def dispatch(dev):
-    # Hands what the link received to the handlers; an RPC's reply goes back at once.
+    # Hands what the link received to the handlers; an RPC's reply goes back at once. Other kinds (a provisioning
+    # answer in a device's session) are dropped.
     events = dev.link.events
     while events:
         kind, rid, body = events.pop(0)
         try:
             data = json.loads(body)
             if kind == "rpc":
+                if rid is None:
+                    rid = data["id"]  # HTTP and CoAP carry it in the request
                 # The reply leaves from here, when answer's frame (on the heap) is gone (bench: HTTP 0.5 KB).
-                dev.link.reply(data["id"] if rid is None else rid, answer(dev, data))
-            else:
-                if kind == "current":  # {"client": {...}, "shared": {...}}: the shared ones are ours
-                    data = data.get("shared", {})
+                dev.link.send(answer(dev, data), rid)
+            elif kind == "current":  # {"client": {...}, "shared": {...}}: the shared ones are ours
+                changed(dev, data.get("shared", {}))
+            elif kind == "attributes":
                 changed(dev, data)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warn("bad %s from the server: %s", kind, log.describe(e))

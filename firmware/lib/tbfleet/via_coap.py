@@ -129,9 +129,10 @@ class Link:
             return body
         raise BadAnswer("provisioning answered %d: %s" % _why(code, body))
 
-    def open(self, creds, hello, first):
-        # Sends hello (client attributes, JSON bytes), fetches the current shared attributes (an event "current"
-        # for tbfleet.Device) and sends the first telemetry.
+    def open(self, creds, burst):
+        # Sends the client attributes, fetches the current shared attributes (an event "current" for
+        # tbfleet.Device) and sends the first telemetry (burst: [hello, first], JSON bytes, taken out of the list as
+        # they leave).
         # Only ACCESS_TOKEN credentials hold a token: CoAP has no other way to authenticate without DTLS.
         if not creds.get("token"):
             raise ValueError("%s credentials without a token" % creds.get("type"))
@@ -139,7 +140,7 @@ class Link:
         self._path = ("api", "v1", creds["token"])
         self.events = []
         self.observing = {}
-        self.post(("attributes",), hello)
+        self.post(("attributes",), burst.pop(0))
         # Observing the shared attributes answers with all of them ({} when none), then each change follows.
         for feature in ("attributes", "rpc"):
             code, body = self.request(_GET, self._path + (feature,), observe=feature)
@@ -147,7 +148,7 @@ class Link:
                 self.events.append((feature, None, body))
             elif code and code >> 5 != 2:  # 0: an empty ACK, the first notification to come
                 self.check(code, body)
-        self.send_telemetry(first)
+        self.send(burst.pop(0))
 
     def check(self, code, body):
         # 2.01 today; 2.03 (3.2, 3.2.1) and 2.04 from older servers
@@ -163,12 +164,9 @@ class Link:
             raise ValueError("not open")
         self.check(*self.request(_POST, self._path + path, payload, _JSON, (), _RX_TELEMETRY))
 
-    def send_telemetry(self, payload):
-        self.post(("telemetry",), payload)
-
-    def reply(self, rid, payload):
-        # The reply to server-side RPC rid.
-        self.post(("rpc", str(rid)), payload)
+    def send(self, payload, rid=None):
+        # Telemetry (JSON bytes), or with rid the reply to server-side RPC rid.
+        self.post(("telemetry",) if rid is None else ("rpc", str(rid)), payload)
 
     def listen(self, ms):
         # Waits up to ms for notifications of the observations (events) and takes them.

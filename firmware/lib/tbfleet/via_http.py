@@ -184,9 +184,9 @@ class Link:
             raise BadAnswer("HTTP %d: %r" % (status, body[:60]))
         return body
 
-    def open(self, creds, hello, first):
-        # Sends hello (client attributes, JSON bytes) and the first telemetry, and fetches the current shared
-        # attributes (an event "current" for tbfleet.Device).
+    def open(self, creds, burst):
+        # Sends the client attributes and the first telemetry (burst: [hello, first], JSON bytes, taken out of the
+        # list as they leave), and fetches the current shared attributes (an event "current" for tbfleet.Device).
         token = creds.get("token")  # only an ACCESS_TOKEN record has one
         if not token:
             raise ValueError("HTTP needs a token; %s has none" % creds.get("type"))
@@ -199,8 +199,8 @@ class Link:
                 path += "%%%02X" % c
         self.path = path
         self.events = []
-        self.exchange("POST", "/attributes", hello)
-        self.send_telemetry(first)
+        self.exchange("POST", "/attributes", burst.pop(0))
+        self.send(burst.pop(0))
         # After the telemetry, which then leaves one request earlier (bench: 2 requests up to the first telemetry, not
         # 3), and the attributes are not held while it is sent.
         body = self.exchange("GET", "/attributes", None)
@@ -228,12 +228,9 @@ class Link:
                 text = ""
             raise Rejected(status, text or "HTTP %d" % status)
 
-    def send_telemetry(self, payload):
-        self.exchange("POST", "/telemetry", payload)
-
-    def reply(self, rid, payload):
-        # The reply to server-side RPC rid.
-        self.exchange("POST", "/rpc/%d" % rid, payload)
+    def send(self, payload, rid=None):
+        # Telemetry (JSON bytes), or with rid the reply to server-side RPC rid.
+        self.exchange("POST", "/telemetry" if rid is None else "/rpc/%d" % rid, payload)
 
     def listen(self, ms):
         # Keeps a long poll open on rpc and one on attributes/updates (ThingsBoard answers each when something

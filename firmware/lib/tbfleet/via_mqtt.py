@@ -43,7 +43,7 @@ class Link:
     # First the MQTT client: connect, publish, listen, close; put, flush and wait are the packet-level steps they are
     # made of (the one SUBSCRIBE, ThingsBoard's, leaves with the CONNECT: open). Every PUBLISH the server sends goes to
     # on_message(topic, payload); a QoS 1 PUBLISH is acknowledged after it returns. Then ThingsBoard's Link API on
-    # top: provision, open, send_telemetry.
+    # top: provision, open, send.
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -53,9 +53,8 @@ class Link:
         self.buf = bytearray(_BUF_SIZE)  # every packet in and out; grows only when a bigger one comes
         self.out = 0  # bytes of packets put in buf and not sent yet
         # Set here, with the others: an instance's attributes are one table, grown (a new block) when full.
-        self._answer = None  # the provisioning answer
         self._last_tx = 0  # ticks_ms of the last write, for the keep-alive
-        self.events = []  # (kind, RPC id, payload) of what the server sent, for tbfleet.Device: see on_message
+        self.events = []  # (kind, RPC id, payload) of what the server sent: see on_message
 
     def connect(self, client_id, username, password, client_cert):
         # Opens a session (TLS when cfg.tls, with the client certificate when client_cert); Refused on a CONNACK
@@ -298,7 +297,7 @@ class Link:
     def provision(self, request):
         # Pre-3.9 servers never answer a SUBSCRIBE in a provisioning session, and every version publishes
         # the answer unasked, so we only publish and then read whatever comes until the answer is there.
-        self._answer = None
+        self.events = []
         try:
             try:
                 self.connect(self.cfg.device_name, "provision", None, False)
@@ -308,38 +307,41 @@ class Link:
                 # ThingsBoard accepts every provisioning session and request: a refused session, or one closed
                 # instead of a PUBACK, means it cannot serve us now.
                 raise NoAnswer(e.args[1])
-            while self._answer is None:
+            while True:
+                for kind, _, body in self.events:
+                    if kind == "provision":
+                        return body
+                self.events = []  # nothing else has a place in a provisioning session
                 self.wait(at)
-            return self._answer
         finally:
             self.close()
 
     def on_message(self, topic, payload):
-        # The provisioning answer, or, in the device's own session, what tbfleet.Device handles once the exchange
-        # under way is over (it may send in reply): a shared attributes push ("attributes"), the answer to our
-        # attribute request ("current") or a server-side RPC ("rpc", with the id from the topic).
+        # An event: the provisioning answer ("provision"), or, in the device's own session, what tbfleet.Device
+        # handles once the exchange under way is over (it may send in reply): a shared attributes push
+        # ("attributes"), the answer to our attribute request ("current") or a server-side RPC ("rpc", with the id
+        # from the topic).
         if topic == b"/provision/response":
-            self._answer = payload
-            return
-        if topic == b"v1/devices/me/attributes":
+            event = ("provision", None, payload)
+        elif topic == b"v1/devices/me/attributes":
             event = ("attributes", None, payload)
         elif topic.startswith(b"v1/devices/me/attributes/response/"):
             event = ("current", None, payload)
-        elif topic.startswith(b"v1/devices/me/rpc/request/"):
-            try:
-                event = ("rpc", int(topic[26:]), payload)
-            except ValueError:
-                return  # not an id ThingsBoard gives: nothing to reply to
+        elif topic.startswith(b"v1/devices/me/rpc/request/") and topic[26:].isdigit():
+            # Else not an id ThingsBoard gives: nothing to reply to. Tested, not caught: a handler puts this frame on
+            # the heap, under the open exchange.
+            event = ("rpc", int(topic[26:]), payload)
         else:
             return
         if len(self.events) < _MAX_EVENTS:
             self.events.append(event)
 
-    def open(self, creds, hello, first):
+    def open(self, creds, burst):
         # Connects with saved credentials; Refused when the server refuses them. The SUBSCRIBE to shared attribute
-        # pushes and RPC requests, hello (client attributes, JSON bytes), the request for the current shared
-        # attributes and the first telemetry (JSON bytes) leave with the CONNECT in one write: one round trip to
-        # the first PUBACK. (config refuses the device name "provision", which would open a provisioning session.)
+        # pushes and RPC requests, the client attributes, the request for the current shared attributes and the
+        # first telemetry leave with the CONNECT in one write: one round trip to the first PUBACK. burst: [hello,
+        # first], JSON bytes, taken out of the list as they are put. (config refuses the device name "provision",
+        # which would open a provisioning session.)
         kind = creds.get("type")
         self.events = []
         if kind == "MQTT_BASIC":
@@ -357,26 +359,23 @@ class Link:
         self.pid = self.pid % 65535 + 1
         self.put(_SUBSCRIBE, self.pid.to_bytes(2, "big"),
                  "v1/devices/me/attributes", 1, "v1/devices/me/rpc/request/+", 1)  # each filter, then its QoS
-        self.put_publish("v1/devices/me/attributes", hello, 0)
+        self.put_publish("v1/devices/me/attributes", burst.pop(0), 0)
         self.put_publish("v1/devices/me/attributes/request/1", b"{}", 0)
-        self.put_publish("v1/devices/me/telemetry", first, self.cfg.qos)
+        self.put_publish("v1/devices/me/telemetry", burst.pop(0), self.cfg.qos)
         self.handshake(kind == "X509_CERTIFICATE")
         if self.cfg.qos:
             # The SUBACK and the attribute response, when they come first, are taken in passing (ThingsBoard
             # grants both filters).
             self.wait(tcp.deadline(self.ms), _T_PUBACK, self.pid)
 
-    def reply(self, rid, payload):
-        # The reply to server-side RPC rid.
-        self.publish("v1/devices/me/rpc/response/%d" % rid, payload, self.cfg.qos)
-
-    def send_telemetry(self, payload):
-        # ThingsBoard answers a rejected publish (unparsable payload, rate limit, size limit) by closing
-        # the connection instead of sending a PUBACK: the client's Rejected, so the caller can drop this
-        # message; a missing answer is NoAnswer. Either way the link is closed and the caller opens it again.
-        try:
+    def send(self, payload, rid=None):
+        # Telemetry (JSON bytes), or with rid the reply to server-side RPC rid. ThingsBoard answers a rejected
+        # publish (unparsable payload, rate limit, size limit) by closing the connection instead of sending a
+        # PUBACK: Rejected, so the caller can drop this message; a missing answer is NoAnswer. The caller closes
+        # the link after either (tbfleet.Device does) and opens it again.
+        if rid is None:
             self.listen()  # a connection the server already closed is NoAnswer here, before we blame this message
-            self.publish("v1/devices/me/telemetry", payload, self.cfg.qos)
-        except Exception:
-            self.close()
-            raise
+            topic = "v1/devices/me/telemetry"
+        else:
+            topic = "v1/devices/me/rpc/response/%d" % rid
+        self.publish(topic, payload, self.cfg.qos)
