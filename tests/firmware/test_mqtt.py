@@ -36,10 +36,16 @@ def client(sock, on_message=None, config=Cfg, **kw):
     return c
 
 
+def connect(c, client_id, username, password, client_cert):
+    # Opens a session as Link.provision does: the CONNECT put, then the handshake (connection, write, CONNACK).
+    c.put_connect(client_id, username, password)
+    c.handshake(client_cert)
+
+
 def connected(*replies, **kw):
     s = scripted(CONNACK_OK, *replies)
     c = client(s, **kw)
-    c.connect("dev-1", None, None, False)
+    connect(c, "dev-1", None, None, False)
     return c, s
 
 
@@ -52,7 +58,7 @@ def elapsed_ms(fn, *args):
 def test_connect_with_username_and_password():
     s = scripted(CONNACK_OK)
     c = client(s, keepalive=60)
-    c.connect("dev-1", "alice", "s3cret", False)
+    connect(c, "dev-1", "alice", "s3cret", False)
     eq(c.seen, [("tb.example", 1883, 200, None)])
     eq(s.writes, [b"\x10\x20\x00\x04MQTT\x04\xc2\x00\x3c\x00\x05dev-1\x00\x05alice\x00\x06s3cret"])
     assert c.sock is not None
@@ -60,35 +66,35 @@ def test_connect_with_username_and_password():
 
 def test_connect_with_username_only():
     s = scripted(CONNACK_OK)
-    client(s, keepalive=30).connect("esp32-a1", "A1_TEST_TOKEN", None, False)
+    connect(client(s, keepalive=30), "esp32-a1", "A1_TEST_TOKEN", None, False)
     eq(s.writes, [b"\x10\x23\x00\x04MQTT\x04\x82\x00\x1e\x00\x08esp32-a1\x00\x0dA1_TEST_TOKEN"])
 
 
 def test_connect_without_username_or_password():
     s = scripted(CONNACK_OK)
-    client(s, keepalive=0).connect("dev-1", None, None, False)
+    connect(client(s, keepalive=0), "dev-1", None, None, False)
     eq(s.writes, [b"\x10\x11\x00\x04MQTT\x04\x02\x00\x00\x00\x05dev-1"])
 
 
 def test_connect_with_empty_client_id_and_empty_password_present():
     # None is absent; an empty string is sent as a present, zero-length field.
     s = scripted(CONNACK_OK)
-    client(s, keepalive=60).connect("", "user", "", False)
+    connect(client(s, keepalive=60), "", "user", "", False)
     eq(s.writes, [b"\x10\x14\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x04user\x00\x00"])
 
 
 def test_bad_connect_fields_are_refused_before_connecting():
     s = scripted(CONNACK_OK)
     c = client(s)
-    e = raises(ValueError, c.connect, "dev", None, "pw", False)
+    e = raises(ValueError, connect, c, "dev", None, "pw", False)
     assert "password" in str(e)
-    e = raises(ValueError, c.connect, "dev", "u" * 65536, None, False)
+    e = raises(ValueError, connect, c, "dev", "u" * 65536, None, False)
     eq(str(e), "too long: 65536 bytes")
     # The limit is on UTF-8 bytes, not characters: 32768 two-byte characters are one byte too many.
-    e = raises(ValueError, c.connect, "dev", "\u00e9" * 32768, None, False)
+    e = raises(ValueError, connect, c, "dev", "\u00e9" * 32768, None, False)
     eq(str(e), "too long: 65536 bytes")
     eq(s.writes, [])
-    c.connect("dev", "\u00e9" * 32767, None, False)
+    connect(c, "dev", "\u00e9" * 32767, None, False)
     eq(len(s.writes[0]), 1 + 3 + 10 + 5 + 2 + 65534)
 
 
@@ -103,7 +109,7 @@ def test_connack_refusals_have_names():
     for code, name in names.items():
         s = scripted(b"\x20\x02\x00" + bytes([code]))
         c = client(s)
-        e = raises(Refused, c.connect, "dev", "WRONG_TOKEN", None, False)
+        e = raises(Refused, connect, c, "dev", "WRONG_TOKEN", None, False)
         eq(e.args, (code, name))
         assert s.closed and c.sock is None
 
@@ -112,7 +118,7 @@ def test_connack_unknown_code_or_bad_length_is_bad_answer():
     for connack in (b"\x20\x02\x00\x06", b"\x20\x03\x00\x00\x00"):
         s = scripted(connack)
         c = client(s)
-        e = raises(BadAnswer, c.connect, "dev", None, None, False)
+        e = raises(BadAnswer, connect, c, "dev", None, None, False)
         eq(str(e), "bad packet 0x20")
         assert s.closed and c.sock is None
 
@@ -120,7 +126,7 @@ def test_connack_unknown_code_or_bad_length_is_bad_answer():
 def test_first_packet_not_connack_is_bad_answer():
     got = []
     s = scripted(b"\x32\x07\x00\x01ab\x00\x01x")
-    raises(BadAnswer, client(s, on_message=lambda t, p: got.append(t)).connect, "dev", None, None, False)
+    raises(BadAnswer, connect, client(s, on_message=lambda t, p: got.append(t)), "dev", None, None, False)
     assert s.closed
     eq(got, [])
     eq(len(s.writes), 1)  # not acknowledged either
@@ -129,7 +135,7 @@ def test_first_packet_not_connack_is_bad_answer():
 def test_silent_server_is_no_answer_at_the_deadline():
     s = scripted()
     c = client(s, timeout=0.06)
-    e, took = elapsed_ms(c.connect, "dev", None, None, False)
+    e, took = elapsed_ms(connect, c, "dev", None, None, False)
     eq(str(e), "no answer in time")
     assert 50 <= took < 1000, took
     assert s.closed and c.sock is None
@@ -139,7 +145,7 @@ def test_server_closing_before_connack_is_no_answer_at_once():
     s = scripted()
     s.hang_up()
     c = client(s, timeout=5)
-    e, took = elapsed_ms(c.connect, "dev", None, None, False)
+    e, took = elapsed_ms(connect, c, "dev", None, None, False)
     eq(str(e), "connection closed")
     assert took < 1000, took
     assert s.closed
@@ -148,10 +154,10 @@ def test_server_closing_before_connack_is_no_answer_at_once():
 def test_reconnecting_ends_the_old_session_cleanly():
     first = scripted(CONNACK_OK)
     c = client(first)
-    c.connect("dev", None, None, False)
+    connect(c, "dev", None, None, False)
     second = scripted(CONNACK_OK)
     client(second)  # the next tcp.connect returns the second socket
-    c.connect("dev", None, None, False)
+    connect(c, "dev", None, None, False)
     eq(first.writes[1:], [b"\xe0\x00"])
     assert first.closed and c.sock is second
 
@@ -164,11 +170,11 @@ def test_a_failed_connect_leaves_nothing_to_send():
         raise NoAnswer("cannot connect")
 
     tcp.connect = refused
-    raises(NoAnswer, c.connect, "dev", None, None, False)
+    raises(NoAnswer, connect, c, "dev", None, None, False)
     eq(c.out, 0)
     s = scripted(CONNACK_OK)
     client(s)
-    c.connect("dev", None, None, False)
+    connect(c, "dev", None, None, False)
     eq(s.writes, [b"\x10\x0f\x00\x04MQTT\x04\x02\x00\x3c\x00\x03dev"])
 
 

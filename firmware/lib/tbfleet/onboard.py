@@ -138,6 +138,28 @@ def credentials(dev):
     return dev.on_provisioning_failed(status, message)
 
 
+def refused(dev, error):
+    # The server refused dev's credentials (error: Refused): dev.on_refused decides whether they are forgotten.
+    # Returns the ms to wait before the next attempt.
+    from tbfleet import app
+
+    dev.refusals += 1
+    dev.last_error = log.describe(error)
+    try:
+        forget = dev.on_refused(error, dev.refusals)
+        if forget and not dev.unsaved:
+            discard("refused %d times in a row" % dev.refusals)
+    finally:
+        app.unload_onboarding()  # this module and the policy too, whatever it decided
+    if forget:
+        dev.creds = None
+        dev.refusals = 0
+        if dev.unsaved:
+            dev.unsaved = False
+            return app.LONG_WAIT_MS  # config.json's own: a person has to act
+    return dev.retry_ms()
+
+
 def drop_link(dev):
     # Closes dev's link; one the device made goes, with the modules it imported (made again to connect), so that
     # parsing and saving a provisioning answer get the transport's RAM (bench: 1.3-2.3 KB less heap). A link

@@ -252,7 +252,7 @@ class Link:
                 continue
             self.polls.remove(poll)
             self.poller.unregister(sock)
-            if due:
+            if not readable:
                 sock.close()  # the server never answered: a connection lost without a word
             else:
                 status, body = answer(sock, tcp.deadline(self.ms), self.buf)
