@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 FIRMWARE_LIB = FIRMWARE / "lib"
+FIRMWARE_TESTS = ROOT / "tests" / "firmware"  # the Unix-port tests and their helpers (fakes, httpclient)
 MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
 
 

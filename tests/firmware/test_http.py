@@ -1,8 +1,9 @@
-# The HTTP/1.1 client in via_http: exact request bytes and response parsing over a scripted TCP stream in place of
-# tcp.connect.
+# The HTTP/1.1 client in via_http (send, then answer): exact request bytes and response parsing over a scripted TCP
+# stream in place of tcp.connect.
 from fakesock import FakeSocket, Stream
+from httpclient import request
 from mptest import eq, raises
-from tbfleet import BadAnswer, NoAnswer, tcp, via_http
+from tbfleet import BadAnswer, NoAnswer, tcp
 
 
 def serve(*pieces, close=True):
@@ -25,7 +26,7 @@ def serve(*pieces, close=True):
 
 def run(*pieces, close=True, limit=8192, ms=200, buf=None):
     serve(*pieces, close=close)
-    return via_http.request("POST", "tb", 80, "/p", b"{}", None, ms, buf, limit)
+    return request("POST", "tb", 80, "/p", b"{}", None, ms, buf, limit)
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
@@ -34,7 +35,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 def sent(method, host, port, path, body=None, ssl_ctx=None):
     # The bytes a request puts on the wire (answered with an empty 200).
     sock, _ = serve(OK)
-    eq(via_http.request(method, host, port, path, body, ssl_ctx, 200), (200, b""))
+    eq(request(method, host, port, path, body, ssl_ctx, 200), (200, b""))
     eq(len(sock.writes), 1)  # head and body leave in one write
     return sock.writes[0]
 
@@ -58,7 +59,7 @@ def test_a_request_larger_than_the_buffer_still_leaves_in_one_write():
     big = b'{"v":"' + b"x" * 300 + b'"}'
     for buf in (None, bytearray(7)):
         sock, _ = serve(OK)
-        eq(via_http.request("POST", "tb", 80, "/p", big, None, 200, buf), (200, b""))
+        eq(request("POST", "tb", 80, "/p", big, None, 200, buf), (200, b""))
         eq(sock.writes, [b"POST /p HTTP/1.1\r\nHost: tb\r\nContent-Type: application/json\r\nContent-Length: 308\r\n"
                          b"Connection: close\r\n\r\n" + big])
 
@@ -71,7 +72,7 @@ def test_bad_request_fields_are_refused_before_connecting():
     _, calls = serve(OK)
     for args in (("POST", "tb", 80, "/a b"), ("POST", "tb", 80, "/a\r\nX: y"), ("POST", "", 80, "/"),
                  ("PO ST", "tb", 80, "/"), ("POST", "tb", 80, None)):
-        e = raises(ValueError, via_http.request, *args)
+        e = raises(ValueError, request, *args)
         assert "bad HTTP request" in str(e), e
     eq(calls, [])
 
@@ -111,7 +112,7 @@ def test_no_content_has_no_body():
 
 def test_connects_once_with_the_timeout_and_closes():
     sock, calls = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    eq(via_http.request("POST", "tb", 8080, "/p", b"{}", timeout_ms=300), (200, b"ok"))
+    eq(request("POST", "tb", 8080, "/p", b"{}", timeout_ms=300), (200, b"ok"))
     eq(calls, [("tb", 8080, 300, None)])
     assert sock.closed
 
@@ -170,7 +171,7 @@ def test_silent_server_hits_the_deadline():
 
 
 def test_request_to_nobody_is_no_answer():
-    raises(NoAnswer, via_http.request, "GET", "127.0.0.1", 1, "/", timeout_ms=300)
+    raises(NoAnswer, request, "GET", "127.0.0.1", 1, "/", timeout_ms=300)
 
 
 def test_endless_header_lines_or_1xx_answers_end_at_the_deadline():
@@ -178,6 +179,6 @@ def test_endless_header_lines_or_1xx_answers_end_at_the_deadline():
     for prefix, chunk in ((b"HTTP/1.1 200 OK\r\n", b"X-More: yes\r\n"), (b"", b"HTTP/1.1 102 Processing\r\n\r\n")):
         s = Stream(chunk, prefix)
         tcp.connect = lambda host, port, timeout_ms, ssl_ctx=None: s
-        e = raises(NoAnswer, via_http.request, "POST", "tb", 80, "/p", b"{}", None, 200)
+        e = raises(NoAnswer, request, "POST", "tb", 80, "/p", b"{}", None, 200)
         eq(str(e), "no answer in time")
         assert s.served > 1 and s.closed, s.served

@@ -123,6 +123,13 @@ def test_close_forgets_token_and_is_idempotent():
     raises(ValueError, link.send, b"{}")
 
 
+def test_after_close_a_provisioning_request_goes_to_the_provisioning_path_not_the_devices():
+    link, sent = opened("T", b'HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n{}')
+    link.close()
+    eq(link.provision(b"{}"), b"{}")
+    assert sent[0].startswith(b"POST /api/v1/provision HTTP/1.1\r\n"), sent
+
+
 def test_tls_context_is_made_once_and_passed():
     import ssl
     cfg = Cfg()
@@ -181,6 +188,22 @@ def test_listen_keeps_a_long_poll_of_rpc_and_one_of_attribute_updates_open():
     eq([feature for _, feature, _ in link.polls], ["/rpc", "/attributes/updates"])
     link.close()
     eq(link.polls, [])
+
+
+def test_an_answer_that_came_after_its_polls_deadline_is_still_read():
+    # A poll past its deadline is dropped as lost only when nothing came on it: an RPC that did come is taken.
+    rpc = b'{"id":7,"method":"setRelay","params":{}}'
+    link, sent = opened("T", b"HTTP/1.1 200 \r\nContent-Length: %d\r\n\r\n" % len(rpc) + rpc,
+                        b"HTTP/1.1 408 \r\nContent-Length: 0\r\n\r\n", b"HTTP/1.1 408 \r\nContent-Length: 0\r\n\r\n",
+                        b"HTTP/1.1 408 \r\nContent-Length: 0\r\n\r\n")
+    link.events.clear()
+    deadline = tcp.deadline
+    tcp.deadline = lambda ms: deadline(-1 if ms > 20000 else ms)  # each poll's deadline has passed when it opens
+    try:
+        link.listen(50)
+    finally:
+        tcp.deadline = deadline
+    eq(link.events, [("rpc", None, rpc)])
 
 
 def test_a_poll_refused_as_unauthorized_is_refused():

@@ -244,15 +244,15 @@ def test_aiocoap_thingsboard_lifecycle(aiocoap_server, tmp_path):
     got = run_firmware(tmp_path, ADAPTER + """
 out["wrong"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"nope","provisionDeviceSecret":"s"}'))
 out["ok"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
-link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, b'{"fw":"1"}', b'{"n":0}')
+link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, [b'{"fw":"1"}', b'{"n":0}'])
 for i in range(1, 3):
-    link.send_telemetry(b'{"n":%d}' % i)
+    link.send(b'{"n":%d}' % i)
 try:
-    link.send_telemetry(b'not json')
+    link.send(b'not json')
 except Rejected as e:
     out["bad"] = list(e.args)
 try:
-    link.open({"type": "ACCESS_TOKEN", "token": "revoked"}, b'{"fw":"1"}', b'{"n":9}')
+    link.open({"type": "ACCESS_TOKEN", "token": "revoked"}, [b'{"fw":"1"}', b'{"n":9}'])
 except Refused as e:
     out["revoked"] = list(e.args)
 link.close()
@@ -277,7 +277,7 @@ t0 = time.ticks_ms()
 out["slow"] = json.loads(link.provision(
     b'{"deviceName":"slow","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
 out["ms"] = time.ticks_diff(time.ticks_ms(), t0)
-link.open({"type": "ACCESS_TOKEN", "token": out["slow"]["credentialsValue"]}, b"{}", b'{"after":1}')
+link.open({"type": "ACCESS_TOKEN", "token": out["slow"]["credentialsValue"]}, [b"{}", b'{"after":1}'])
 link.close()
 print(json.dumps(out))
 """, port)

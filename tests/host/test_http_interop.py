@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import pytest
 
 from host_tools.emulator import certs
-from support import micropython_env, run_micropython
+from support import FIRMWARE_TESTS, micropython_env, run_micropython
 
 log = logging.getLogger(__name__)
 TOKEN = "tok 1/é"  # a space, a slash and a non-ASCII letter: the adapter must escape them into one segment
@@ -122,9 +122,11 @@ def run_firmware(tmp_path: Path, body: str, port: int, *args: str) -> dict:
     """Run `body` on the Unix port with `port` in scope (and `args` from sys.argv[2:]); the script prints one
     JSON object, returned here."""
     script = tmp_path / "interop.py"
-    script.write_text("import sys, json, time\nfrom tbfleet import BadAnswer, NoAnswer, Refused, Rejected, via_http\n"
+    script.write_text("import sys, json, time\nfrom httpclient import request\n"
+                      "from tbfleet import BadAnswer, NoAnswer, Refused, Rejected, via_http\n"
                       "port = int(sys.argv[1])\n" + body)
-    proc = run_micropython([str(script), str(port), *args], cwd=tmp_path, timeout=60, env=micropython_env())
+    proc = run_micropython([str(script), str(port), *args], cwd=tmp_path, timeout=60,
+                           env=micropython_env(FIRMWARE_TESTS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -145,17 +147,17 @@ def test_thingsboard_like_lifecycle(http_server, tmp_path):
     got = run_firmware(tmp_path, ADAPTER + """
 out["wrong"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"no","provisionDeviceSecret":"s"}'))
 out["ok"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
-link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, b'{"fw":"1"}', b'{"n":0}')
+link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, [b'{"fw":"1"}', b'{"n":0}'])
 out["events"] = [list(e) for e in link.events]
 for i in range(1, 3):
-    link.send_telemetry(b'{"n":%d}' % i)
+    link.send(b'{"n":%d}' % i)
 for name, payload in (("big", b'{"x":"' + b"y" * 80 + b'"}'), ("bad", b"{not json")):
     try:
-        link.send_telemetry(payload)
+        link.send(payload)
     except Rejected as e:
         out[name] = list(e.args)
 try:
-    link.open({"type": "ACCESS_TOKEN", "token": "revoked"}, b'{"fw":"1"}', b'{"n":9}')
+    link.open({"type": "ACCESS_TOKEN", "token": "revoked"}, [b'{"fw":"1"}', b'{"n":9}'])
 except Refused as e:
     out["revoked"] = list(e.args)
 print(json.dumps(out))
@@ -177,10 +179,10 @@ def test_chunked_and_close_framed_answers(http_server, tmp_path):
     got = run_firmware(tmp_path, """
 out = {}
 for path in ("/chunked", "/close", "/missing"):
-    status, body = via_http.request("GET", "127.0.0.1", port, path, timeout_ms=3000)
+    status, body = request("GET", "127.0.0.1", port, path, timeout_ms=3000)
     out[path] = [status, body.decode()]
 try:
-    via_http.request("GET", "127.0.0.1", port, "/close", timeout_ms=3000, limit=100)
+    request("GET", "127.0.0.1", port, "/close", timeout_ms=3000, limit=100)
 except BadAnswer as e:
     out["limit"] = str(e)
 print(json.dumps(out))
@@ -231,7 +233,7 @@ def test_content_length_answer_does_not_wait_for_close(raw_server, tmp_path):
     port, _ = raw_server
     got = run_firmware(tmp_path, """
 t0 = time.ticks_ms()
-status, body = via_http.request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=3000)
+status, body = request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=3000)
 print(json.dumps({"answer": [status, body.decode()], "ms": time.ticks_diff(time.ticks_ms(), t0)}))
 """, port)
     assert got["answer"] == [200, "ok"]
@@ -244,7 +246,7 @@ def test_silent_server_is_no_answer_at_the_deadline(raw_server, tmp_path):
     got = run_firmware(tmp_path, """
 t0 = time.ticks_ms()
 try:
-    via_http.request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=300)
+    request("POST", "127.0.0.1", port, "/x", b"{}", timeout_ms=300)
 except NoAnswer as e:
     print(json.dumps({"error": str(e), "ms": time.ticks_diff(time.ticks_ms(), t0)}))
 """, port)
@@ -260,7 +262,7 @@ def test_tls_verified_against_the_ca_and_refused_with_another(tmp_path):
         got = run_firmware(tmp_path, ADAPTER.replace("tls = False", "tls = True") + """
 Cfg.ca_file = sys.argv[2]
 out["ok"] = json.loads(link.provision(b'{"deviceName":"d","provisionDeviceKey":"key","provisionDeviceSecret":"s"}'))
-link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, b"{}", b'{"tls":1}')
+link.open({"type": "ACCESS_TOKEN", "token": out["ok"]["credentialsValue"]}, [b"{}", b'{"tls":1}'])
 Cfg.ca_file = sys.argv[3]
 other = via_http.Link(Cfg())
 try:

@@ -61,9 +61,10 @@ creds = run["creds"]
 try:
     # The client alone (Link.open adds ThingsBoard's subscriptions and requests, which mosquitto does not answer).
     if creds["type"] == "MQTT_BASIC":
-        link.connect(creds["client_id"], creds["username"] or None, creds["password"] or None, False)
+        link.put_connect(creds["client_id"], creds["username"] or None, creds["password"] or None)
     else:
-        link.connect(cfg.device_name, None, None, True)
+        link.put_connect(cfg.device_name, None, None)
+    link.handshake(creds["type"] != "MQTT_BASIC")
 except Refused as e:
     out["refused"] = list(e.args)
 except Exception as e:
@@ -71,7 +72,7 @@ except Exception as e:
 else:
     t0 = time.ticks_us()
     for p in payloads:
-        link.send_telemetry(p)
+        link.send(p)
     out["us"] = time.ticks_diff(time.ticks_us(), t0)
     link.close()
 print(json.dumps(out))
