@@ -59,7 +59,8 @@ class Link:
 
     def put_connect(self, client_id, username, password):
         # Ends the session under way, if any, and puts a CONNECT (clean session) in self.buf: a string too long is
-        # refused here, before any connection is made. Packets put after it leave with it (see handshake).
+        # refused here, before any connection is made. None leaves a user name or password out, "" is sent as an
+        # empty one. Packets put after it leave with it (see handshake).
         if password is not None and username is None:
             raise ValueError("password without user name")
         self.close()
@@ -68,8 +69,9 @@ class Link:
         self.put(_CONNECT, "MQTT", bytes((4, flags, ka >> 8, ka & 0xFF)), client_id, username, password)  # 4: 3.1.1
 
     def handshake(self, client_cert):
-        # Opens the connection and writes the CONNECT and the packets put after it in one go, without waiting for
-        # the CONNACK (MQTT 3.1.1 section 3.1.4 allows it); then reads the CONNACK.
+        # Opens the connection (TLS when cfg.tls, with the client certificate when client_cert) and writes the CONNECT
+        # and the packets put after it in one go, without waiting for the CONNACK (MQTT 3.1.1 section 3.1.4 allows
+        # it); then reads the CONNACK: Refused when it refuses the session.
         cfg = self.cfg
         try:
             ctx = None
@@ -324,8 +326,8 @@ class Link:
         elif topic.startswith(b"v1/devices/me/attributes/response/"):
             event = ("current", None, payload)
         elif topic.startswith(b"v1/devices/me/rpc/request/") and topic[26:].isdigit():
-            # Else not an id ThingsBoard gives: nothing to reply to. Tested, not caught: a handler puts this frame on
-            # the heap, under the open exchange.
+            # Else not an id ThingsBoard gives: nothing to reply to. Checked rather than caught: an exception handler
+            # would put this frame on the heap, under the exchange that received the RPC.
             event = ("rpc", int(topic[26:]), payload)
         else:
             return
