@@ -157,7 +157,6 @@ def answer(sock, at, buf, limit=_MAX_BODY):
 
 class Link:
     def __init__(self, cfg):
-        self.path = None
         self.polls = []  # [socket, feature, deadline] of each long poll open
         self.poller = None  # made by listen: none while open runs its exchanges (bench: HTTP 137 B less)
         self.buf = bytearray(256)  # every request is sent and read through it: one per request splits the free heap
@@ -167,8 +166,8 @@ class Link:
 
             ctx = tls.context(cfg)
         # Where each request goes, as send takes it: in one argument, so that exchange keeps within 11 slots and
-        # its frame off the heap (bench: HTTP application lifecycle 0.15-0.3 KB less). Its base path is the
-        # device's while the link is open (open and close set it).
+        # its frame off the heap (bench: HTTP application lifecycle 0.15-0.3 KB less). Its base path (to[5]) is the
+        # device's while the link is open, empty otherwise: open and close set it.
         self.ms = int(cfg.timeout * 1000)  # the time each network wait may take
         self.to = (cfg.host, cfg.port, ctx, self.ms, self.buf, "")
 
@@ -194,7 +193,6 @@ class Link:
                 path += chr(c)
             else:
                 path += "%%%02X" % c
-        self.path = path
         self.to = self.to[:5] + (path,)
         self.events = []
         self.exchange("POST", "/attributes", burst.pop(0))
@@ -207,7 +205,7 @@ class Link:
     def exchange(self, method, feature, body):
         # The body of the answer to one request to feature of this device (after its path); Refused or Rejected
         # unless the server answered 200.
-        if self.path is None:
+        if not self.to[5]:
             raise ValueError("HTTP link not opened")
         # send and answer, not request: one frame fewer on the heap under every exchange (bench: HTTP 0.5 KB). The
         # answer's deadline starts once send returned.
@@ -267,7 +265,6 @@ class Link:
         self.poller.register(sock, select.POLLIN)
 
     def close(self):
-        self.path = None
         self.to = self.to[:5] + ("",)
         for sock, _, _ in self.polls:
             self.poller.unregister(sock)
